@@ -1,0 +1,282 @@
+"""The job spec: one pydantic model, used by `moe-unlearn run`, the REST API and the database.
+
+No torch import here: the API process loads this module to validate requests.
+Every field is documented where it is defined; `JobSpec.model_dump(mode="json")` is the
+fully resolved form (all defaults filled in) that the service stores and hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Algorithm = Literal["ga", "gdiff", "npo", "simnpo", "rmu"]
+ALGORITHMS: tuple[str, ...] = ("ga", "gdiff", "npo", "simnpo", "rmu")
+Scope = Literal["seuf", "full", "experts", "router"]
+SelectionMode = Literal["top_m", "in_layer", "per_layer", "random", "manual"]
+AttributionMethod = Literal["auto", "affinity", "contrastive", "frequency"]
+AnchorReduction = Literal["sum", "mean"]
+LossTokens = Literal["all", "answer"]
+Backend = Literal["ddp", "deepspeed"]
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0.0)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in a spec must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class WorldOptions(_Strict):
+    """The built-in demo world (used when `model` is "demo" or a corpus names a demo split)."""
+
+    seed: NonNegInt = Field(0, description="Seed of the world generator and its pretraining.")
+    topics: Annotated[int, Field(ge=2, le=32)] = Field(6, description="Number of topics.")
+    facts_per_topic: Annotated[int, Field(ge=4, le=2000)] = Field(
+        100, description="Facts per topic."
+    )
+    arch: str = Field("qwen2_moe", description="MoE family of the tiny model (a model_type).")
+    forget_topic: NonNegInt = Field(0, description="Index of the topic to forget.")
+
+    @model_validator(mode="after")
+    def _topic_in_range(self) -> WorldOptions:
+        if self.forget_topic >= self.topics:
+            raise ValueError(
+                f"forget_topic {self.forget_topic} out of range: the world has {self.topics} topics"
+            )
+        return self
+
+
+class CorpusRef(_Strict):
+    """Where a corpus comes from: exactly one of `path`, `corpus_id` or `demo`.
+
+    Records are JSONL objects with a `text` field, or `prompt` + `answer` fields
+    (question/answer data: `loss_tokens: answer` trains on the answer only), or plain
+    text with one record per non-empty line.
+    """
+
+    path: str | None = Field(None, description="Local JSONL or text file.")
+    corpus_id: str | None = Field(
+        None, description="SHA-256 of a corpus uploaded with POST /v1/corpora."
+    )
+    demo: Literal["forget", "retain"] | None = Field(
+        None, description="A split of the demo world: its forget topic or its retain pool."
+    )
+    format: Literal["auto", "jsonl", "text"] = Field("auto", description="File format.")
+    text_field: str = Field("text", description="JSONL field holding the text.")
+    max_records: PositiveInt | None = Field(None, description="Use at most this many records.")
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> CorpusRef:
+        given = [n for n in ("path", "corpus_id", "demo") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of path, corpus_id or demo must be given"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.corpus_id is not None:
+            cid = self.corpus_id
+            if len(cid) != 64 or any(c not in "0123456789abcdef" for c in cid):
+                raise ValueError("corpus_id must be a lowercase hex SHA-256 (64 characters)")
+        return self
+
+
+class ExpertRef(_Strict):
+    layer: NonNegInt = Field(description="Index of the decoder layer.")
+    expert: NonNegInt = Field(description="Index of the routed expert within the layer.")
+
+
+class SeufOptions(_Strict):
+    """Selected-expert unlearning: which experts, how they are found, the router anchor."""
+
+    num_experts: Annotated[int, Field(ge=1, le=64)] = Field(
+        1, description="M: how many experts to unlearn (paper default 1)."
+    )
+    selection: SelectionMode = Field(
+        "top_m",
+        description="top_m: global top-M; in_layer: top-M within `layer`; per_layer: top-1 "
+        "of every MoE layer; random: seeded random expert(s); manual: `experts`.",
+    )
+    layer: NonNegInt | None = Field(None, description="Layer for selection=in_layer.")
+    experts: list[ExpertRef] = Field(
+        default_factory=list, description="Experts for selection=manual."
+    )
+    attribution: AttributionMethod = Field(
+        "auto",
+        description="auto: contrastive when retain data is given, else the paper's affinity; "
+        "affinity: mean gate score (paper); contrastive: forget minus retain gate mass at the "
+        "loss positions; frequency: selection count (diagnostic).",
+    )
+    token_budget: PositiveInt = Field(
+        100_000, description="Calibration tokens sampled from the forget corpus."
+    )
+    anchor_weight: NonNegFloat = Field(1.0, description="alpha of the router anchor loss.")
+    anchor_reduction: AnchorReduction = Field(
+        "sum",
+        description="sum: the paper's squared L2 over experts; mean: divided by E "
+        "(what the authors' code computed).",
+    )
+    router_aux_loss: bool = Field(
+        False, description="Keep the model's load-balancing aux loss during unlearning."
+    )
+    seed: NonNegInt = Field(0, description="Seed of selection=random.")
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> SeufOptions:
+        if self.selection == "in_layer" and self.layer is None:
+            raise ValueError("selection 'in_layer' needs `layer`")
+        if self.selection == "manual" and not self.experts:
+            raise ValueError("selection 'manual' needs a non-empty `experts` list")
+        if self.selection != "manual" and self.experts:
+            raise ValueError("`experts` is only used with selection 'manual'")
+        return self
+
+
+class ObjectiveOptions(_Strict):
+    """Settings of the base unlearning objective (GA, GDiff, NPO, SimNPO, RMU)."""
+
+    retain_weight: NonNegFloat = Field(
+        1.0, description="lambda: weight of the retain term (GDiff, NPO/SimNPO with retain, RMU)."
+    )
+    beta: Annotated[float, Field(gt=0.0)] = Field(
+        0.1, description="NPO / SimNPO inverse temperature (paper: 0.001 on summed NLL)."
+    )
+    simnpo_delta: float = Field(0.0, description="SimNPO reward margin delta.")
+    loss_tokens: LossTokens = Field(
+        "all", description="all tokens, or only the answer tokens of prompt/answer records."
+    )
+    rmu_steering_coeff: Annotated[float, Field(gt=0.0)] = Field(
+        20.0, description="RMU c: norm of the random steering target."
+    )
+    rmu_alpha: NonNegFloat = Field(
+        100.0, description="RMU alpha_r: weight of the retain activation term."
+    )
+    rmu_layer: NonNegInt | None = Field(
+        None, description="RMU layer (default: the SEUF target layer, or the middle layer)."
+    )
+
+
+class StopRule(_Strict):
+    """When training stops: the step budget, or a forget target reached (checked every
+    `eval_every` steps), whichever comes first."""
+
+    forget_accuracy_target: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        None, description="Stop when forget accuracy <= this (e.g. chance + 0.05)."
+    )
+    forget_loss_target: float | None = Field(
+        None, description="Stop when the forget NLL (per token) >= this."
+    )
+    eval_every: PositiveInt = Field(5, description="Steps between stop-rule checks.")
+
+
+class TrainingOptions(_Strict):
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1e-4, description="AdamW learning rate.")
+    batch_size: PositiveInt = Field(16, description="Forget (and retain) samples per step.")
+    max_steps: PositiveInt = Field(100, description="Step budget.")
+    warmup_steps: NonNegInt = Field(0, description="Linear warmup steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR schedule after warmup."
+    )
+    weight_decay: NonNegFloat = Field(0.0, description="AdamW weight decay (trainable only).")
+    grad_clip: NonNegFloat = Field(1.0, description="Max gradient norm (0 = off).")
+    max_length: PositiveInt = Field(128, description="Truncate samples to this many tokens.")
+    seed: NonNegInt = Field(0, description="Seed of data order and initialisation.")
+    stop: StopRule = Field(default_factory=StopRule)
+
+
+class EvaluationOptions(_Strict):
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="Extra lm-eval task names for utility (e.g. mmlu); the demo world's "
+        "question sets are always evaluated when the model is the demo model.",
+    )
+    limit: PositiveInt | None = Field(None, description="Max documents per lm-eval task.")
+    batch_size: PositiveInt = Field(32, description="Evaluation batch size.")
+
+
+class DistributedOptions(_Strict):
+    num_workers: Annotated[int, Field(ge=1, le=256)] = Field(
+        1, description="Ray Train workers."
+    )
+    backend: Backend = Field("ddp", description="ddp, or deepspeed (ZeRO).")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    checkpoint_every: PositiveInt = Field(20, description="Steps between checkpoints.")
+
+
+class JobSpec(_Strict):
+    """An unlearning request: the body of POST /v1/jobs and the file `moe-unlearn run` reads."""
+
+    model: str = Field(
+        "demo",
+        min_length=1,
+        max_length=512,
+        description="'demo' (the built-in world's tiny MoE), a local directory, or a hub id.",
+    )
+    world: WorldOptions = Field(default_factory=WorldOptions)
+    forget: CorpusRef = Field(description="The data to forget.")
+    retain: CorpusRef | None = Field(None, description="Data whose knowledge must be kept.")
+    algorithm: Algorithm = Field("gdiff", description="Base unlearning algorithm.")
+    scope: Scope = Field(
+        "seuf",
+        description="seuf: selected experts + target router; full: all parameters; "
+        "experts: selected experts only; router: target router only.",
+    )
+    seuf: SeufOptions = Field(default_factory=SeufOptions)
+    objective: ObjectiveOptions = Field(default_factory=ObjectiveOptions)
+    training: TrainingOptions = Field(default_factory=TrainingOptions)
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+    distributed: DistributedOptions = Field(default_factory=DistributedOptions)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.algorithm in ("gdiff", "rmu") and self.retain is None:
+            raise ValueError(f"algorithm '{self.algorithm}' needs a retain corpus")
+        uses_demo = self.forget.demo is not None or (
+            self.retain is not None and self.retain.demo is not None
+        )
+        if uses_demo and self.model != "demo":
+            raise ValueError("demo corpora can only be used with model 'demo'")
+        if self.seuf.attribution == "contrastive" and self.retain is None:
+            raise ValueError("attribution 'contrastive' needs a retain corpus")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The fully resolved spec (every default filled in) as plain JSON data."""
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the canonical JSON of the resolved spec."""
+        return hashlib.sha256(canonical_json(self.resolved()).encode()).hexdigest()
+
+
+def canonical_json(data: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8 kept (used for every hash)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML or JSON spec file (JSON is YAML); relative corpus paths resolve against
+    the spec's folder. Raises ValueError / pydantic.ValidationError on bad input."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"spec file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"spec {p} is not valid YAML/JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"spec {p} must be a mapping at the top level")
+    for key in ("forget", "retain"):
+        ref = data.get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("path"), str):
+            cp = Path(ref["path"])
+            if not cp.is_absolute():
+                ref["path"] = str((p.parent / cp).resolve())
+    return JobSpec.model_validate(data)
