@@ -1,0 +1,65 @@
+"""The job spec validates at the edge and resolves to one canonical, hashable form."""
+
+import pytest
+from pydantic import ValidationError
+
+from workers.spec import JobSpec, load_spec
+
+BASE = {"forget": {"demo": "forget"}, "retain": {"demo": "retain"}}
+
+
+def test_defaults_resolve_and_hash_is_stable():
+    a = JobSpec.model_validate(BASE)
+    b = JobSpec.model_validate(a.resolved())
+    assert a.resolved() == b.resolved()
+    assert a.spec_hash() == b.spec_hash()
+    assert a.resolved()["seuf"]["num_experts"] == 1
+    assert a.resolved()["seuf"]["anchor_reduction"] == "sum"
+    other = JobSpec.model_validate(BASE | {"algorithm": "npo"})
+    assert other.spec_hash() != a.spec_hash()
+
+
+@pytest.mark.parametrize(
+    ("patch", "where"),
+    [
+        ({"algorithm": "gx"}, "algorithm"),
+        ({"training": {"max_steps": -1}}, "training.max_steps"),
+        ({"training": {"lr": 0}}, "training.lr"),
+        ({"scope": "everything"}, "scope"),
+        ({"seuf": {"selection": "in_layer"}}, "seuf"),
+        ({"seuf": {"selection": "manual"}}, "seuf"),
+        ({"seuf": {"anchor_reduction": "max"}}, "seuf.anchor_reduction"),
+        ({"forget": {}}, "forget"),
+        ({"forget": {"path": "a", "demo": "forget"}}, "forget"),
+        ({"forget": {"corpus_id": "xyz"}}, "forget"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"world": {"topics": 3, "forget_topic": 5}}, "world"),
+    ],
+)
+def test_bad_specs_name_the_field(patch, where):
+    with pytest.raises(ValidationError) as e:
+        JobSpec.model_validate(BASE | patch)
+    locs = [".".join(str(p) for p in err["loc"]) for err in e.value.errors()]
+    assert any(loc.startswith(where) for loc in locs), locs
+
+
+def test_gdiff_needs_retain_and_demo_corpora_need_demo_model():
+    with pytest.raises(ValidationError, match="needs a retain corpus"):
+        JobSpec.model_validate({"forget": {"demo": "forget"}, "algorithm": "gdiff"})
+    with pytest.raises(ValidationError, match="only be used with model 'demo'"):
+        JobSpec.model_validate(BASE | {"model": "/models/qwen"})
+    ok = JobSpec.model_validate({"forget": {"demo": "forget"}, "algorithm": "ga"})
+    assert ok.retain is None
+
+
+def test_load_spec_resolves_relative_paths(tmp_path):
+    (tmp_path / "f.jsonl").write_text('{"text": "a"}\n')
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text("model: /m\nalgorithm: ga\nforget:\n  path: f.jsonl\n")
+    spec = load_spec(spec_file)
+    assert spec.forget.path == str(tmp_path / "f.jsonl")
+    with pytest.raises(ValueError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    spec_file.write_text("- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_spec(spec_file)
