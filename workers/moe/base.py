@@ -42,11 +42,22 @@ class RouterOutput:
 
 
 class MoEAdapter:
-    """Family-specific knowledge about one MoE architecture. Subclasses set `family`,
-    `model_types` and implement the abstract methods."""
+    """Family-specific knowledge about one MoE architecture.
+
+    The structure discovery is generic (every supported family stores its decoder layers
+    at `model.model.layers`, the sparse block at `layer.mlp`, the router at
+    `mlp.<router_attr>` and the fused experts at `mlp.experts`); a subclass sets `family`,
+    `model_types`, `router_attr`, `shared_attrs`, the config fields naming E and K, and
+    overrides the gate scoring when the family does not use a softmax over all logits.
+    Parameter names are those of `model.named_parameters()` for the model given here
+    (a ...ForCausalLM: "model.layers.3.mlp.experts.gate_up_proj")."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
+    router_attr: str = "gate"  # attribute of the sparse block holding the router
+    shared_attrs: tuple[str, ...] = ()  # attributes of the block holding shared experts/gates
+    num_experts_field: str = "num_experts"  # config field giving E (routed experts)
+    top_k_field: str = "num_experts_per_tok"  # config field giving K
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -55,19 +66,77 @@ class MoEAdapter:
     # --- structure -------------------------------------------------------------------
     @property
     def num_experts(self) -> int:
-        raise NotImplementedError
+        return int(getattr(self.config, self.num_experts_field))
 
     @property
     def top_k(self) -> int:
-        raise NotImplementedError
-
-    def moe_layers(self) -> list[MoELayer]:
-        """The MoE layers in depth order (dense layers are skipped)."""
-        raise NotImplementedError
+        return int(getattr(self.config, self.top_k_field))
 
     def decoder_layers(self) -> nn.ModuleList:
         """All decoder layers (model.model.layers), dense and MoE."""
-        raise NotImplementedError
+        base = getattr(self.model, "model", self.model)  # ForCausalLM -> base model
+        layers = getattr(base, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"{type(self.model).__name__} has no decoder layer list at model.layers "
+                f"(expected a {self.family} transformers model)"
+            )
+        return layers
+
+    def is_moe_block(self, block: nn.Module) -> bool:
+        """A sparse block has a router and fused experts; dense MLP layers have neither."""
+        return isinstance(getattr(block, self.router_attr, None), nn.Module) and isinstance(
+            getattr(block, "experts", None), nn.Module
+        )
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in depth order (dense layers are skipped)."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        out: list[MoELayer] = []
+        for idx, layer in enumerate(self.decoder_layers()):
+            block = getattr(layer, "mlp", None)
+            if block is None or not self.is_moe_block(block):
+                continue
+            router = getattr(block, self.router_attr)
+            experts = block.experts
+            exp_prefix = names[id(experts)]
+            expert_params: dict[str, int] = {}
+            for pname, p in experts.named_parameters():
+                # Under torch parametrizations (workers/scope.py wires expert slices that
+                # way) the fused tensor is "parametrizations.<name>.original"; the
+                # parametrization's own tensors (trainable slices) are not fused [E, ...].
+                if pname.startswith("parametrizations.") and not pname.endswith(".original"):
+                    continue
+                if p.dim() == 0 or p.shape[0] != self.num_experts:
+                    raise ValueError(
+                        f"{exp_prefix}.{pname} has shape {tuple(p.shape)}: expected the "
+                        f"expert index ({self.num_experts} experts) on dim 0"
+                    )
+                expert_params[f"{exp_prefix}.{pname}"] = 0
+            r_prefix = names[id(router)]
+            router_params = [f"{r_prefix}.{n}" for n, _ in router.named_parameters()]
+            shared: list[str] = []
+            for attr in self.shared_attrs:
+                mod = getattr(block, attr, None)
+                if isinstance(mod, nn.Module):
+                    s_prefix = names[id(mod)]
+                    shared += [f"{s_prefix}.{n}" for n, _ in mod.named_parameters()]
+            out.append(MoELayer(idx, block, router, experts, expert_params, router_params, shared))
+        return out
+
+    def moe_layer_indices(self) -> list[int]:
+        """Decoder-layer indices of the MoE layers (dense layers excluded)."""
+        return [m.layer for m in self.moe_layers()]
+
+    def moe_layer(self, layer: int) -> MoELayer:
+        """The MoE layer at decoder index `layer`; ValueError naming the valid ones."""
+        for m in self.moe_layers():
+            if m.layer == layer:
+                return m
+        raise ValueError(
+            f"layer {layer} is not an MoE layer of this {self.family} model; "
+            f"MoE layers: {self.moe_layer_indices()}"
+        )
 
     # --- gate scoring ------------------------------------------------------------------
     def gate_probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -75,13 +144,18 @@ class MoEAdapter:
         families, sigmoid for DeepSeek-V3. Used by the router anchor loss."""
         return torch.softmax(logits.float(), dim=-1)
 
+    def topk_mask(self, out: RouterOutput) -> torch.Tensor:
+        """[T, E] float mask: 1 where expert i is in token t's top-K (the router's own
+        choice, which may differ from top-K of `gate_probs`: group-limited routing,
+        DeepSeek-V3's correction bias)."""
+        mask = torch.zeros(out.logits.shape, dtype=torch.float32, device=out.logits.device)
+        mask.scatter_(1, out.topk_indices.long(), 1.0)
+        return mask
+
     def used_gate_scores(self, out: RouterOutput) -> torch.Tensor:
         """g_{i,t} [T, E]: the architecture's gate score of expert i for token t if i is in
         t's top-K, else 0 (the quantity the paper's affinity score averages)."""
-        probs = self.gate_probs(out.logits)
-        mask = torch.zeros_like(probs)
-        mask.scatter_(1, out.topk_indices.long(), 1.0)
-        return probs * mask
+        return self.gate_probs(out.logits) * self.topk_mask(out)
 
 
 @contextmanager
