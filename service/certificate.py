@@ -1,0 +1,230 @@
+"""The deletion certificate of a finished job, as JSON data and as a readable HTML page.
+
+It states who asked and when, the corpus by hash and size (never its text), the model and
+its hash, the algorithm and its settings, the selected experts with their scores, the
+parameters that changed (tensor names, slices, hashes before and after), the forget and
+utility scores before and after, the routing overlap, and the audit entries that cover the
+job (their seq and hashes: `GET /v1/audit/verify` proves they were not edited since).
+`certificate_sha256` is the SHA-256 of the canonical JSON of everything else except
+`verification` (the result of re-verifying the whole audit chain when it was built).
+
+What the runner records for it (via `service.jobs`): `record_model` (model hash),
+`record_expert_map`, `record_param_changes`, `record_evaluations` (phase before/after;
+the metric `routing_overlap` of any task is reported as the routing overlap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service import audit
+from service.errors import ServiceError
+from service.jobs import (
+    MODEL_KIND,
+    PARAM_CHANGES_KIND,
+    TERMINAL,
+    State,
+    get_evaluations,
+    get_expert_map,
+    get_job,
+    list_artifacts,
+)
+from service.tables import ApiKey, AuditEntry, Corpus, JobEvent
+from workers.spec import canonical_json
+
+SCHEMA = "moe-unlearn/deletion-certificate/v1"
+SETTINGS_KEYS = ("algorithm", "scope", "seuf", "objective", "training", "distributed")
+
+
+class CertificateUnavailable(ServiceError):
+    """The job has not finished yet."""
+
+
+def _latest_event(session: Session, job_id: str, kind: str) -> dict[str, Any] | None:
+    ev = session.execute(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == kind)
+        .order_by(JobEvent.attempt.desc(), JobEvent.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return dict(ev.payload) if ev is not None else None
+
+
+def _corpus(session: Session, ref: dict[str, Any] | None) -> dict[str, Any] | None:
+    if ref is None:
+        return None
+    if ref.get("corpus_id"):
+        row = session.get(Corpus, ref["corpus_id"])
+        return {
+            "source": "upload",
+            "sha256": ref["corpus_id"],
+            "size_bytes": row.size if row else None,
+            "records": row.records if row else None,
+            "format": row.format if row else None,
+            "max_records": ref.get("max_records"),
+        }
+    if ref.get("demo"):
+        return {"source": "demo", "split": ref["demo"], "max_records": ref.get("max_records")}
+    return {"source": "local_file", "max_records": ref.get("max_records")}
+
+
+def build_certificate(session: Session, job_id: str, tenant: str | None = None) -> dict[str, Any]:
+    """The certificate of a finished job (`NotFound` for another tenant's job,
+    `CertificateUnavailable` while it runs)."""
+    job = get_job(session, job_id, tenant)
+    if State(job.state) not in TERMINAL:
+        raise CertificateUnavailable(
+            "state", f"the job is {job.state}; certificates exist for finished jobs only"
+        )
+    spec = job.spec
+    key = session.get(ApiKey, job.requester) if job.requester else None
+    emap = get_expert_map(session, job.id)
+    evals = get_evaluations(session, job.id)
+    scores: dict[str, dict[str, dict[str, float]]] = {"before": {}, "after": {}}
+    overlap: dict[str, float] = {}
+    for ev in evals:
+        if ev.metric == "routing_overlap":
+            overlap[f"{ev.task}/{ev.phase}"] = ev.value
+            continue
+        scores.setdefault(ev.phase, {}).setdefault(ev.task, {})[ev.metric] = ev.value
+    model_ev = _latest_event(session, job.id, MODEL_KIND) or {}
+    changes = (_latest_event(session, job.id, PARAM_CHANGES_KIND) or {}).get("tensors", [])
+    entries = list(
+        session.execute(
+            select(AuditEntry).where(AuditEntry.job_id == job.id).order_by(AuditEntry.seq)
+        ).scalars()
+    )
+    body: dict[str, Any] = {
+        "schema": SCHEMA,
+        "job_id": job.id,
+        "outcome": job.state,
+        "deletion_performed": job.state == State.SUCCEEDED.value,
+        "request": {
+            "tenant": job.tenant,
+            "requested_by": job.requester,
+            "requester_role": key.role if key else None,
+            "requested_at": job.created_at.isoformat(),
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "attempts": job.attempt,
+            "spec_hash": job.spec_hash,
+        },
+        "forget_corpus": _corpus(session, spec.get("forget")),
+        "retain_corpus": _corpus(session, spec.get("retain")),
+        "model": {"ref": spec.get("model"), "sha256": model_ev.get("sha256")},
+        "method": {k: spec.get(k) for k in SETTINGS_KEYS},
+        "experts": {
+            "method": emap[0].method if emap else None,
+            "selected": [
+                {"layer": r.layer, "expert": r.expert, "score": r.score, "rank": r.rank}
+                for r in emap
+                if r.selected
+            ],
+            "scored": len(emap),
+        },
+        "parameters_changed": changes,
+        "scores": scores,
+        "routing_overlap": overlap,
+        "failure": (
+            {"class": job.failure_class, "message": job.failure_message}
+            if job.state == State.FAILED.value
+            else None
+        ),
+        "artifacts": [
+            {"kind": a.kind, "name": a.name, "sha256": a.sha256, "size": a.size}
+            for a in list_artifacts(session, job.id)
+        ],
+        "audit": {
+            "entries": [
+                {"seq": e.seq, "action": e.action, "ts": e.ts, "entry_hash": e.entry_hash}
+                for e in entries
+            ],
+        },
+    }
+    # The hash covers the facts only, so it stays the same however often it is rebuilt;
+    # the verification below reflects the chain at the time of the request.
+    body["certificate_sha256"] = hashlib.sha256(canonical_json(body).encode()).hexdigest()
+    v = audit.verify(session)
+    body["verification"] = {
+        "chain_ok": v.ok,
+        "checked_entries": v.checked,
+        "first_bad_seq": v.first_bad_seq,
+        "reason": v.reason,
+        "chain_head_seq": v.head_seq,
+        "chain_head_hash": v.head_hash,
+    }
+    return body
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict | list):
+        return f"<code>{html.escape(canonical_json(v))}</code>"
+    return html.escape("" if v is None else str(v))
+
+
+def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
+    if not rows:
+        return "<p><em>none recorded</em></p>"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(cert: dict[str, Any]) -> str:
+    """A self-contained HTML page of the certificate (every value escaped)."""
+    req = cert["request"]
+    score_rows = [
+        {"phase": phase, "task": task, "metric": metric, "value": value}
+        for phase, tasks in cert["scores"].items()
+        for task, metrics in tasks.items()
+        for metric, value in metrics.items()
+    ]
+    overlap_rows = [{"task/phase": k, "overlap": v} for k, v in cert["routing_overlap"].items()]
+    corpora = [
+        {"role": role, **(cert[f"{role}_corpus"] or {})}
+        for role in ("forget", "retain")
+        if cert.get(f"{role}_corpus")
+    ]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>Deletion certificate {_cell(cert['job_id'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #999;"
+        "padding:.2em .5em;text-align:left}code{font-size:.85em;word-break:break-all}</style>",
+        "</head><body>",
+        f"<h1>Deletion certificate</h1><p>Job <code>{_cell(cert['job_id'])}</code>: "
+        f"<strong>{_cell(cert['outcome'])}</strong></p>",
+        "<h2>Request</h2>",
+        _table([req], list(req)),
+        "<h2>Data (by hash; the text is never shown)</h2>",
+        _table(corpora, ["role", "source", "sha256", "size_bytes", "records", "format", "split"]),
+        "<h2>Model</h2>",
+        _table([cert["model"]], ["ref", "sha256"]),
+        "<h2>Method and settings</h2>",
+        _table([cert["method"]], list(cert["method"])),
+        "<h2>Selected experts</h2>",
+        _table(cert["experts"]["selected"], ["layer", "expert", "score", "rank"]),
+        "<h2>Parameters changed</h2>",
+        _table(cert["parameters_changed"], ["name", "slice", "sha256_before", "sha256_after"]),
+        "<h2>Scores before and after</h2>",
+        _table(score_rows, ["phase", "task", "metric", "value"]),
+        "<h2>Routing overlap</h2>",
+        _table(overlap_rows, ["task/phase", "overlap"]),
+        "<h2>Audit entries</h2>",
+        f"<p>Audit chain verified now: {_cell(cert['verification']['chain_ok'])} "
+        f"({_cell(cert['verification']['checked_entries'])} entries; head "
+        f"<code>{_cell(cert['verification']['chain_head_hash'])}</code>)</p>",
+        _table(cert["audit"]["entries"], ["seq", "action", "ts", "entry_hash"]),
+        f"<p>Certificate SHA-256: <code>{_cell(cert['certificate_sha256'])}</code></p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)

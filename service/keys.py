@@ -1,0 +1,133 @@
+"""API keys: created with a role and a tenant, stored only as SHA-256 of the secret.
+
+The secret is returned once by `create_key` (the CLI prints it) and can never be read
+back. Secrets are 256 random bits, so a plain SHA-256 (no salt, no slow hash) is enough
+and lets `authenticate` look the key up by its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import audit
+from service.db import lock_for_write
+from service.errors import NotFound, ServiceError
+from service.tables import ApiKey, utcnow
+
+SECRET_PREFIX = "mu_"
+
+
+class Role(StrEnum):
+    REQUESTER = "requester"
+    AUDITOR = "auditor"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class Principal:
+    key_id: str
+    role: Role
+    tenant: str
+
+
+class InvalidKeyRequest(ServiceError, ValueError):
+    """A bad role or tenant given to `create_key`."""
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def create_key(
+    session: Session, role: Role | str, tenant: str, *, actor: str = "cli"
+) -> tuple[str, str]:
+    """Create a key; returns (key_id, secret). Audited (key id, role, tenant; never the
+    secret or its hash). The caller commits."""
+    try:
+        r = Role(role)
+    except ValueError:
+        raise InvalidKeyRequest(
+            "role", f"must be one of {', '.join(Role)} (got {role!r})"
+        ) from None
+    if not tenant or len(tenant) > 128 or not tenant.isprintable():
+        raise InvalidKeyRequest("tenant", "must be 1..128 printable characters")
+    # Take the write lock first: on SQLite a SAVEPOINT outside a transaction would commit
+    # on release, splitting the key from its audit entry.
+    lock_for_write(session)
+    for _ in range(3):
+        key_id = "k_" + secrets.token_hex(8)
+        secret = SECRET_PREFIX + secrets.token_urlsafe(32)
+        try:
+            with session.begin_nested():
+                session.add(
+                    ApiKey(
+                        id=key_id,
+                        key_hash=hash_secret(secret),
+                        role=r.value,
+                        tenant=tenant,
+                        created_at=utcnow(),
+                        revoked=False,
+                    )
+                )
+                session.flush()
+        except IntegrityError:  # astronomically unlikely id collision: draw again
+            continue
+        audit.append(
+            session,
+            actor=actor,
+            action="key_created",
+            tenant=tenant,
+            payload={"key_id": key_id, "role": r.value},
+        )
+        return key_id, secret
+    raise RuntimeError("could not allocate a key id")
+
+
+def authenticate(session: Session, secret: str) -> Principal | None:
+    """The principal of a valid, unrevoked key; None otherwise."""
+    if not secret or len(secret) > 256:
+        return None
+    row = session.execute(
+        select(ApiKey).where(ApiKey.key_hash == hash_secret(secret))
+    ).scalar_one_or_none()
+    if row is None or row.revoked:
+        return None
+    return Principal(row.id, Role(row.role), row.tenant)
+
+
+def revoke_key(session: Session, key_id: str, *, actor: str = "cli") -> None:
+    """Revoke a key (idempotent). Audited. `NotFound` if there is no such key."""
+    lock_for_write(session)
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        raise NotFound("key_id", f"key {key_id} not found")
+    if row.revoked:
+        return
+    session.execute(
+        update(ApiKey).where(ApiKey.id == key_id).values(revoked=True, revoked_at=utcnow())
+    )
+    audit.append(
+        session, actor=actor, action="key_revoked", tenant=row.tenant, payload={"key_id": key_id}
+    )
+
+
+def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:
+    stmt = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant is not None:
+        stmt = stmt.where(ApiKey.tenant == tenant)
+    return list(session.execute(stmt).scalars())
+
+
+def any_keys(session: Session) -> bool:
+    """Whether any unrevoked key exists (without keys the server binds to loopback only)."""
+    n = session.execute(
+        select(func.count()).select_from(ApiKey).where(ApiKey.revoked.is_(False))
+    ).scalar_one()
+    return n > 0
