@@ -103,8 +103,13 @@ def write_patch(
     before: dict[str, torch.Tensor],
     after: dict[str, torch.Tensor],
     expert_dims: dict[str, int] | None = None,
+    base_sha256: str | None = None,
+    patched_sha256: str | None = None,
 ) -> ExpertPatch:
-    """Write the patch that turns `before` into `after` and return its description."""
+    """Write the patch that turns `before` into `after` and return its description.
+
+    `before`/`after` may hold only the tensors that could have changed; then pass the
+    whole models' hashes (`state_sha256`), which apply/revert check against."""
     tensors: dict[str, torch.Tensor] = {}
     regions: list[ChangedRegion] = []
     for i, (name, expert) in enumerate(diff_states(before, after, expert_dims)):
@@ -115,7 +120,9 @@ def write_patch(
         regions.append(
             ChangedRegion(name, expert, tuple(old.shape), tensor_sha256(old), tensor_sha256(new))
         )
-    patch = ExpertPatch(state_sha256(before), state_sha256(after), regions)
+    patch = ExpertPatch(
+        base_sha256 or state_sha256(before), patched_sha256 or state_sha256(after), regions
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -117,6 +117,11 @@ class SeufOptions(_Strict):
     token_budget: PositiveInt = Field(
         100_000, description="Calibration tokens sampled from the forget corpus."
     )
+    attribution_positions: Literal["auto", "answer", "all"] = Field(
+        "auto",
+        description="Token positions scored by attribution: auto = the answer-predicting "
+        "positions of prompt/answer records (all tokens of text records); all = every token.",
+    )
     anchor_weight: NonNegFloat = Field(1.0, description="alpha of the router anchor loss.")
     anchor_reduction: AnchorReduction = Field(
         "sum",
@@ -196,6 +201,10 @@ class EvaluationOptions(_Strict):
         default_factory=list,
         description="Extra lm-eval task names for utility (e.g. mmlu); the demo world's "
         "question sets are always evaluated when the model is the demo model.",
+    )
+    forget_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task names measuring the forget domain (e.g. wmdp_bio).",
     )
     limit: PositiveInt | None = Field(None, description="Max documents per lm-eval task.")
     batch_size: PositiveInt = Field(32, description="Evaluation batch size.")

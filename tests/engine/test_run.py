@@ -1,0 +1,125 @@
+"""A whole job in library mode on a tiny model directory: evaluate, attribute, unlearn,
+evaluate, package. Only the selected slices and the target router change, and the patch
+written beside the model turns the base model into the unlearned one, bit-exactly."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from workers.moe.tiny import tiny_model
+from workers.patch import apply_patch, state_sha256
+from workers.run import JobCancelled, run_job
+from workers.spec import JobSpec
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>",
+    ).save_pretrained(d / "model")
+    tiny_model("qwen2_moe").save_pretrained(d / "model")
+    rng = random.Random(0)
+    for name, words in (("forget", WORDS[:60]), ("retain", WORDS[60:])):
+        with open(d / f"{name}.jsonl", "w") as f:
+            for _ in range(40):
+                rec = {"prompt": " ".join(rng.sample(words, 5)), "answer": " " + rng.choice(words)}
+                f.write(json.dumps(rec) + "\n")
+    return d
+
+
+def _spec(d: Path, **over) -> JobSpec:
+    base = {
+        "model": str(d / "model"),
+        "algorithm": "gdiff",
+        "forget": {"path": str(d / "forget.jsonl")},
+        "retain": {"path": str(d / "retain.jsonl")},
+        "training": {"max_steps": 8, "batch_size": 8, "lr": 3e-3},
+    }
+    return JobSpec.model_validate(base | over)
+
+
+def test_seuf_job_changes_only_the_selected_expert_and_router(model_dir, tmp_path):
+    events: list[tuple[str, int]] = []
+
+    class Rec:
+        def stage(self, name: str) -> None:
+            events.append(("stage:" + name, 0))
+
+        def event(self, kind: str, step: int, payload: dict) -> None:
+            events.append((kind, step))
+
+    res = run_job(_spec(model_dir), tmp_path / "out", reporter=Rec())
+    (sel,) = res["selected"]
+    assert res["steps"] == 8 and res["stopped_by"] == "max_steps"
+    assert [k for k, _ in events if k.startswith("stage:")] == [
+        "stage:loading", "stage:evaluating_before", "stage:attribution", "stage:unlearning",
+        "stage:evaluating_after", "stage:packaging",
+    ]
+    assert [s for k, s in events if k == "step"] == list(range(1, 9))
+    # Gradient ascent on the forget data with a retain term: the forget NLL rises.
+    assert res["after"]["forget_nll"] > res["before"]["forget_nll"]
+    assert 0.0 < res["routing_overlap_forget"] <= 1.0
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir / "model").state_dict()
+    new = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()
+    layer, expert = sel["layer"], sel["expert"]
+    prefix = f"model.layers.{layer}.mlp."
+    for name, t in base.items():
+        if name in (prefix + "experts.gate_up_proj", prefix + "experts.down_proj"):
+            others = [e for e in range(t.shape[0]) if e != expert]
+            assert torch.equal(t[others], new[name][others]), name
+            assert not torch.equal(t[expert], new[name][expert]), name
+        elif name == prefix + "gate.weight":
+            assert not torch.equal(t, new[name])
+        else:
+            assert torch.equal(t, new[name]), f"{name} changed"
+    assert res["trainable_parameters"] == sum(
+        base[prefix + n][expert].numel() for n in ("experts.gate_up_proj", "experts.down_proj")
+    ) + base[prefix + "gate.weight"].numel()
+
+    # The patch turns the base model into the unlearned one.
+    state = {k: v.clone() for k, v in base.items()}
+    apply_patch(state, tmp_path / "out" / "expert_patch.safetensors")
+    assert state_sha256(state) == state_sha256(new) == res["unlearned_model_sha256"]
+    assert state_sha256(base) == res["base_model_sha256"]
+    saved = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert saved["selected"] == res["selected"]
+    assert json.loads((tmp_path / "out" / "expert_map.json").read_text())["method"] == "contrastive"
+
+
+def test_full_scope_trains_everything_and_cancel_stops(model_dir, tmp_path):
+    res = run_job(_spec(model_dir, scope="full", algorithm="ga"), tmp_path / "full")
+    assert res["selected"] == [] and res["tunable_ratio"] == 1.0
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) >= 3
+
+    with pytest.raises(JobCancelled) as e:
+        run_job(_spec(model_dir), tmp_path / "c", should_stop=stop)
+    assert e.value.step == 3
+    assert not (tmp_path / "c" / "result.json").exists()
+
+
+def test_user_errors_are_value_errors(model_dir, tmp_path):
+    (model_dir / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="forget"):
+        run_job(_spec(model_dir, forget={"path": str(model_dir / "empty.jsonl")}), tmp_path / "e")
+    bad = {"selection": "manual", "experts": [{"layer": 0, "expert": 99}]}
+    with pytest.raises(ValueError, match="expert"):
+        run_job(_spec(model_dir, seuf=bad), tmp_path / "e2")
+    with pytest.raises(ValueError, match="could not be loaded"):
+        run_job(_spec(model_dir, model=str(model_dir / "nope")), tmp_path / "e3")
