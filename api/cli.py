@@ -1,0 +1,219 @@
+"""The `moe-unlearn` command line.
+
+    moe-unlearn serve [--host H] [--port P]     the HTTP API (uvicorn, loopback by default)
+    moe-unlearn db upgrade                      apply the database migrations
+    moe-unlearn keys create --role R --tenant T print a new API key (once, alone on stdout)
+
+Adding a command (e.g. `run`, `world build`, `patch apply|revert`) is additive:
+
+    @app.command()                      # or: world_app = typer.Typer(); app.add_typer(...)
+    def run(spec: Path) -> None:
+        from workers.run import run_spec  # import lazily: the CLI must start without torch
+        run_spec(load_spec(spec))
+
+Errors a user can cause (raise `UserError`, `ValueError`, a pydantic ValidationError, a
+bad option) print one line on stderr and exit with code 2; nothing prints a traceback
+unless MOE_UNLEARN_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from typing import Annotated, Any
+
+import typer
+from typer.exceptions import Abort, Exit, TyperException
+
+from api import cli_engine
+
+app = typer.Typer(
+    name="moe-unlearn",
+    help="Remove knowledge from Mixture-of-Experts LLMs by unlearning selected experts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+# The engine's commands (run, world build, patch apply|revert): api/cli_engine.py, which
+# imports torch only inside its commands.
+cli_engine.register(app)
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2."""
+
+
+def is_loopback(host: str) -> bool:
+    """True if `host` resolves only to loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError as e:
+        raise UserError(f"--host {host!r} does not resolve: {e}") from e
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def _engine(settings: Any) -> Any:
+    from service import db
+
+    return db.make_engine(
+        settings.database_url, echo=settings.db_echo, busy_timeout_s=settings.sqlite_busy_timeout_s
+    )
+
+
+def _check_migrated(engine: Any) -> None:
+    from service import db
+
+    try:
+        db.check_migrated(engine)
+    except db.DatabaseNotMigrated as e:
+        raise UserError(str(e)) from e
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None,
+        typer.Option(help="Interface to bind [default: MOE_UNLEARN_HOST or 127.0.0.1]."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="TCP port [default: MOE_UNLEARN_PORT or 8000]."),
+    ] = None,
+    migrate: Annotated[
+        bool, typer.Option("--migrate", help="Apply database migrations before starting.")
+    ] = False,
+    ray_serve: Annotated[
+        bool,
+        typer.Option(
+            "--ray-serve/--no-ray-serve",
+            help="Serve through Ray Serve instead of plain uvicorn (not available yet).",
+        ),
+    ] = False,
+) -> None:
+    """Start the HTTP API (OpenAPI docs at /docs). Without API keys it binds loopback only."""
+    from service import db, keys
+    from service.settings import get_settings
+
+    settings = get_settings()
+    host = host or settings.host
+    port = port or settings.port
+    if migrate or settings.migrate_on_start:
+        db.upgrade(settings.database_url)
+    engine = _engine(settings)
+    _check_migrated(engine)
+    if not is_loopback(host):
+        with db.session_scope(db.make_session_factory(engine)) as s:
+            if not keys.any_keys(s):
+                raise UserError(
+                    f"refusing to bind {host}: no API keys exist; create one with "
+                    "`moe-unlearn keys create --role admin --tenant T` or bind 127.0.0.1"
+                )
+    engine.dispose()
+    if ray_serve:
+        # RAY SERVE MODE (later): api/serve.py will wrap create_app() in a Ray Serve
+        # deployment; plug it in here, e.g. `from api.serve import run; run(settings, ...)`.
+        raise UserError("--ray-serve is not available yet; use --no-ray-serve (uvicorn)")
+    import uvicorn
+
+    from api.app import create_app
+
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply all database migrations (idempotent)."""
+    from service import db
+    from service.settings import get_settings
+
+    db.upgrade(get_settings().database_url)
+    typer.echo("database is at the latest revision", err=True)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="requester, auditor or admin.")],
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
+) -> None:
+    """Create an API key and print it alone on stdout (it is shown only this once)."""
+    from service import db, keys
+    from service.settings import get_settings
+
+    engine = _engine(get_settings())
+    _check_migrated(engine)
+    with db.session_scope(db.make_session_factory(engine)) as s:
+        _, secret = keys.create_key(s, role, tenant, actor="cli")
+    engine.dispose()
+    typer.echo(secret)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # TyperException: bad options, missing arguments, unknown commands (typer's click).
+    types: list[type[BaseException]] = [UserError, ValueError, TyperException]
+    try:
+        from pydantic import ValidationError
+
+        types.append(ValidationError)
+    except ImportError:  # pragma: no cover - pydantic is a dependency
+        pass
+    return tuple(types)
+
+
+def _one_line(e: BaseException) -> str:
+    fmt = getattr(e, "format_message", None)
+    msg = fmt() if callable(fmt) else str(e)
+    return " ".join(msg.split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns (and exits with) the process exit code."""
+    cmd = typer.main.get_command(app)
+    debug = os.environ.get("MOE_UNLEARN_DEBUG") == "1"
+    try:
+        rc = cmd.main(args=argv, prog_name="moe-unlearn", standalone_mode=False)
+        code = rc if isinstance(rc, int) else 0
+    except Abort:
+        print("moe-unlearn: aborted", file=sys.stderr)
+        code = 130
+    except Exit as e:
+        code = e.exit_code
+    except _user_error_types() as e:
+        if debug:
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help was already printed
+            return _exit(2, argv)
+        print(f"moe-unlearn: error: {_one_line(e)}", file=sys.stderr)
+        code = 2
+    except Exception as e:  # noqa: BLE001 - last line of defence: no traceback for users
+        if debug:
+            raise
+        print(
+            f"moe-unlearn: internal error: {type(e).__name__}: {_one_line(e)} "
+            "(set MOE_UNLEARN_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        code = 1
+    return _exit(code, argv)
+
+
+def _exit(code: int, argv: list[str] | None) -> int:
+    # As a console script (argv None) exit the process; called from Python, return.
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

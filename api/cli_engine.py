@@ -1,0 +1,185 @@
+"""The engine's commands of `moe-unlearn` (library mode, no server):
+
+    moe-unlearn run SPEC [--output-dir D] [--json]   unlearn as a job spec says
+    moe-unlearn world build [--seed S] [--topics N] [--facts-per-topic F] [--arch A]
+    moe-unlearn patch apply|revert --model DIR --patch FILE --out DIR
+
+torch and the engine are imported inside the commands, so `moe-unlearn serve` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+world_app = typer.Typer(help="The built-in demo world.", no_args_is_help=True)
+patch_app = typer.Typer(help="Expert patches.", no_args_is_help=True)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+class _RichReporter:
+    """Stages as a status line and unlearning steps as a progress bar, on stderr."""
+
+    def __init__(self, max_steps: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=_console(),
+            transient=False,
+        )
+        self.max_steps = max_steps
+        self.task: Any = None
+
+    def __enter__(self) -> _RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def stage(self, name: str) -> None:
+        if name == "unlearning":
+            self.task = self.progress.add_task("unlearning", total=self.max_steps)
+        else:
+            self.progress.console.print(f"[bold]{name.replace('_', ' ')}[/bold]")
+
+    def event(self, kind: str, step: int, payload: dict[str, Any]) -> None:
+        if kind == "step" and self.task is not None:
+            loss = payload.get("loss", 0.0)
+            acc = payload.get("metrics", {}).get("forget_accuracy")
+            desc = f"unlearning loss {loss:+.3f}"
+            if acc is not None:
+                desc += f" forget {acc:.2f}"
+            self.progress.update(self.task, completed=step, description=desc)
+        elif kind == "experts_selected":
+            sel = ", ".join(f"L{s['layer']}E{s['expert']}" for s in payload["selected"]) or "-"
+            self.progress.console.print(f"  {payload['method']} attribution selected: {sel}")
+
+
+def before_after_table(res: dict[str, Any]) -> Any:
+    """The before/after table a person reads (rich Table)."""
+    from rich.table import Table
+
+    t = Table(title=f"{res['algorithm']} / {res['scope']}: before -> after")
+    t.add_column("measure")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    rows = [
+        ("forget accuracy (lower is better)", "forget_accuracy"),
+        ("utility accuracy (retain pool)", "utility_accuracy"),
+        ("utility accuracy (never seen by unlearning)", "utility_accuracy_unseen"),
+    ]
+    for label, key in rows:
+        b, a = res["before"].get(key), res["after"].get(key)
+        if b is not None or a is not None:
+            t.add_row(label, _fmt(b), _fmt(a))
+    for task, v in res["after"].get("tasks", {}).items():
+        t.add_row(f"lm-eval {task}", _fmt(res["before"].get("tasks", {}).get(task)), _fmt(v))
+    t.add_row("routing overlap on forget data", "1.000", _fmt(res["routing_overlap_forget"]))
+    t.add_row(
+        "trainable parameters",
+        "",
+        f"{res['trainable_parameters']:,} / {res['total_parameters']:,}"
+        f" ({100 * res['tunable_ratio']:.2f}%)",
+    )
+    sel = ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in res["selected"]) or "all"
+    t.add_row("unlearned", "", sel)
+    t.add_row("steps (stopped by)", "", f"{res['steps']} ({res['stopped_by']})")
+    return t
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def run(
+    spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Where outputs go.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+) -> None:
+    """Unlearn as SPEC says: evaluate, attribute, unlearn, evaluate, write model + patch."""
+    from workers.spec import load_spec
+
+    job = load_spec(spec)
+    from workers.run import run_job
+
+    out = output_dir or Path("runs") / f"{spec.stem}-{job.spec_hash()[:10]}"
+    with _RichReporter(job.training.max_steps) as rep:
+        res = run_job(job, out, reporter=rep)
+    if as_json:
+        sys.stdout.write(json.dumps(res, default=str) + "\n")
+    else:
+        from rich.console import Console
+
+        Console().print(before_after_table(res))
+        Console().print(f"outputs in {res['output_dir']}")
+
+
+@world_app.command("build")
+def world_build(
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    topics: Annotated[int, typer.Option(min=2, max=32)] = 6,
+    facts_per_topic: Annotated[int, typer.Option(min=4, max=2000)] = 100,
+    arch: Annotated[str, typer.Option(help="MoE family (model_type).")] = "qwen2_moe",
+) -> None:
+    """Build (or reuse from the cache) the demo world and print its directory."""
+    from workers.spec import WorldOptions
+    from workers.world import build_world
+
+    con = _console()
+    opts = WorldOptions(seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch)
+    world = build_world(opts, progress=lambda msg: con.print(msg))
+    typer.echo(str(world.directory))
+
+
+def _patch(model: Path, patch: Path, out: Path, revert: bool) -> None:
+    from workers.patch import patch_model_dir
+
+    if not model.is_dir():
+        raise ValueError(f"--model {model} is not a directory")
+    p = patch_model_dir(model, patch, out, revert=revert)
+    verb = "reverted" if revert else "applied"
+    _console().print(f"{verb} {len(p.regions)} region(s); model written to {out}")
+
+
+@patch_app.command("apply")
+def patch_apply(
+    model: Annotated[Path, typer.Option(help="Base model directory.")],
+    patch: Annotated[Path, typer.Option(help="expert_patch.safetensors")],
+    out: Annotated[Path, typer.Option(help="Where the patched model is written.")],
+) -> None:
+    """Apply an expert patch to its base model (checked by hash, bit-exact)."""
+    _patch(model, patch, out, revert=False)
+
+
+@patch_app.command("revert")
+def patch_revert(
+    model: Annotated[Path, typer.Option(help="Patched model directory.")],
+    patch: Annotated[Path, typer.Option(help="expert_patch.safetensors")],
+    out: Annotated[Path, typer.Option(help="Where the restored base model is written.")],
+) -> None:
+    """Undo an expert patch: the base model comes back bit-exactly."""
+    _patch(model, patch, out, revert=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+    app.add_typer(world_app, name="world")
+    app.add_typer(patch_app, name="patch")

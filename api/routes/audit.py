@@ -1,0 +1,57 @@
+"""Audit endpoints for governance (role auditor): the hash-chained log and its check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy.orm import Session
+
+from api.auth import audit_access, get_session
+from api.errors import ErrorBody
+from api.schemas import AuditEntryOut, AuditList, AuditVerifyOut
+from service import audit
+
+router = APIRouter(
+    prefix="/v1/audit",
+    tags=["audit"],
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+        403: {"model": ErrorBody, "description": "Not an auditor key."},
+        422: {"model": ErrorBody, "description": "Invalid query parameter."},
+    },
+)
+
+
+@router.get("/events", response_model=AuditList)
+def audit_events(
+    since: int = Query(0, ge=0, le=2**62, description="Only entries with seq > since."),
+    limit: int = Query(100, ge=1, le=1000),
+    job_id: str | None = Query(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="One job only."),
+    principal: Any = Depends(audit_access),
+    session: Session = Depends(get_session),
+) -> AuditList:
+    """Audit entries of the auditor's tenant, oldest first (payloads hold ids, hashes and
+    counts, never corpus text)."""
+    rows = audit.list_entries(
+        session, tenant=principal.tenant, job_id=job_id, after_seq=since, limit=limit
+    )
+    items = [AuditEntryOut(**audit.entry_to_dict(e)) for e in rows]
+    return AuditList(items=items, next_since=items[-1].seq if items else since)
+
+
+@router.get("/verify", response_model=AuditVerifyOut)
+def audit_verify(
+    principal: Any = Depends(audit_access), session: Session = Depends(get_session)
+) -> AuditVerifyOut:
+    """Recompute the whole hash chain; `ok` is false and `first_bad_seq` names the first
+    entry that was edited, deleted or inserted since it was written."""
+    r = audit.verify(session)
+    return AuditVerifyOut(
+        ok=r.ok,
+        checked=r.checked,
+        first_bad_seq=r.first_bad_seq,
+        reason=r.reason,
+        head_seq=r.head_seq,
+        head_hash=r.head_hash,
+    )

@@ -1,0 +1,298 @@
+"""Jobs: submit, list, read, cancel, progress events (JSON or server-sent events), and the
+results of a job (expert map, evaluations, artifacts, deletion certificate).
+
+Every read goes through `jobs.get_job(session, id, tenant)`, so another tenant's job is
+a 404 exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session
+
+from api.auth import get_session, read_jobs, write_jobs
+from api.errors import ApiError, ErrorBody
+from api.schemas import (
+    TERMINAL_STATES,
+    ArtifactList,
+    ArtifactOut,
+    EvaluationList,
+    EvaluationOut,
+    EventList,
+    EventOut,
+    ExpertMapOut,
+    ExpertScoreOut,
+    JobList,
+    JobOut,
+    JobState,
+)
+from service import jobs
+from service.db import session_scope
+from service.storage import BlobStore
+from workers.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# Idempotency keys: visible ASCII without spaces (UUIDs, ULIDs, client request ids).
+IDEMPOTENCY_PATTERN = r"^[!-~]{1,255}$"
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+JobId = Annotated[str, PathParam(pattern=ID_PATTERN, description="The job id.")]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+    403: {"model": ErrorBody, "description": "The key's role may not do this."},
+    404: {"model": ErrorBody, "description": "No such job (or another tenant's)."},
+    422: {"model": ErrorBody, "description": "Invalid input; the body names the field."},
+}
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+def _job(session: Session, job_id: str, principal: Any) -> Any:
+    return jobs.get_job(session, job_id, principal.tenant)
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=_ERRORS)
+def submit_job(
+    spec: JobSpec,
+    response: Response,
+    principal: Any = Depends(write_jobs),
+    session: Session = Depends(get_session),
+    idempotency_key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        pattern=IDEMPOTENCY_PATTERN,
+        description="Retry-safe submission: the same key and body return the same job; "
+        "the same key with another body is refused (422).",
+    ),
+) -> Any:
+    """Queue an unlearning job. The body is the job spec (the same as `moe-unlearn run`
+    takes); corpora must be uploaded first (POST /v1/corpora) and named by `corpus_id`."""
+    result = jobs.submit_job(
+        session,
+        spec,
+        tenant=principal.tenant,
+        actor=f"key:{principal.key_id}",
+        idempotency_key=idempotency_key,
+        requester=principal.key_id,
+    )
+    session.commit()
+    response.headers["Location"] = f"/v1/jobs/{result.job.id}"
+    if idempotency_key is not None:
+        response.headers["Idempotency-Replayed"] = "false" if result.created else "true"
+    return result.job
+
+
+@router.get("", response_model=JobList, responses=_ERRORS)
+def list_jobs(
+    request: Request,
+    state: JobState | None = Query(None, description="Only jobs in this state."),
+    cursor: str | None = Query(
+        None, max_length=512, description="`next_cursor` of the previous page."
+    ),
+    limit: int | None = Query(None, ge=1, le=500, description="Page size."),
+    principal: Any = Depends(read_jobs),
+    session: Session = Depends(get_session),
+) -> JobList:
+    """Jobs of the caller's tenant, newest first."""
+    settings = request.app.state.settings
+    n = min(limit or settings.page_size, settings.max_page_size)
+    page = jobs.list_jobs(session, principal.tenant, state=state, cursor=cursor, limit=n)
+    return JobList(
+        items=[JobOut.model_validate(j) for j in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=_ERRORS)
+def get_job(
+    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
+) -> Any:
+    return _job(session, job_id, principal)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses={**_ERRORS, 409: {"model": ErrorBody, "description": "Already finished."}},
+)
+def cancel_job(
+    job_id: JobId, principal: Any = Depends(write_jobs), session: Session = Depends(get_session)
+) -> Any:
+    """Cancel: a queued job is CANCELLED at once, a running one becomes CANCELLING (its
+    runner stops at its next heartbeat). Repeating a cancel is harmless."""
+    job = jobs.request_cancel(session, job_id, principal.tenant, actor=f"key:{principal.key_id}")
+    session.commit()
+    return job
+
+
+def _event_dict(e: Any) -> dict[str, Any]:
+    return EventOut.model_validate(e).model_dump(mode="json")
+
+
+def _sse(request: Request, job_id: str, since: int) -> Iterator[str]:
+    """Server-sent events until the job is terminal and every event was sent. Each poll
+    reads the state *before* the events, so a terminal state implies all events are in."""
+    factory = request.app.state.session_factory
+    last_sent = time.monotonic()
+    yield "retry: 2000\n\n"
+    while True:
+        with session_scope(factory) as s:
+            state = jobs.get_job(s, job_id).state
+            batch = jobs.list_events(s, job_id, since=since, limit=500)
+            events = [_event_dict(e) for e in batch]
+        for ev in events:
+            since = ev["id"]
+            yield f"id: {ev['id']}\nevent: {ev['kind']}\ndata: {json.dumps(ev)}\n\n"
+            last_sent = time.monotonic()
+        if len(events) == 500:
+            continue  # more are waiting
+        if state in TERMINAL_STATES:
+            end = {"kind": "end", "job_state": state, "next_since": since}
+            yield f"event: end\ndata: {json.dumps(end)}\n\n"
+            return
+        if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"  # a comment line keeps proxies from closing the stream
+            last_sent = time.monotonic()
+        time.sleep(SSE_POLL_SECONDS)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=EventList,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "JSON page, or with `Accept: text/event-stream` a stream of "
+            "server-sent events that ends when the job is terminal.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+def job_events(
+    request: Request,
+    job_id: JobId,
+    since: int = Query(0, ge=0, le=2**62, description="Only events with id > since."),
+    limit: int = Query(100, ge=1, le=1000),
+    principal: Any = Depends(read_jobs),
+    session: Session = Depends(get_session),
+) -> Any:
+    """Progress events (steps, losses, routing overlap), oldest first."""
+    job = _job(session, job_id, principal)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        session.close()  # the stream opens its own short sessions
+        return StreamingResponse(
+            _sse(request, job.id, since),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    items = [EventOut.model_validate(e) for e in jobs.list_events(session, job.id, since, limit)]
+    return EventList(items=items, next_since=items[-1].id if items else since, job_state=job.state)
+
+
+@router.get("/{job_id}/expert-map", response_model=ExpertMapOut, responses=_ERRORS)
+def expert_map(
+    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
+) -> ExpertMapOut:
+    """Every scored expert (layer, expert, score, rank); `selected` marks the unlearned ones."""
+    job = _job(session, job_id, principal)
+    return ExpertMapOut(
+        items=[ExpertScoreOut.model_validate(r) for r in jobs.get_expert_map(session, job.id)]
+    )
+
+
+@router.get("/{job_id}/evaluations", response_model=EvaluationList, responses=_ERRORS)
+def evaluations(
+    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
+) -> EvaluationList:
+    """Forget and utility scores before and after unlearning."""
+    job = _job(session, job_id, principal)
+    return EvaluationList(
+        items=[EvaluationOut.model_validate(r) for r in jobs.get_evaluations(session, job.id)]
+    )
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=_ERRORS)
+def artifacts(
+    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
+) -> ArtifactList:
+    job = _job(session, job_id, principal)
+    return ArtifactList(
+        items=[ArtifactOut.model_validate(a) for a in jobs.list_artifacts(session, job.id)]
+    )
+
+
+@router.get(
+    "/{job_id}/artifacts/{artifact_id}",
+    response_class=FileResponse,
+    responses={
+        **_ERRORS,
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+    },
+)
+def download_artifact(
+    request: Request,
+    job_id: JobId,
+    artifact_id: int = PathParam(ge=1, le=2**62),
+    principal: Any = Depends(read_jobs),
+    session: Session = Depends(get_session),
+) -> FileResponse:
+    """The artifact's bytes; the `X-Content-SHA256` header lets the client check them."""
+    job = _job(session, job_id, principal)
+    art = jobs.get_artifact(session, job.id, artifact_id)
+    path = Path(art.location)
+    # Only serve files inside the blob store (a location is data, not a trusted path).
+    root = BlobStore.from_settings(request.app.state.settings).root
+    try:
+        resolved = path.resolve()
+        inside = resolved.is_relative_to(root)
+    except OSError:
+        inside = False
+    if not inside or not resolved.is_file():
+        raise ApiError(404, "artifact_id", "artifact file is not available", location="path")
+    return FileResponse(
+        resolved,
+        filename=art.name,
+        media_type="application/octet-stream",
+        headers={"X-Content-SHA256": art.sha256},
+    )
+
+
+@router.get(
+    "/{job_id}/certificate",
+    responses={
+        **_ERRORS,
+        409: {"model": ErrorBody, "description": "The job has not finished."},
+        200: {
+            "description": "The deletion certificate (JSON, or HTML with `format=html`).",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/html": {"schema": {"type": "string"}},
+            },
+        },
+    },
+)
+def certificate(
+    job_id: JobId,
+    format: Literal["json", "html"] = Query("json", description="json, or html for a page."),
+    principal: Any = Depends(read_jobs),
+    session: Session = Depends(get_session),
+) -> Response:
+    """Who asked, on which data (by hash), what changed, scores before/after, and the audit
+    entries that cover it. Available once the job finished."""
+    from service import certificate as cert_mod
+
+    try:
+        cert = cert_mod.build_certificate(session, job_id, principal.tenant)
+    except cert_mod.CertificateUnavailable as e:
+        raise ApiError(409, "state", e.reason, location="request", code="not_finished") from None
+    if format == "html":
+        return HTMLResponse(cert_mod.render_html(cert))
+    return JSONResponse(cert)

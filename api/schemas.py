@@ -1,0 +1,163 @@
+"""Response (and small request) models of the HTTP API.
+
+The request body of POST /v1/jobs is `workers.spec.JobSpec` itself (one definition of the
+spec); everything here describes what the API returns. Storage locations on the server
+are never returned (artifacts are downloaded through the API).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["requester", "auditor", "admin"]
+JobState = Literal[
+    "QUEUED", "RUNNING", "CANCELLING", "RETRYING", "SUCCEEDED", "FAILED", "CANCELLED"
+]
+JOB_STATES: tuple[str, ...] = (
+    "QUEUED",
+    "RUNNING",
+    "CANCELLING",
+    "RETRYING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+)
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+# Tenants are identifiers, not free text (they appear in audit entries and URLs).
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class CorpusOut(_Out):
+    id: str = Field(description="SHA-256 of the uploaded bytes (use as `corpus_id`).")
+    size: int = Field(description="Size in bytes.")
+    records: int = Field(description="Number of records (JSONL objects or non-empty lines).")
+    format: str = Field(description="Detected format: jsonl or text.")
+
+
+class JobOut(_Out):
+    id: str
+    tenant: str
+    state: JobState
+    stage: str | None = Field(None, description="Stage within RUNNING.")
+    attempt: int
+    spec: dict[str, Any] = Field(description="The fully resolved job spec.")
+    spec_hash: str = Field(description="SHA-256 of the canonical JSON of `spec`.")
+    cancel_requested: bool = False
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    failure_class: str | None = None
+    failure_message: str | None = None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class EventOut(_Out):
+    id: int = Field(description="Monotonic event id: the `since` cursor.")
+    attempt: int
+    step: int
+    kind: str
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+class EventList(BaseModel):
+    items: list[EventOut]
+    next_since: int = Field(description="Pass as `since` to get only newer events.")
+    job_state: JobState
+
+
+class ExpertScoreOut(_Out):
+    layer: int
+    expert: int
+    score: float
+    rank: int
+    selected: bool
+    method: str
+
+
+class ExpertMapOut(BaseModel):
+    items: list[ExpertScoreOut]
+
+
+class EvaluationOut(_Out):
+    phase: str = Field(description="before or after unlearning.")
+    task: str
+    metric: str
+    value: float
+
+
+class EvaluationList(BaseModel):
+    items: list[EvaluationOut]
+
+
+class ArtifactOut(_Out):
+    id: int
+    kind: str
+    name: str
+    sha256: str
+    size: int
+    created_at: datetime
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]
+
+
+class AuditEntryOut(BaseModel):
+    seq: int
+    prev_hash: str
+    entry_hash: str
+    ts: str
+    actor: str
+    action: str
+    job_id: str | None
+    tenant: str | None
+    payload: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    items: list[AuditEntryOut]
+    next_since: int = Field(description="Pass as `since` to get only newer entries.")
+
+
+class AuditVerifyOut(BaseModel):
+    ok: bool
+    checked: int = Field(description="Entries whose hash was recomputed.")
+    first_bad_seq: int | None = Field(None, description="First edited/missing entry.")
+    reason: str | None = None
+    head_seq: int
+    head_hash: str
+
+
+class KeyCreateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    tenant: str = Field(pattern=TENANT_PATTERN, description="Tenant of the new key.")
+
+
+class KeyCreatedOut(BaseModel):
+    id: str
+    key: str = Field(description="The secret: shown only in this response.")
+    role: Role
+    tenant: str
+
+
+class HealthOut(BaseModel):
+    status: str
+    detail: str | None = None
