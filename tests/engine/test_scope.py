@@ -1,0 +1,326 @@
+"""Trainable scope: only the selected expert slices (+ target router) change, memory is
+proportional to the slice, and bake leaves a plain transformers model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.nn.utils import parametrize
+from transformers import AutoModelForCausalLM
+
+from tests.engine._train_kit import corpus, model_and_adapter
+from workers.data import BatchStream
+from workers.moe import get_adapter, router_tap
+from workers.moe.tiny import FAMILIES, tiny_model
+from workers.objectives import make_objective
+from workers.scope import Region, apply_scope
+from workers.spec import ObjectiveOptions, StopRule, TrainingOptions
+from workers.train import train
+
+LAYER, EXPERTS = 1, [2, 5]
+UP = f"model.layers.{LAYER}.mlp.experts.gate_up_proj"
+DOWN = f"model.layers.{LAYER}.mlp.experts.down_proj"
+ROUTER = f"model.layers.{LAYER}.mlp.gate.weight"
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run_seuf(scope_name="seuf", weight_decay=0.5, steps=4, selected=None):
+    model, adapter = model_and_adapter(seed=0)
+    before = _snapshot(model)
+    sel = [(LAYER, e) for e in EXPERTS] if selected is None else selected
+    sc = apply_scope(model, adapter, scope_name, sel)
+    obj = make_objective(
+        "gdiff", ObjectiveOptions(), adapter, sel, anchor_weight=1.0, layers=sc.layers
+    )
+    opts = TrainingOptions(lr=1e-2, max_steps=steps, weight_decay=weight_decay, stop=StopRule())
+    res = train(
+        model,
+        adapter,
+        sc,
+        obj,
+        BatchStream(corpus(8, seed=1), 4, seed=0),
+        BatchStream(corpus(8, seed=2), 4, seed=0),
+        opts,
+    )
+    return model, adapter, sc, before, res
+
+
+def test_only_selected_slices_and_router_change_bitwise_even_with_weight_decay():
+    model, adapter, sc, before, res = _run_seuf()
+    assert res.steps == 4
+    sc.bake()
+    after = _snapshot(model)
+    assert set(after) == set(before)
+    changed = []
+    for name in before:
+        if name in (UP, DOWN):
+            for e in range(adapter.num_experts):
+                same = torch.equal(after[name][e], before[name][e])
+                assert same == (e not in EXPERTS), (name, e)  # others bitwise equal
+        elif not torch.equal(after[name], before[name]):
+            changed.append(name)
+    assert changed == [ROUTER]
+    assert sc.regions == [
+        Region(UP, 2),
+        Region(UP, 5),
+        Region(DOWN, 2),
+        Region(DOWN, 5),
+        Region(ROUTER, None),
+    ]
+
+
+def test_optimizer_state_and_gradients_are_proportional_to_the_slice():
+    model, adapter, sc, before, res = _run_seuf(steps=2)
+    per_expert = before[UP][0].numel() + before[DOWN][0].numel()
+    expected = len(EXPERTS) * per_expert + before[ROUTER].numel()
+    assert sc.trainable_params == expected
+    assert sc.total_params == sum(v.numel() for v in before.values())
+    assert sc.ratio == pytest.approx(expected / sc.total_params)
+    state = res.state["optimizer"]["state"]
+    moments = sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in state.values())
+    assert moments == 2 * expected
+    # A backward pass allocates no gradient on the frozen fused tensors.
+    batch = corpus(4, seed=1).collate(range(4))
+    model.train()
+    model(input_ids=batch["input_ids"]).logits.sum().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in sc.named_trainable()}
+    assert all("original" not in n for n in with_grad)
+    sc.discard()
+
+
+def test_bake_leaves_a_plain_model_that_round_trips(tmp_path):
+    model, adapter, sc, before, _ = _run_seuf(steps=2)
+    trained = {n: p.detach().clone() for n, p in sc.named_trainable()}
+    names_before = list(before)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    sc.bake()
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    experts = model.model.layers[LAYER].mlp.experts
+    assert type(experts).__name__ == "Qwen2MoeExperts"  # the parametrized subclass is gone
+    assert list(model.state_dict()) == names_before
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    # While wired, the fused tensors were frozen originals under the parametrization.
+    wired = f"model.layers.{LAYER}.mlp.experts.parametrizations.gate_up_proj"
+    assert flags[f"{wired}.original"] is False
+    slices = trained[f"{wired}.0.slices"]
+    assert torch.equal(experts.gate_up_proj[EXPERTS], slices)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    a, b = model.state_dict(), again.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RuntimeError, match="already baked"):
+        sc.trainable_parameters()
+
+
+def test_discard_restores_the_original_and_scope_variants():
+    model, adapter, sc, before, _ = _run_seuf(steps=2)
+    sc.discard()
+    after = _snapshot(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+    model, adapter = model_and_adapter()
+    sc = apply_scope(model, adapter, "experts", [(LAYER, 3)])
+    assert {n.rsplit(".", 3)[-3] for n, _ in sc.named_trainable()} == {"gate_up_proj", "down_proj"}
+    sc.discard()
+    sc = apply_scope(model, adapter, "router", [(LAYER, 3)])
+    assert [n for n, _ in sc.named_trainable()] == [ROUTER]
+    sc.discard()
+    sc = apply_scope(model, adapter, "full")
+    assert sc.trainable_params == sc.total_params and sc.ratio == 1.0
+    sc.discard()
+
+
+def test_router_and_experts_scopes_keep_the_rest_bitwise():
+    model, adapter, sc, before, _ = _run_seuf("experts", steps=2)
+    sc.bake()
+    after = _snapshot(model)
+    assert torch.equal(after[ROUTER], before[ROUTER])
+    assert not torch.equal(after[UP][2], before[UP][2])
+    model, adapter, sc, before, _ = _run_seuf("router", steps=2)
+    sc.bake()
+    after = _snapshot(model)
+    assert [k for k in before if not torch.equal(after[k], before[k])] == [ROUTER]
+
+
+def test_scope_errors_are_clear():
+    model, adapter = model_and_adapter()
+    with pytest.raises(ValueError, match="scope must be one of"):
+        apply_scope(model, adapter, "layers", [(1, 0)])
+    with pytest.raises(ValueError, match="needs at least one selected"):
+        apply_scope(model, adapter, "seuf", [])
+    with pytest.raises(ValueError, match="layer 9 is not an MoE layer"):
+        apply_scope(model, adapter, "seuf", [(9, 0)])
+    with pytest.raises(ValueError, match="expert 8 out of range"):
+        apply_scope(model, adapter, "seuf", [(1, 8)])
+    sc = apply_scope(model, adapter, "seuf", [(1, 0)])
+    with pytest.raises(ValueError, match="already carries parametrizations"):
+        apply_scope(model, adapter, "seuf", [(1, 1)])
+    sc.discard()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_slice_gradient_equals_the_fused_tensor_gradient_rows(impl):
+    batch = corpus(4, seed=1).collate(range(4))
+    model, adapter = model_and_adapter()
+    model.config._experts_implementation = impl
+    model(input_ids=batch["input_ids"]).logits.square().mean().backward()
+    want = model.model.layers[LAYER].mlp.experts.gate_up_proj.grad[EXPERTS].clone()
+    model.zero_grad(set_to_none=True)
+    sc = apply_scope(model, adapter, "experts", [(LAYER, e) for e in EXPERTS])
+    model(input_ids=batch["input_ids"]).logits.square().mean().backward()
+    got = sc.trainable_parameters()[0].grad
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    sc.discard()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_only_its_slices(family):
+    model = tiny_model(family, seed=0)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers()[-1].layer
+    batch = corpus(4, seed=1).collate(range(4))
+    with router_tap(adapter.moe_layers()) as rec:
+        plain = model(input_ids=batch["input_ids"]).logits.detach()
+    # An expert the router actually uses on this data (else it gets no gradient).
+    expert = int(rec[layer][0].topk_indices.flatten().mode().values)
+    before = _snapshot(model)
+    sel = [(layer, expert)]
+    sc = apply_scope(model, adapter, "seuf", sel)
+    assert torch.equal(model(input_ids=batch["input_ids"]).logits, plain)  # wiring is exact
+    obj = make_objective(
+        "ga", ObjectiveOptions(), adapter, sel, anchor_weight=1.0, layers=sc.layers
+    )
+    f = BatchStream(corpus(8, seed=1), 4, seed=0)
+    train(model, adapter, sc, obj, f, None, TrainingOptions(lr=1e-2, max_steps=2, stop=StopRule()))
+    sc.bake()
+    after = _snapshot(model)
+    moe = next(m for m in adapter.moe_layers() if m.layer == layer)
+    for name in before:
+        if name in moe.expert_params:
+            diff = (after[name] != before[name]).reshape(after[name].shape[0], -1).any(1)
+            assert diff.nonzero().flatten().tolist() == [expert], name
+        elif name in moe.router_params:
+            assert not torch.equal(after[name], before[name]), name
+        else:
+            assert torch.equal(after[name], before[name]), name
+
+
+_ZERO_SCRIPT = r"""
+import json, os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch
+torch.set_num_threads(1)
+import deepspeed
+from tests.engine._train_kit import corpus, model_and_adapter
+from workers.data import BatchStream
+from workers.objectives import Batches, make_objective
+from workers.scope import apply_scope, deepspeed_config_for
+from workers.spec import ObjectiveOptions
+
+stage = int(sys.argv[1])
+model, adapter = model_and_adapter(0)
+before = {k: v.clone() for k, v in model.state_dict().items()}
+sel = [(1, 2)]
+sc = apply_scope(model, adapter, "seuf", sel)
+obj = make_objective("ga", ObjectiveOptions(), adapter, sel, anchor_weight=1.0, layers=sc.layers)
+params = sc.trainable_parameters()
+opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.5)
+base = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=params,
+                                  config=deepspeed_config_for(sc, base))
+f = BatchStream(corpus(8, seed=1), 4, seed=0)
+losses = []
+for step in range(3):
+    b = Batches(f.batch(step))
+    loss, _ = obj(obj.forward(engine, b), b)
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    sc.bake()
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+up = "model.layers.1.mlp.experts.gate_up_proj"
+print("RESULT " + json.dumps({
+    "losses": losses,
+    "changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
+    "experts": [e for e in range(8) if not torch.equal(before[up][e], after[up][e])],
+}))
+"""
+
+
+@pytest.mark.slow
+def test_seuf_scope_under_deepspeed_zero3(tmp_path):
+    """ZeRO-3 (single CPU process, in a subprocess: it initialises torch.distributed) trains
+    the same slices with the same losses as the plain loop."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _ZERO_SCRIPT, "3"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT ") :])
+    assert got["changed"] == sorted([UP, DOWN, ROUTER])  # LAYER is 1
+    assert got["experts"] == [2]
+    # The same three steps without DeepSpeed.
+    model, adapter = model_and_adapter(seed=0)
+    sel = [(1, 2)]
+    sc = apply_scope(model, adapter, "seuf", sel)
+    obj = make_objective(
+        "ga", ObjectiveOptions(), adapter, sel, anchor_weight=1.0, layers=sc.layers
+    )
+    opts = TrainingOptions(lr=1e-2, max_steps=3, weight_decay=0.5, grad_clip=1.0, stop=StopRule())
+    res = train(model, adapter, sc, obj, BatchStream(corpus(8, seed=1), 4, seed=0), None, opts)
+    assert got["losses"] == pytest.approx([h.loss for h in res.history], rel=1e-4)
+
+
+def test_tunable_ratio_on_the_real_qwen15_moe_shape():
+    """Paper: SEUF with M = 1 trains ~0.06% of Qwen1.5-MoE-A2.7B. Built on the meta device
+    (shapes only, no weights, no download)."""
+    from transformers import Qwen2MoeConfig
+
+    cfg = Qwen2MoeConfig(
+        hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+        vocab_size=151936, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    sc = apply_scope(model, get_adapter(model), "seuf", [(12, 7)])
+    assert sc.total_params == 14_315_784_192  # Qwen1.5-MoE-A2.7B: 14.3B parameters
+    assert sc.trainable_params == 3 * 2048 * 1408 + 60 * 2048  # one expert + the router
+    assert round(100 * sc.ratio, 2) == 0.06
+    sc.discard()

@@ -1,0 +1,522 @@
+"""Unlearning objectives: GA, GDiff, NPO, SimNPO, RMU, and the SEUF router anchor.
+
+Every base objective is a typed function
+
+    loss_fn(outputs: Outputs, reference: Reference | None, batch: Batches,
+            opts: ObjectiveOptions) -> (loss tensor, {part name: float})
+
+registered by name in `OBJECTIVES` (the one registry). Signs follow METHOD.md: every
+objective is MINIMISED, and minimising any forget term RAISES the forget NLL.
+
+Conventions (batch fields: see workers/data.py):
+- NLL_i  = sum over positions t with loss_mask[i, t] = 1 of -log p(input_ids[i, t+1] | <= t),
+  the sequence-summed NLL of sample i; n_i = sum_t loss_mask[i, t].
+- "token NLL" of a batch = sum_i NLL_i / sum_i n_i (mean over target tokens, as HF's loss).
+- GA      l = -tokenNLL(f)
+- GDiff   l = -tokenNLL(f) + lambda * tokenNLL(r)
+- NPO     l = -(2/beta) * mean_i log sigmoid(beta * (NLL_i - NLLref_i))  [+ lambda*tokenNLL(r)
+          when a retain batch is given]; NLLref from the frozen model, computed once
+          before training (`reference_forget_nll`), never the current model.
+- SimNPO  l = -(2/beta) * mean_i log sigmoid(beta * (NLL_i / n_i - delta))  [+ retain term]
+- RMU     l = MSE(h(x_f), c*u) + alpha_r * MSE(h(x_r), h_ref(x_r)); h = output of the MLP /
+          MoE block of layer `rmu_layer`, MSE = mean over real (attention_mask) tokens and
+          hidden units (the scale the RMU code's mse_loss uses, for which c and alpha_r were
+          tuned); u a fixed seeded random unit vector; h_ref precomputed once.
+- Anchor  L_anchor = mean over real forget tokens t of sum_e (p_t,e - a_e)^2 (reduction
+          "sum", the paper) or mean_e (reduction "mean", the authors' code: divided by E);
+          p_t = adapter.gate_probs(router logits) from the router's own forward (router_tap);
+          a = one-hot on the layer's selected expert (1/m on each of m selected experts of
+          one layer, so a stays a distribution); averaged over the anchored layers.
+SEUF wraps any base objective: total = base (l_f + lambda*l_r) + alpha * L_anchor.
+The model's load-balancing aux loss is off (output_router_logits=False) unless
+`router_aux_loss` is set; then router_aux_loss_coef * aux_loss is added (never negated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from workers.data import Batch, TokenizedCorpus
+from workers.moe.base import MoEAdapter, MoELayer, RouterOutput, router_tap
+from workers.spec import JobSpec, ObjectiveOptions
+
+
+@dataclass
+class Batches:
+    """One step's data: a forget batch and, when the objective uses one, a retain batch."""
+
+    forget: Batch
+    retain: Batch | None = None
+
+
+@dataclass
+class SideOutputs:
+    """What one forward pass on one batch produced."""
+
+    logits: torch.Tensor  # [B, S, V]
+    activations: torch.Tensor | None = None  # [B, S, H] output of the captured MLP block
+    routers: dict[int, list[RouterOutput]] = field(default_factory=dict)
+    aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class Outputs:
+    forget: SideOutputs
+    retain: SideOutputs | None = None
+
+
+@dataclass
+class Reference:
+    """Values of the frozen original model, computed once before training."""
+
+    forget_nll: torch.Tensor | None = None  # [N_forget] sequence-summed NLL per sample index
+    retain_activations: list[torch.Tensor] | None = None  # per retain sample [L_i, H]
+    rmu_direction: torch.Tensor | None = None  # [H] unit vector u
+
+
+LossFn = Callable[
+    [Outputs, Reference | None, Batches, ObjectiveOptions], tuple[torch.Tensor, dict[str, float]]
+]
+
+
+# --- building blocks ---------------------------------------------------------------------
+def sequence_nll(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL_i [B], n_i [B]): summed NLL over each sample's target positions and their count."""
+    pred = logits[:, :-1].float()
+    target = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, :-1].to(pred.dtype)
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+    ce = ce.view(target.shape) * mask
+    return ce.sum(dim=1), mask.sum(dim=1)
+
+
+def token_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean NLL over all target tokens of the batch."""
+    nll, n = sequence_nll(logits, batch)
+    return nll.sum() / n.sum().clamp_min(1.0)
+
+
+def masked_mse(x: torch.Tensor, target: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens and hidden units of (x - target)^2."""
+    m = attention_mask.to(x.dtype).unsqueeze(-1)
+    sq = (x.float() - target.float()) ** 2 * m
+    return sq.sum() / (m.sum() * x.shape[-1]).clamp_min(1.0)
+
+
+def _retain_term(
+    outputs: Outputs, batch: Batches, opts: ObjectiveOptions, parts: dict[str, float]
+) -> torch.Tensor | None:
+    if batch.retain is None or outputs.retain is None:
+        return None
+    r = token_nll(outputs.retain.logits, batch.retain)
+    parts["retain_nll"] = float(r.detach())
+    return opts.retain_weight * r
+
+
+def _need_retain(outputs: Outputs, batch: Batches, name: str) -> tuple[SideOutputs, Batch]:
+    if batch.retain is None or outputs.retain is None:
+        raise ValueError(f"objective '{name}' needs a retain batch")
+    return outputs.retain, batch.retain
+
+
+# --- the base objectives -------------------------------------------------------------------
+def ga_loss(
+    outputs: Outputs, reference: Reference | None, batch: Batches, opts: ObjectiveOptions
+) -> tuple[torch.Tensor, dict[str, float]]:
+    f = token_nll(outputs.forget.logits, batch.forget)
+    loss = -f
+    return loss, {"forget_nll": float(f.detach()), "forget": float(loss.detach())}
+
+
+def gdiff_loss(
+    outputs: Outputs, reference: Reference | None, batch: Batches, opts: ObjectiveOptions
+) -> tuple[torch.Tensor, dict[str, float]]:
+    ret_out, ret_batch = _need_retain(outputs, batch, "gdiff")
+    f = token_nll(outputs.forget.logits, batch.forget)
+    r = token_nll(ret_out.logits, ret_batch)
+    loss = -f + opts.retain_weight * r
+    return loss, {
+        "forget_nll": float(f.detach()),
+        "retain_nll": float(r.detach()),
+        "forget": float(-f.detach()),
+    }
+
+
+def npo_loss(
+    outputs: Outputs, reference: Reference | None, batch: Batches, opts: ObjectiveOptions
+) -> tuple[torch.Tensor, dict[str, float]]:
+    if reference is None or reference.forget_nll is None:
+        raise ValueError("objective 'npo' needs reference forget NLLs (reference_forget_nll)")
+    nll, n = sequence_nll(outputs.forget.logits, batch.forget)
+    ref = reference.forget_nll.to(nll.device)[batch.forget["index"].to(nll.device)]
+    beta = opts.beta
+    lf = -(2.0 / beta) * F.logsigmoid(beta * (nll - ref)).mean()
+    parts = {
+        "forget_nll": float((nll.sum() / n.sum().clamp_min(1.0)).detach()),
+        "forget": float(lf.detach()),
+    }
+    r = _retain_term(outputs, batch, opts, parts)
+    return (lf if r is None else lf + r), parts
+
+
+def simnpo_loss(
+    outputs: Outputs, reference: Reference | None, batch: Batches, opts: ObjectiveOptions
+) -> tuple[torch.Tensor, dict[str, float]]:
+    nll, n = sequence_nll(outputs.forget.logits, batch.forget)
+    beta = opts.beta
+    per_tok = nll / n.clamp_min(1.0)
+    lf = -(2.0 / beta) * F.logsigmoid(beta * (per_tok - opts.simnpo_delta)).mean()
+    parts = {
+        "forget_nll": float((nll.sum() / n.sum().clamp_min(1.0)).detach()),
+        "forget": float(lf.detach()),
+    }
+    r = _retain_term(outputs, batch, opts, parts)
+    return (lf if r is None else lf + r), parts
+
+
+def rmu_loss(
+    outputs: Outputs, reference: Reference | None, batch: Batches, opts: ObjectiveOptions
+) -> tuple[torch.Tensor, dict[str, float]]:
+    if reference is None or reference.rmu_direction is None or not reference.retain_activations:
+        raise ValueError("objective 'rmu' needs a reference (rmu_direction, retain activations)")
+    ret_out, ret_batch = _need_retain(outputs, batch, "rmu")
+    hf, hr = outputs.forget.activations, ret_out.activations
+    if hf is None or hr is None:
+        raise ValueError("objective 'rmu' needs the captured block activations")
+    steer = (opts.rmu_steering_coeff * reference.rmu_direction.to(hf.device)).expand_as(hf)
+    lf = masked_mse(hf, steer, batch.forget["attention_mask"])
+    ref = pad_activations(reference.retain_activations, ret_batch, hr)
+    lr = masked_mse(hr, ref, ret_batch["attention_mask"])
+    loss = lf + opts.rmu_alpha * lr
+    return loss, {"forget": float(lf.detach()), "retain_mse": float(lr.detach())}
+
+
+def pad_activations(
+    per_sample: Sequence[torch.Tensor], batch: Batch, like: torch.Tensor
+) -> torch.Tensor:
+    """Stack the reference activations of the batch's samples, right padded to `like`."""
+    out = torch.zeros_like(like, dtype=torch.float32)
+    for row, idx in enumerate(batch["index"].tolist()):
+        a = per_sample[idx]
+        n = min(a.shape[0], out.shape[1])
+        out[row, :n] = a[:n].to(out.device)
+    return out
+
+
+@dataclass(frozen=True)
+class ObjectiveDef:
+    """A registry entry: the loss and what it needs around it."""
+
+    fn: LossFn
+    needs_retain: bool  # the loss cannot be computed without a retain batch
+    uses_retain: bool  # a retain batch, if given, adds a term
+    needs_reference: bool  # a Reference must be precomputed (prepare_reference)
+    captures_activations: bool  # the forward must capture the RMU layer's block output
+
+
+OBJECTIVES: dict[str, ObjectiveDef] = {
+    "ga": ObjectiveDef(ga_loss, False, False, False, False),
+    "gdiff": ObjectiveDef(gdiff_loss, True, True, False, False),
+    "npo": ObjectiveDef(npo_loss, False, True, True, False),
+    "simnpo": ObjectiveDef(simnpo_loss, False, True, False, False),
+    "rmu": ObjectiveDef(rmu_loss, True, True, True, True),
+}
+
+
+def get_objective(name: str) -> ObjectiveDef:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown algorithm {name!r}: choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+# --- the router anchor ---------------------------------------------------------------------
+def anchor_targets(
+    selected: Sequence[tuple[int, int]], num_experts: int
+) -> dict[int, torch.Tensor]:
+    """Layer -> anchor vector a [E]: 1/m on each of the layer's m selected experts."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, e in selected:
+        by_layer.setdefault(int(layer), []).append(int(e))
+    out: dict[int, torch.Tensor] = {}
+    for layer, experts in by_layer.items():
+        a = torch.zeros(num_experts)
+        a[sorted(set(experts))] = 1.0 / len(set(experts))
+        out[layer] = a
+    return out
+
+
+def anchor_loss(
+    routers: dict[int, list[RouterOutput]],
+    targets: dict[int, torch.Tensor],
+    attention_mask: torch.Tensor,
+    adapter: MoEAdapter,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Mean over real tokens of ||p_t - a||^2 (sum over experts, or mean with "mean"),
+    averaged over the anchored layers. `routers` come from router_tap of ONE forward."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"anchor_reduction must be 'sum' or 'mean' (got {reduction!r})")
+    real = attention_mask.reshape(-1).bool()
+    terms = []
+    for layer, a in targets.items():
+        recs = routers.get(layer)
+        if not recs:
+            raise ValueError(f"no router output recorded for anchored layer {layer}")
+        p = adapter.gate_probs(recs[-1].logits)  # [T, E], T = B*S
+        d = (p - a.to(p.device, p.dtype)) ** 2
+        per_tok = d.sum(-1) if reduction == "sum" else d.mean(-1)
+        terms.append(per_tok[real.to(p.device)].mean())
+    return torch.stack(terms).mean()
+
+
+@dataclass
+class Anchor:
+    targets: dict[int, torch.Tensor]
+    weight: float = 1.0  # alpha
+    reduction: str = "sum"
+
+
+# --- forward and the bound objective -----------------------------------------------------
+def run_forward(
+    model: nn.Module,
+    batch: Batch,
+    tap: Sequence[MoELayer] = (),
+    capture: nn.Module | None = None,
+    aux: bool = False,
+) -> SideOutputs:
+    """One forward pass recording router outputs of `tap` layers and the output of
+    `capture` (a module whose forward returns a tensor, e.g. an MoE block)."""
+    captured: list[torch.Tensor] = []
+    handle = None
+    if capture is not None:
+
+        def hook(_m: nn.Module, _i: object, out: object) -> None:
+            captured.append(out[0] if isinstance(out, tuple) else out)  # type: ignore[index]
+
+        handle = capture.register_forward_hook(hook)
+    kwargs: dict[str, object] = {"use_cache": False}
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP/DeepSpeed wrap
+    if hasattr(config, "output_router_logits"):
+        kwargs["output_router_logits"] = aux  # off unless asked: it would fight the anchor
+    elif aux:
+        kind = getattr(config, "model_type", type(model).__name__)
+        raise ValueError(f"router_aux_loss: {kind} computes no load-balancing loss")
+    try:
+        # cached(): a fused tensor wired by workers.scope is spliced once per forward, not
+        # once per access (eager expert loops index it once per expert).
+        with parametrize.cached(), router_tap(list(tap)) as rec:
+            out = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+            )
+    finally:
+        if handle is not None:
+            handle.remove()
+    return SideOutputs(
+        logits=out.logits,
+        activations=captured[-1] if captured else None,
+        routers=rec,
+        aux_loss=getattr(out, "aux_loss", None) if aux else None,
+    )
+
+
+@dataclass
+class Objective:
+    """A base loss bound to its options and reference, optionally wrapped by SEUF's anchor.
+
+    `forward` runs the model on a step's batches (recording what the loss needs); calling
+    the objective on (outputs, batches) returns (total loss, logged float parts)."""
+
+    name: str
+    options: ObjectiveOptions
+    reference: Reference | None = None
+    anchor: Anchor | None = None
+    adapter: MoEAdapter | None = None
+    anchor_layers: list[MoELayer] = field(default_factory=list)
+    capture: nn.Module | None = None  # RMU: the block whose output is steered
+    router_aux_loss: bool = False
+    aux_coef: float = 0.0
+
+    @property
+    def definition(self) -> ObjectiveDef:
+        return get_objective(self.name)
+
+    def forward(
+        self, model: nn.Module, batches: Batches, extra_tap: Sequence[MoELayer] = ()
+    ) -> Outputs:
+        tap = {m.layer: m for m in [*self.anchor_layers, *extra_tap]}
+        d = self.definition
+        cap = self.capture if d.captures_activations else None
+        fo = run_forward(model, batches.forget, list(tap.values()), cap, self.router_aux_loss)
+        ro = None
+        if batches.retain is not None and d.uses_retain:
+            ro = run_forward(model, batches.retain, (), cap, self.router_aux_loss)
+        return Outputs(fo, ro)
+
+    def __call__(self, outputs: Outputs, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, parts = self.definition.fn(outputs, self.reference, batches, self.options)
+        if self.anchor is not None and self.anchor.weight > 0:
+            if self.adapter is None:
+                raise ValueError("the anchor loss needs the model's adapter")
+            a = anchor_loss(
+                outputs.forget.routers,
+                self.anchor.targets,
+                batches.forget["attention_mask"],
+                self.adapter,
+                self.anchor.reduction,
+            )
+            loss = loss + self.anchor.weight * a
+            parts["anchor"] = float(a.detach())
+        if self.router_aux_loss:
+            for side in (outputs.forget, outputs.retain):
+                if side is not None and side.aux_loss is not None:
+                    aux = side.aux_loss
+                    loss = loss + self.aux_coef * aux
+                    parts["aux"] = parts.get("aux", 0.0) + float(aux.detach())
+        parts["total"] = float(loss.detach())
+        return loss, parts
+
+
+def make_objective(
+    name: str,
+    options: ObjectiveOptions,
+    adapter: MoEAdapter,
+    selected: Sequence[tuple[int, int]] = (),
+    anchor_weight: float = 0.0,
+    anchor_reduction: str = "sum",
+    reference: Reference | None = None,
+    router_aux_loss: bool = False,
+    layers: Sequence[MoELayer] | None = None,
+) -> Objective:
+    """Bind a registered objective. With anchor_weight > 0 and a selection, SEUF's anchor is
+    added on the selected experts' layers. Pass `layers` (adapter.moe_layers() taken before
+    apply_scope) when the scope is already wired; the RMU layer is options.rmu_layer, else
+    the first selected layer, else the middle decoder layer."""
+    d = get_objective(name)
+    moe_layers = list(layers) if layers is not None else adapter.moe_layers()
+    by_idx = {m.layer: m for m in moe_layers}
+    anchor = None
+    anchor_layers: list[MoELayer] = []
+    if anchor_weight > 0 and selected:
+        targets = anchor_targets(selected, adapter.num_experts)
+        missing = [lay for lay in targets if lay not in by_idx]
+        if missing:
+            raise ValueError(f"selected layer(s) {missing} are not MoE layers")
+        anchor = Anchor(targets, anchor_weight, anchor_reduction)
+        anchor_layers = [by_idx[lay] for lay in targets]
+    capture = None
+    if d.captures_activations:
+        capture = adapter.decoder_layers()[rmu_layer_index(options, adapter, selected)].mlp
+    coef = float(getattr(adapter.config, "router_aux_loss_coef", 0.0) or 0.0)
+    return Objective(
+        name, options, reference, anchor, adapter, anchor_layers, capture, router_aux_loss, coef
+    )
+
+
+def objective_from_spec(
+    spec: JobSpec,
+    adapter: MoEAdapter,
+    selected: Sequence[tuple[int, int]],
+    layers: Sequence[MoELayer] | None = None,
+) -> Objective:
+    """The objective a job spec asks for. The anchor is SEUF's: it is added when the
+    router trains (scope "seuf" or "router") and seuf.anchor_weight > 0; "full" is the
+    plain baseline and "experts" has no trainable router to anchor."""
+    anchor = spec.seuf.anchor_weight if spec.scope in ("seuf", "router") else 0.0
+    return make_objective(
+        spec.algorithm,
+        spec.objective,
+        adapter,
+        selected,
+        anchor_weight=anchor,
+        anchor_reduction=spec.seuf.anchor_reduction,
+        router_aux_loss=spec.seuf.router_aux_loss,
+        layers=layers,
+    )
+
+
+def rmu_layer_index(
+    options: ObjectiveOptions, adapter: MoEAdapter, selected: Sequence[tuple[int, int]]
+) -> int:
+    n = len(adapter.decoder_layers())
+    layer = options.rmu_layer
+    if layer is None:
+        layer = min(lay for lay, _ in selected) if selected else n // 2
+    if not 0 <= layer < n:
+        raise ValueError(f"rmu_layer {layer} out of range: the model has {n} layers")
+    return layer
+
+
+# --- reference values, computed once before training ------------------------------------
+@torch.no_grad()
+def reference_forget_nll(
+    model: nn.Module, corpus: TokenizedCorpus, batch_size: int = 16
+) -> torch.Tensor:
+    """Sequence-summed NLL of every forget sample under the (frozen, original) model."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(corpus))
+    for b in corpus.in_order(batch_size):
+        nll, _ = sequence_nll(run_forward(model, b).logits, b)
+        out[b["index"]] = nll.float().cpu()
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def reference_activations(
+    model: nn.Module, module: nn.Module, corpus: TokenizedCorpus, batch_size: int = 16
+) -> list[torch.Tensor]:
+    """Output of `module` on every sample (real tokens only), in corpus order."""
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = [torch.empty(0)] * len(corpus)
+    for b in corpus.in_order(batch_size):
+        acts = run_forward(model, b, capture=module).activations
+        assert acts is not None
+        for row, idx in enumerate(b["index"].tolist()):
+            n = int(b["attention_mask"][row].sum())
+            out[idx] = acts[row, :n].float().cpu().clone()
+    model.train(was_training)
+    return out
+
+
+def rmu_direction(hidden_size: int, seed: int) -> torch.Tensor:
+    """A fixed random unit vector (uniform entries, normalised, as in RMU), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(hidden_size, generator=g)
+    return u / u.norm()
+
+
+def prepare_reference(
+    objective: Objective,
+    model: nn.Module,
+    forget: TokenizedCorpus,
+    retain: TokenizedCorpus | None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> Reference | None:
+    """Compute what `objective` needs from the frozen model (call BEFORE training) and
+    attach it to the objective. Returns None for reference-free objectives."""
+    d = objective.definition
+    if not d.needs_reference:
+        return None
+    ref = Reference()
+    if objective.name == "npo":
+        ref.forget_nll = reference_forget_nll(model, forget, batch_size)
+    if objective.name == "rmu":
+        if retain is None or objective.capture is None:
+            raise ValueError("objective 'rmu' needs a retain corpus")
+        # The same block in `model` (normally the model being unlearned, before training).
+        owner = objective.adapter.model if objective.adapter is not None else model
+        names = {id(m): n for n, m in owner.named_modules()}
+        module = model.get_submodule(names[id(objective.capture)])
+        ref.retain_activations = reference_activations(model, module, retain, batch_size)
+        ref.rmu_direction = rmu_direction(int(model.config.hidden_size), seed)
+    objective.reference = ref
+    return ref
