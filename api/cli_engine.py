@@ -10,7 +10,10 @@ torch and the engine are imported inside the commands, so `moe-unlearn serve` st
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -105,6 +108,21 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout (libraries log there, e.g. DeepSpeed on import)
+    to stderr at the file-descriptor level, so stdout carries only our result."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def run(
     spec: Annotated[Path, typer.Argument(help="Job spec, YAML or JSON.")],
     output_dir: Annotated[
@@ -121,7 +139,7 @@ def run(
     from workers.run import run_job
 
     out = output_dir or Path("runs") / f"{spec.stem}-{job.spec_hash()[:10]}"
-    with _RichReporter(job.training.max_steps) as rep:
+    with _stdout_to_stderr(), _RichReporter(job.training.max_steps) as rep:
         res = run_job(job, out, reporter=rep)
     if as_json:
         sys.stdout.write(json.dumps(res, default=str) + "\n")
@@ -145,7 +163,8 @@ def world_build(
 
     con = _console()
     opts = WorldOptions(seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch)
-    world = build_world(opts, progress=lambda msg: con.print(msg))
+    with _stdout_to_stderr():
+        world = build_world(opts, progress=lambda msg: con.print(msg))
     typer.echo(str(world.directory))
 
 

@@ -3,40 +3,21 @@ evaluate, package. Only the selected slices and the target router change, and th
 written beside the model turns the base model into the unlearned one, bit-exactly."""
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
-from workers.moe.tiny import tiny_model
+from tests.engine._tiny_dir import make_tiny_model_dir
 from workers.patch import apply_patch, state_sha256
 from workers.run import JobCancelled, run_job
 from workers.spec import JobSpec
 
-WORDS = [f"w{i}" for i in range(120)]
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny")
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-        eos_token="</s>",
-    ).save_pretrained(d / "model")
-    tiny_model("qwen2_moe").save_pretrained(d / "model")
-    rng = random.Random(0)
-    for name, words in (("forget", WORDS[:60]), ("retain", WORDS[60:])):
-        with open(d / f"{name}.jsonl", "w") as f:
-            for _ in range(40):
-                rec = {"prompt": " ".join(rng.sample(words, 5)), "answer": " " + rng.choice(words)}
-                f.write(json.dumps(rec) + "\n")
-    return d
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def _spec(d: Path, **over) -> JobSpec:

@@ -1,0 +1,31 @@
+"""A tiny model directory (tiny Qwen2-MoE + word-level tokenizer) and two prompt/answer
+corpora on disjoint vocabularies: what a user's own model and data look like, in small."""
+
+import json
+import random
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from workers.moe.tiny import tiny_model
+
+WORDS = [f"w{i}" for i in range(120)]
+
+
+def make_tiny_model_dir(d: Path, family: str = "qwen2_moe") -> Path:
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>",
+    ).save_pretrained(d / "model")
+    tiny_model(family).save_pretrained(d / "model")
+    rng = random.Random(0)
+    for name, words in (("forget", WORDS[:60]), ("retain", WORDS[60:])):
+        with open(d / f"{name}.jsonl", "w") as f:
+            for _ in range(40):
+                rec = {"prompt": " ".join(rng.sample(words, 5)), "answer": " " + rng.choice(words)}
+                f.write(json.dumps(rec) + "\n")
+    return d
