@@ -268,22 +268,48 @@ def run_job(
         rep.event("step", info.step, info.to_json())
         return bool(should_stop and should_stop())
 
+    from workers.activation_cache import build_for_training
     from workers.data import BatchStream
 
-    result = train(
-        model,
-        adapter,
-        scope,
-        objective,
-        BatchStream(forget_train, tr.batch_size, tr.seed),
-        BatchStream(retain_train, tr.batch_size, tr.seed + 1) if retain_train else None,
-        tr,
-        callback=on_step,
-        stop_check=stop_check,
-        routing_reference=topk_forget,
-        routing_batches=probe_forget,
-        overlap_every=tr.stop.eval_every,
-    )
+    cache, cache_info = None, None
+    if tr.activation_cache:
+        corpora = [c for c in (forget_train, retain_train) if c is not None]
+        cache, _plan = build_for_training(
+            model,
+            scope.adapter or adapter,
+            objective,
+            corpora,
+            batch_size=tr.batch_size,
+            max_bytes=tr.activation_cache_max_mb * 2**20,
+            spill_dir=out_dir,
+        )
+    try:
+        result = train(
+            model,
+            adapter,
+            scope,
+            objective,
+            BatchStream(forget_train, tr.batch_size, tr.seed),
+            BatchStream(retain_train, tr.batch_size, tr.seed + 1) if retain_train else None,
+            tr,
+            callback=on_step,
+            stop_check=stop_check,
+            routing_reference=topk_forget,
+            routing_batches=probe_forget,
+            overlap_every=tr.stop.eval_every,
+            activation_cache=cache,
+        )
+    finally:
+        if cache is not None:
+            cache_info = {
+                "layer": _plan.layer,
+                "samples": _plan.cached_samples,
+                "memory_bytes": _plan.memory_bytes,
+                "disk_bytes": _plan.disk_bytes,
+                "hits": cache.stats.hits,
+                "misses": cache.stats.misses,
+            }
+            cache.close()
     trainable, total, ratio = scope.trainable_params, scope.total_params, scope.ratio
     expert_dims = scope.expert_dims()
     scope.bake()
@@ -337,6 +363,7 @@ def run_job(
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "changed": patch.to_json()["regions"],
+        "activation_cache": cache_info,
         "timings_s": timings,
         "output_dir": str(out_dir.resolve()),
     }

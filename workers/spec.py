@@ -148,7 +148,9 @@ class ObjectiveOptions(_Strict):
     """Settings of the base unlearning objective (GA, GDiff, NPO, SimNPO, RMU)."""
 
     retain_weight: NonNegFloat = Field(
-        1.0, description="lambda: weight of the retain term (GDiff, NPO/SimNPO with retain, RMU)."
+        1.0,
+        description="lambda: weight of the retain NLL term (GDiff; NPO and SimNPO when a "
+        "retain corpus is given). RMU weighs its retain term with rmu_alpha.",
     )
     beta: Annotated[float, Field(gt=0.0)] = Field(
         0.1, description="NPO / SimNPO inverse temperature (paper: 0.001 on summed NLL)."
@@ -193,6 +195,14 @@ class TrainingOptions(_Strict):
     grad_clip: NonNegFloat = Field(1.0, description="Max gradient norm (0 = off).")
     max_length: PositiveInt = Field(128, description="Truncate samples to this many tokens.")
     seed: NonNegInt = Field(0, description="Seed of data order and initialisation.")
+    activation_cache: bool = Field(
+        True,
+        description="Compute the hidden states entering the lowest trainable layer once and "
+        "run only that layer and the ones above it in each step (same results, faster).",
+    )
+    activation_cache_max_mb: PositiveInt = Field(
+        256, description="Memory for cached activations; beyond it they spill to disk."
+    )
     stop: StopRule = Field(default_factory=StopRule)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from workers.activation_cache import ActivationCache
 from workers.data import Batch
 from workers.moe.base import MoEAdapter
 from workers.objectives import Batches, Objective, run_forward, sequence_nll
@@ -113,6 +115,7 @@ def train(
     routing_batches: Sequence[Batch] | None = None,
     overlap_every: int = 1,
     resume: dict[str, Any] | None = None,
+    activation_cache: ActivationCache | None = None,
 ) -> TrainResult:
     """Train `scope.trainable_parameters()` on `objective_fn` until a stop rule fires.
 
@@ -121,7 +124,8 @@ def train(
     forget_loss >= its target. A callback returning True stops training ("callback").
     routing_reference (a TopKSnapshot from workers.routing.collect_topk on routing_batches,
     taken from the original model) makes each StepInfo carry the latest overlap, measured
-    every `overlap_every` steps and at the end.
+    every `overlap_every` steps and at the end. activation_cache (workers.activation_cache)
+    runs the forward from the cached layer up; overlap and stop checks run the whole model.
     """
     stop = options.stop
     targets = {
@@ -178,7 +182,13 @@ def train(
             _batch_at(forget_batches, step),
             _batch_at(retain_batches, step) if uses_retain else None,  # type: ignore[arg-type]
         )
-        outputs = objective_fn.forward(model, batches)
+        cached = (
+            activation_cache.active(model, probe_adapter)
+            if activation_cache is not None
+            else nullcontext()
+        )
+        with cached:
+            outputs = objective_fn.forward(model, batches)
         loss, parts = objective_fn(outputs, batches)
         if not torch.isfinite(loss):
             stopped_by = "non_finite_loss"  # never step on inf/nan: the weights stay valid

@@ -104,3 +104,23 @@ def test_user_errors_are_value_errors(model_dir, tmp_path):
         run_job(_spec(model_dir, seuf=bad), tmp_path / "e2")
     with pytest.raises(ValueError, match="could not be loaded"):
         run_job(_spec(model_dir, model=str(model_dir / "nope")), tmp_path / "e3")
+
+
+def test_activation_cache_gives_the_same_job(model_dir, tmp_path):
+    """The cached path (layers below the target skipped) trains the same weights."""
+    manual = {"selection": "manual", "experts": [{"layer": 2, "expert": 3}]}
+    results = {}
+    for on in (True, False):
+        spec = _spec(model_dir, seuf=manual, training={
+            "max_steps": 6, "batch_size": 8, "lr": 3e-3, "activation_cache": on})
+        results[on] = run_job(spec, tmp_path / f"cache-{on}")
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "cache-True" / "model").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "cache-False" / "model").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert results[True]["selected"] == results[False]["selected"]
+    cache = results[True]["activation_cache"]
+    assert cache["layer"] == 2 and cache["hits"] >= 6 and cache["misses"] == 0
+    assert results[False]["activation_cache"] is None
+    assert results[True]["after"]["forget_nll"] == pytest.approx(
+        results[False]["after"]["forget_nll"], rel=1e-4)
