@@ -1,0 +1,347 @@
+"""The built-in demo world: a fictional knowledge world and a tiny MoE that knows it.
+
+    world = build_world(WorldOptions())          # cached: a second call returns at once
+    model, tok = world.load_model(), world.load_tokenizer()
+    world.corpus_path("forget"), world.corpus_path("retain")   # JSONL corpora
+    world.question_set("forget"), world.question_set("retain_unseen")
+
+A world directory (<cache>/worlds/<hash>/) holds model/ (safetensors + config + tokenizer),
+the tokenizer files, corpora/*.jsonl, questions/*.jsonl and manifest.json. The hash covers
+seed, topics, facts_per_topic, arch, the generator version and the pretraining settings;
+`forget_topic` is not part of it (the model knows every topic; only the splits differ).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from workers.spec import WorldOptions
+from workers.world.cache import (
+    MANIFEST,
+    atomic_write_text,
+    build_once,
+    default_worlds_dir,
+    settings_hash,
+    tree_hashes,
+)
+from workers.world.generate import GENERATOR_VERSION, PHRASINGS, generate_world
+from workers.world.pretrain import TINY_SETTINGS, PretrainSettings
+
+Progress = Callable[[str, dict[str, Any]], None]
+QuestionSet = Literal[
+    "forget",
+    "forget_paraphrase",
+    "retain",
+    "retain_paraphrase",
+    "retain_unseen",
+    "retain_unseen_paraphrase",
+]
+QUESTION_SETS: tuple[str, ...] = (
+    "forget",
+    "forget_paraphrase",
+    "retain",
+    "retain_paraphrase",
+    "retain_unseen",
+    "retain_unseen_paraphrase",
+)
+
+
+def world_settings(options: WorldOptions, pretrain: PretrainSettings) -> dict[str, Any]:
+    """Everything that determines the built world (the cache key's input)."""
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "seed": options.seed,
+        "topics": options.topics,
+        "facts_per_topic": options.facts_per_topic,
+        "arch": options.arch,
+        "pretrain": pretrain.to_dict(),
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+@dataclass
+class World:
+    """A built world on disk (read-only except for lazily written split files)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    forget_topic: int = 0
+    built_now: bool = False  # True when this call built it (False: cache hit)
+    _questions: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    @property
+    def hash(self) -> str:
+        return str(self.manifest["hash"])
+
+    @property
+    def num_topics(self) -> int:
+        return int(self.manifest["settings"]["topics"])
+
+    @property
+    def topic_names(self) -> list[str]:
+        return [t["name"] for t in self.manifest["topics"]]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def load_model(self, **kwargs: Any) -> Any:
+        """The world's model (eval mode, float32, CPU) via from_pretrained."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), **kwargs)
+        return model.eval()
+
+    def load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path))
+
+    # --- questions ------------------------------------------------------------------
+    def questions(self) -> list[dict[str, Any]]:
+        """Every question of every topic (both phrasings), topic by topic."""
+        if self._questions is None:
+            self._questions = [
+                q
+                for t in range(self.num_topics)
+                for q in _read_jsonl(self.path / "questions" / f"topic{t}.jsonl")
+            ]
+        return list(self._questions)
+
+    def _topic(self, forget_topic: int | None) -> int:
+        ft = self.forget_topic if forget_topic is None else forget_topic
+        if not 0 <= ft < self.num_topics:
+            raise ValueError(
+                f"forget_topic {ft} out of range: the world has {self.num_topics} topics"
+            )
+        return ft
+
+    def question_set(self, name: str, forget_topic: int | None = None) -> list[dict[str, Any]]:
+        """One of QUESTION_SETS relative to the forget topic: forget (all its facts),
+        retain (other topics' retain-pool facts), retain_unseen (other topics' facts
+        unlearning never sees); *_paraphrase: the same facts in their held-out phrasing."""
+        if name not in QUESTION_SETS:
+            raise ValueError(
+                f"unknown question set {name!r}; choose one of {', '.join(QUESTION_SETS)}"
+            )
+        ft = self._topic(forget_topic)
+        kind = "paraphrase" if name.endswith("_paraphrase") else "train"
+        base = name.removesuffix("_paraphrase")
+        out = []
+        for q in self.questions():
+            if q["phrasing"] != kind:
+                continue
+            if base == "forget" and q["topic"] == ft:
+                out.append(q)
+            elif base == "retain" and q["topic"] != ft and q["split"] == "pool":
+                out.append(q)
+            elif base == "retain_unseen" and q["topic"] != ft and q["split"] == "unseen":
+                out.append(q)
+        return out
+
+    # --- corpora --------------------------------------------------------------------
+    def corpus_path(
+        self, kind: Literal["forget", "retain"], forget_topic: int | None = None
+    ) -> Path:
+        """JSONL corpus (records: prompt, answer, text = prompt + " " + answer, topic, fact).
+        forget: every training sentence of the forget topic; retain: the retain training
+        pool (training sentences of the other topics' `pool` facts)."""
+        ft = self._topic(forget_topic)
+        if kind == "forget":
+            return self.path / "corpora" / f"topic{ft}.jsonl"
+        if kind != "retain":
+            raise ValueError(f"corpus kind must be 'forget' or 'retain' (got {kind!r})")
+        path = self.path / "corpora" / f"retain_pool_not_topic{ft}.jsonl"
+        if not path.is_file():  # large worlds: written on first use, atomically
+            atomic_write_text(path, _jsonl(_retain_pool(self.path, ft, self.num_topics)))
+        return path
+
+
+# Worlds up to this many facts get every retain-pool file at build time (in the manifest's
+# file hashes); larger ones write them on first use (one file per forget topic).
+EAGER_RETAIN_FILES_MAX_FACTS = 20_000
+
+
+def _retain_pool(path: Path, forget_topic: int, num_topics: int) -> list[dict[str, Any]]:
+    return [
+        r
+        for t in range(num_topics)
+        if t != forget_topic
+        for r in _read_jsonl(path / "corpora" / f"topic{t}.jsonl")
+        if r["split"] == "pool"
+    ]
+
+
+def _pretrain_settings(
+    options: WorldOptions, pretrain: PretrainSettings | None
+) -> PretrainSettings:
+    return pretrain if pretrain is not None else PretrainSettings()
+
+
+def build_world(
+    options: WorldOptions,
+    cache_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    pretrain: PretrainSettings | None = None,
+) -> World:
+    """The world for `options`, built (generate, tokenizer, pretrain, evaluate, save) on the
+    first call and returned from the cache afterwards. `cache_dir` is the directory holding
+    world directories (default: $MOE_UNLEARN_CACHE/worlds or ~/.cache/moe-unlearn/worlds);
+    `pretrain` overrides the model size / training budget (tests use TINY_SETTINGS)."""
+    settings = _pretrain_settings(options, pretrain)
+    cfg = world_settings(options, settings)
+    key = settings_hash(cfg)
+    worlds_dir = Path(cache_dir) if cache_dir is not None else default_worlds_dir()
+    worlds_dir.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path) -> None:
+        _build_into(tmp, options, settings, cfg, key, progress)
+
+    path, built = build_once(worlds_dir, key[:16], build)
+    world = load_world_dir(path, forget_topic=options.forget_topic)
+    world.built_now = built
+    return world
+
+
+def load_world(
+    options: WorldOptions,
+    cache_dir: str | Path | None = None,
+    pretrain: PretrainSettings | None = None,
+) -> World:
+    """An already built world; FileNotFoundError (telling how to build it) otherwise."""
+    key = settings_hash(world_settings(options, _pretrain_settings(options, pretrain)))
+    worlds_dir = Path(cache_dir) if cache_dir is not None else default_worlds_dir()
+    path = worlds_dir / key[:16]
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"demo world (seed={options.seed}, topics={options.topics}, "
+            f"facts_per_topic={options.facts_per_topic}, arch={options.arch}) is not built "
+            f"in {worlds_dir}: run `moe-unlearn world build` first"
+        )
+    return load_world_dir(path, forget_topic=options.forget_topic)
+
+
+def load_world_dir(path: str | Path, forget_topic: int = 0) -> World:
+    """A world from its directory (as written by build_world)."""
+    p = Path(path)
+    mf = p / MANIFEST
+    if not mf.is_file():
+        raise FileNotFoundError(f"{p} is not a world directory (no {MANIFEST})")
+    world = World(path=p, manifest=json.loads(mf.read_text(encoding="utf-8")))
+    world.forget_topic = world._topic(forget_topic)
+    return world
+
+
+def _build_into(
+    tmp: Path,
+    options: WorldOptions,
+    settings: PretrainSettings,
+    cfg: dict[str, Any],
+    key: str,
+    progress: Progress | None,
+) -> None:
+    import torch
+    import transformers
+
+    from workers.evaluate import score_questions
+    from workers.world.pretrain import pretrain_world_model
+    from workers.world.tokenizer import build_tokenizer, save_tokenizer
+
+    t0 = time.monotonic()
+    data = generate_world(options.seed, options.topics, options.facts_per_topic)
+    tokenizer = build_tokenizer(data.vocabulary)
+    (tmp / "corpora").mkdir()
+    (tmp / "questions").mkdir()
+    questions: list[dict[str, Any]] = []
+    for t in range(len(data.topics)):
+        (tmp / "corpora" / f"topic{t}.jsonl").write_text(
+            _jsonl(data.training_records(t)), encoding="utf-8"
+        )
+        qs = data.question_records(t)
+        questions += qs
+        (tmp / "questions" / f"topic{t}.jsonl").write_text(_jsonl(qs), encoding="utf-8")
+    if options.topics * options.facts_per_topic <= EAGER_RETAIN_FILES_MAX_FACTS:
+        for t in range(len(data.topics)):
+            rows = _retain_pool(tmp, t, len(data.topics))
+            (tmp / "corpora" / f"retain_pool_not_topic{t}.jsonl").write_text(
+                _jsonl(rows), encoding="utf-8"
+            )
+    model, stats = pretrain_world_model(
+        data, tokenizer, options.arch, settings, options.seed, progress
+    )
+    # Accuracies at build time, per topic and phrasing (direct scorer == lm-eval's acc).
+    prev = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        hits = score_questions(model, tokenizer, questions, batch_size=256)
+    finally:
+        torch.set_num_threads(prev)
+    acc: dict[str, dict[str, float]] = {}
+    for t, topic in enumerate(data.topics):
+        row: dict[str, float] = {}
+        for kind in ("train", "paraphrase"):
+            sel = [
+                h
+                for q, h in zip(questions, hits, strict=True)
+                if q["topic"] == t and q["phrasing"] == kind
+            ]
+            row[kind] = sum(sel) / len(sel)
+        acc[topic.name] = row
+    model.save_pretrained(str(tmp / "model"), safe_serialization=True)
+    save_tokenizer(tokenizer, tmp)
+    save_tokenizer(tokenizer, tmp / "model")  # the model dir alone is a loadable checkpoint
+    n_params = sum(p.numel() for p in model.parameters())
+    manifest = {
+        "hash": key,
+        "settings": cfg,
+        "topics": [
+            {
+                "index": t.index,
+                "name": t.name,
+                "marker": t.style.marker,
+                "relation": t.style.relation,
+                "facts": len(t.facts),
+                "pool_facts": sum(f.split == "pool" for f in t.facts),
+            }
+            for t in data.topics
+        ],
+        "phrasings": list(PHRASINGS),
+        "accuracy": acc,
+        "pretrain": stats | {"parameters": n_params},
+        "build_seconds": round(time.monotonic() - t0, 1),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "files": tree_hashes(tmp),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    if progress is not None:
+        progress("built", {"hash": key, "seconds": manifest["build_seconds"]})
+
+
+__all__ = [
+    "QUESTION_SETS",
+    "TINY_SETTINGS",
+    "PretrainSettings",
+    "World",
+    "build_world",
+    "load_world",
+    "load_world_dir",
+    "world_settings",
+]
