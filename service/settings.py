@@ -1,7 +1,12 @@
 """The one Settings object of the service, read from the environment.
 
 Every variable has the prefix `MOE_UNLEARN_` (e.g. `MOE_UNLEARN_DATA_DIR`), except the
-database URL, which is the conventional `DATABASE_URL` (the prefixed name also works).
+database URL, which is the conventional `DATABASE_URL` (the prefixed name also works),
+and the Ray address, which may also be given as the conventional `RAY_ADDRESS`.
+
+Dispatcher settings (`moe-unlearn dispatcher`): ray_address, ray_num_cpus, ray_temp_dir,
+dispatcher_poll_s, heartbeat_s, cancel_grace_s, attempt_timeout_s, dispatcher_concurrency,
+model_tar_max_bytes (each documented on its field below).
 """
 
 from __future__ import annotations
@@ -51,6 +56,52 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long SQLite waits for a write lock before failing."
     )
     db_echo: bool = Field(False, description="Log every SQL statement (debugging).")
+
+    # --- dispatcher and Ray (service/dispatcher.py) ---------------------------------------
+    ray_address: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MOE_UNLEARN_RAY_ADDRESS", "RAY_ADDRESS", "ray_address"),
+        description="Ray cluster to use (e.g. ray://head:10001 or head:6379; RAY_ADDRESS also "
+        "works). Unset: the dispatcher starts a private local Ray instance.",
+    )
+    ray_num_cpus: int = Field(
+        2, ge=1, description="CPUs of the local Ray instance (ignored with ray_address)."
+    )
+    ray_temp_dir: Path | None = Field(
+        None,
+        description="Ray's session/temp folder for the local instance. Unset: <data_dir>/ray "
+        "when that path is short enough for Ray's unix sockets, else a fresh /tmp folder.",
+    )
+    dispatcher_poll_s: float = Field(
+        0.5, gt=0, description="How often the dispatcher drains progress and looks for jobs."
+    )
+    heartbeat_s: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds between lease heartbeats of a running attempt (keep it well "
+        "under lease_seconds; a cancel request is noticed at the next heartbeat).",
+    )
+    cancel_grace_s: float = Field(
+        15.0,
+        gt=0,
+        description="After asking an attempt to stop (cancel, timeout, lost lease), how long "
+        "to wait before force-killing its Ray task.",
+    )
+    attempt_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock limit of one attempt; exceeding it fails the job with "
+        "failure class `timeout`. Unset: no limit.",
+    )
+    dispatcher_concurrency: int = Field(
+        1, ge=1, description="Attempts one dispatcher runs at the same time."
+    )
+    model_tar_max_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="The unlearned model directory is also packed as model.tar (a downloadable "
+        "artifact) when it is at most this big; its file index is always recorded.",
+    )
 
 
 @lru_cache(maxsize=1)
