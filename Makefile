@@ -28,12 +28,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
+# The whole flow over HTTP on the embedded default (SQLite, local Ray, API on loopback).
 demo: $(STAMP)
-	$(BIN)/python -m workers.demo
+	$(BIN)/moe-unlearn world build
+	$(BIN)/python -m api.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_step
 	$(BIN)/python -m bench.attribution
+	$(BIN)/python -m bench.api_load
+	$(BIN)/python -m bench.quality
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
