@@ -166,7 +166,7 @@ def evaluate(
     if job.world is not None:
         from workers.evaluate import evaluate_world
 
-        res = evaluate_world(job.model, job.tokenizer, job.world, ev.batch_size)
+        res = evaluate_world(job.model, job.tokenizer, job.world, ev.batch_size, backend=ev.backend)
         out.update(res)
     if ev.tasks or ev.forget_tasks:
         from workers.evaluate import evaluate_tasks
@@ -230,19 +230,13 @@ def run_job(
     topk_retain = collect_topk(model, adapter, probe_retain) if probe_retain else None
 
     stage("attribution")
-    positions = spec.seuf.attribution_positions
-    f_attr = _tokenized(job, job.forget_records, _attribution_tokens(job.forget_records, positions))
-    r_attr = (
-        _tokenized(job, job.retain_records, _attribution_tokens(job.retain_records, positions))
-        if job.retain_records is not None
-        else None
-    )
+    f_batches, r_batches = attribution_batches(job)
     with torch.no_grad():
         emap = attribute(
             model,
             adapter,
-            _sampled_batches(f_attr, tr.batch_size, tr.seed),
-            retain_batches=_sampled_batches(r_attr, tr.batch_size, tr.seed) if r_attr else None,
+            f_batches,
+            retain_batches=r_batches,
             method=spec.seuf.attribution,
             token_budget=spec.seuf.token_budget,
             at_loss_positions=True,
@@ -327,8 +321,74 @@ def run_job(
     )
 
     stage("packaging")
-    after_state = {n: model.state_dict()[n].detach().clone() for n in touched}
-    patched_sha = state_sha256(model.state_dict())
+
+    def close_timings() -> dict[str, float]:
+        stage("done")
+        timings.pop("done")
+        return timings
+
+    return write_outputs(
+        job,
+        out_dir,
+        emap=emap,
+        selected=selected,
+        before=before,
+        after=after,
+        overlap_forget=overlap_forget,
+        overlap_retain=overlap_retain,
+        before_state=before_state,
+        expert_dims=expert_dims,
+        base_sha=base_sha,
+        counts=(trainable, total, ratio),
+        steps=result.steps,
+        stopped_by=result.stopped_by,
+        cache_info=cache_info,
+        close_timings=close_timings,
+    )
+
+
+def attribution_batches(job: LoadedJob) -> tuple[list[dict], list[dict] | None]:
+    """The forget (and retain) calibration batches attribution reads, in the seeded order
+    whose prefix fits the token budget (the same on every rank of a distributed run)."""
+    spec, tr = job.spec, job.spec.training
+    positions = spec.seuf.attribution_positions
+    f_attr = _tokenized(job, job.forget_records, _attribution_tokens(job.forget_records, positions))
+    r_attr = (
+        _tokenized(job, job.retain_records, _attribution_tokens(job.retain_records, positions))
+        if job.retain_records is not None
+        else None
+    )
+    f_batches = _sampled_batches(f_attr, tr.batch_size, tr.seed)
+    r_batches = _sampled_batches(r_attr, tr.batch_size, tr.seed) if r_attr else None
+    return f_batches, r_batches
+
+
+def write_outputs(
+    job: LoadedJob,
+    out_dir: Path,
+    *,
+    emap: ExpertMap,
+    selected: list,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    overlap_forget: float | None,
+    overlap_retain: float | None,
+    before_state: dict[str, torch.Tensor],
+    expert_dims: dict[str, int],
+    base_sha: str,
+    counts: tuple[int, int, float],
+    steps: int,
+    stopped_by: str,
+    cache_info: dict[str, Any] | None,
+    close_timings: Callable[[], dict[str, float]],
+) -> dict[str, Any]:
+    """The packaging stage: expert patch, unlearned model + tokenizer, expert map, spec and
+    result.json, from `job.model` (plain, scope baked). Returns result.json's content.
+    `before_state` holds the touched tensors before training (names = the patch's)."""
+    spec, model = job.spec, job.model
+    state = model.state_dict()
+    after_state = {n: state[n].detach().clone() for n in before_state}
+    patched_sha = state_sha256(state)
     patch = write_patch(
         out_dir / "expert_patch.safetensors",
         before_state,
@@ -341,9 +401,8 @@ def run_job(
     job.tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
     (out_dir / "spec.json").write_text(json.dumps(spec.resolved(), indent=1))
-    stage("done")
-    timings.pop("done")
-
+    timings = close_timings()
+    trainable, total, ratio = counts
     res: dict[str, Any] = {
         "model": job.model_ref,
         "base_model_sha256": base_sha,
@@ -360,8 +419,8 @@ def run_job(
         "trainable_parameters": trainable,
         "total_parameters": total,
         "tunable_ratio": ratio,
-        "steps": result.steps,
-        "stopped_by": result.stopped_by,
+        "steps": steps,
+        "stopped_by": stopped_by,
         "changed": patch.to_json()["regions"],
         "activation_cache": cache_info,
         "timings_s": timings,
@@ -396,7 +455,7 @@ def _stop_check(
         )
     from workers.evaluate import score_questions
 
-    questions = job.world.questions(kind="train", topic=job.spec.world.forget_topic)
+    questions = job.world.question_set("forget")
 
     def check(model: nn.Module) -> dict[str, float]:
         hits = score_questions(model, job.tokenizer, questions, job.spec.evaluation.batch_size)
