@@ -21,9 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from api.client import Client
@@ -101,6 +105,60 @@ def follow(client: Client, job_id: str, max_steps: int) -> dict[str, Any]:
     return client.get(job_id)
 
 
+@dataclass
+class Embedded:
+    """A running embedded service: where it listens and its keys."""
+
+    base_url: str
+    requester_key: str
+    auditor_key: str
+    work: Path
+
+
+@contextmanager
+def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
+    """A fresh SQLite database and blob store in `work`, the API (uvicorn, loopback) and the
+    dispatcher (local Ray) as child processes; both are stopped on exit."""
+    port = _free_port()
+    env = os.environ | {
+        "DATABASE_URL": f"sqlite:///{work / 'moe-unlearn.db'}",
+        "MOE_UNLEARN_DATA_DIR": str(work / "data"),
+        "MOE_UNLEARN_RAY_NUM_CPUS": str(ray_cpus),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    subprocess.run([*CLI, "db", "upgrade"], env=env, check=True, capture_output=True)
+
+    def key(role: str) -> str:
+        return subprocess.run(
+            [*CLI, "keys", "create", "--role", role, "--tenant", "demo"],
+            env=env, check=True, capture_output=True, text=True,
+        ).stdout.strip()
+
+    requester, auditor = key("requester"), key("auditor")
+    log = open(work / "processes.log", "w")  # noqa: SIM115 - closed in finally
+    server = subprocess.Popen(
+        [*CLI, "serve", "--no-ray-serve", "--port", str(port)], env=env, stdout=log, stderr=log
+    )
+    dispatcher = subprocess.Popen([*CLI, "dispatcher"], env=env, stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"the API did not start; see {log.name}") from None
+                time.sleep(0.3)
+        yield Embedded(base, requester, auditor, work)
+    finally:
+        _stop(dispatcher, "dispatcher")
+        _stop(server, "server")
+        log.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
@@ -113,41 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     work = args.keep or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    env = os.environ | {
-        "DATABASE_URL": f"sqlite:///{work / 'moe-unlearn.db'}",
-        "MOE_UNLEARN_DATA_DIR": str(work / "data"),
-        "MOE_UNLEARN_RAY_NUM_CPUS": "2",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
     console.print(f"[bold]moe-unlearn demo[/bold] (state in {work})")
-    subprocess.run([*CLI, "db", "upgrade"], env=env, check=True)
-    key = subprocess.run(
-        [*CLI, "keys", "create", "--role", "requester", "--tenant", "demo"],
-        env=env, check=True, capture_output=True, text=True,
-    ).stdout.strip()
-    auditor = subprocess.run(
-        [*CLI, "keys", "create", "--role", "auditor", "--tenant", "demo"],
-        env=env, check=True, capture_output=True, text=True,
-    ).stdout.strip()
-    log = open(work / "processes.log", "w")  # noqa: SIM115 - closed in finally
-    server = subprocess.Popen(
-        [*CLI, "serve", "--no-ray-serve", "--port", str(port)], env=env, stdout=log, stderr=log
-    )
-    dispatcher = subprocess.Popen([*CLI, "dispatcher"], env=env, stdout=log, stderr=log)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        with Client(base, key) as client, Client(base, auditor) as audit:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    client.http.get(f"{base}/healthz", timeout=2)
-                    break
-                except Exception:  # noqa: BLE001 - the server is still starting
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        raise RuntimeError(f"the API did not start; see {log.name}") from None
-                    time.sleep(0.3)
+    with embedded_service(work) as svc:
+        base = svc.base_url
+        with Client(base, svc.requester_key) as client, Client(base, svc.auditor_key) as audit:
             job = client.submit(spec, idempotency_key="demo")
             console.print(f"submitted job {job['id']} over HTTP ({args.spec.name})")
             max_steps = int(spec.get("training", {}).get("max_steps", 100))
@@ -182,11 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             png = heatmap(emap, work / "expert_map.png")
             console.print(f"certificate: {cert_json} and {work / 'certificate.html'}")
             console.print(f"expert-map heatmap: {png}")
-        return 0
-    finally:
-        _stop(dispatcher, "dispatcher")
-        _stop(server, "server")
-        log.close()
+    return 0
 
 
 if __name__ == "__main__":
