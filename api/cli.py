@@ -1,6 +1,7 @@
 """The `moe-unlearn` command line.
 
-    moe-unlearn serve [--host H] [--port P]     the HTTP API (uvicorn, loopback by default)
+    moe-unlearn serve [--host H] [--port P]     the HTTP API (Ray Serve, or --no-ray-serve for
+                                                uvicorn; loopback by default)
     moe-unlearn db upgrade                      apply the database migrations
     moe-unlearn keys create --role R --tenant T print a new API key (once, alone on stdout)
 
@@ -98,9 +99,10 @@ def serve(
         bool,
         typer.Option(
             "--ray-serve/--no-ray-serve",
-            help="Serve through Ray Serve instead of plain uvicorn (not available yet).",
+            help="Serve through Ray Serve (a local Ray with MOE_UNLEARN_RAY_NUM_CPUS CPUs, "
+            "or RAY_ADDRESS); --no-ray-serve runs plain uvicorn without Ray.",
         ),
-    ] = False,
+    ] = True,
 ) -> None:
     """Start the HTTP API (OpenAPI docs at /docs). Without API keys it binds loopback only."""
     from service import db, keys
@@ -122,9 +124,11 @@ def serve(
                 )
     engine.dispose()
     if ray_serve:
-        # RAY SERVE MODE (later): api/serve.py will wrap create_app() in a Ray Serve
-        # deployment; plug it in here, e.g. `from api.serve import run; run(settings, ...)`.
-        raise UserError("--ray-serve is not available yet; use --no-ray-serve (uvicorn)")
+        # RAY SERVE MODE: create_app() in a 0-CPU Serve replica; blocks until SIGINT/SIGTERM.
+        from api.serve import run_serve
+
+        run_serve(settings, host=host, port=port)
+        return
     import uvicorn
 
     from api.app import create_app
@@ -157,6 +161,34 @@ def keys_create(
         _, secret = keys.create_key(s, role, tenant, actor="cli")
     engine.dispose()
     typer.echo(secret)
+
+
+@app.command()
+def dispatcher(
+    once: Annotated[
+        bool, typer.Option("--once", help="Exit when nothing is queued or running.")
+    ] = False,
+    max_jobs: Annotated[
+        int | None,
+        typer.Option("--max-jobs", min=1, help="Exit after this many jobs have ended."),
+    ] = None,
+) -> None:
+    """Run queued jobs on Ray (local Ray with MOE_UNLEARN_RAY_NUM_CPUS CPUs, or RAY_ADDRESS).
+    Ctrl-C / SIGTERM stop it; its running jobs go back to the queue (RETRYING)."""
+    from service.dispatcher import run_dispatcher
+    from service.settings import get_settings
+
+    settings = get_settings()
+    engine = _engine(settings)
+    _check_migrated(engine)  # a clear one-line error instead of a traceback
+    engine.dispose()
+    # handle_signals: ray.init replaces SIGTERM's handler; the dispatcher installs its own.
+    stats = run_dispatcher(settings, once=once, max_jobs=max_jobs, handle_signals=True)
+    typer.echo(
+        f"dispatcher: {stats.claimed} attempt(s), {stats.ended} job(s) ended "
+        f"{dict(sorted(stats.finished.items()))}",
+        err=True,
+    )
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

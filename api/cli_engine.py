@@ -165,7 +165,7 @@ def world_build(
     opts = WorldOptions(seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch)
     with _stdout_to_stderr():
         world = build_world(opts, progress=lambda msg: con.print(msg))
-    typer.echo(str(world.directory))
+    typer.echo(str(world.path))
 
 
 def _patch(model: Path, patch: Path, out: Path, revert: bool) -> None:

@@ -81,7 +81,6 @@ def test_keys_create_on_each_backend(
         (["keys", "create", "--role", "admin"], "--tenant"),
         (["serve", "--port", "70000"], "--port"),
         (["serve", "--host", "0.0.0.0"], "refusing to bind 0.0.0.0"),
-        (["serve", "--ray-serve"], "--ray-serve"),
         (["no-such-command"], "no-such-command"),
     ],
 )
@@ -125,7 +124,7 @@ def test_serve_subprocess(tmp_path: Path) -> None:
 
     port = free_port()
     proc = subprocess.Popen(
-        [MOE_UNLEARN, "serve", "--port", str(port)],
+        [MOE_UNLEARN, "serve", "--no-ray-serve", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
