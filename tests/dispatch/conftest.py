@@ -6,9 +6,6 @@ an unreachable PostgreSQL fails the tests)."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,27 +27,6 @@ WORDS = (
 FORGET_SUBJECTS = ("rabbit", "fox", "owl")
 RETAIN_SUBJECTS = ("king", "queen", "moon", "sun")
 PLACES = ("paris", "rome", "oslo", "lima", "kyiv", "cairo")
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """ray.init(num_cpus=2) once per session in a private temp folder (short path: Ray
-    puts unix sockets there); always shut down."""
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="moeu-rt-")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        _temp_dir=tmp,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,16 +35,9 @@ TIMES: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="moeu-dist-", dir="/tmp")
-    t0 = time.perf_counter()
-    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False, log_to_driver=False)
-    TIMES["ray.init"] = time.perf_counter() - t0
+def ray_session(ray_cluster):
+    # The session's shared local Ray (tests/conftest.py): ray.init runs once per process.
     yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
     print("\nmeasured seconds:", {k: round(v, 1) for k, v in TIMES.items()})
 
 
