@@ -2,11 +2,13 @@
 
 During selected-expert unlearning nothing below the target decoder layer trains (the
 embeddings, the lower layers and their routers are frozen), so the hidden states that
-ENTER the target layer are constants for a given input. `ActivationCache.build` computes
-them once per sample (one no-grad pass over a corpus that stops at the target layer),
-keeps them bounded (in memory up to `max_bytes`, then in memory-mapped chunk files under
-a temporary directory) and, while `cache.active(model)` is open, every forward pass of
-the model whose batch is fully cached runs only the target layer and the layers above it:
+ENTER the target layer are constants for a given input, and so is the output of the target
+layer's own attention when it is frozen too (SEUF trains only the MoE block: the selected
+slices and the router). `ActivationCache.build` computes them once per sample (one no-grad
+pass over a corpus that stops after the target layer's attention), keeps them bounded (in
+memory up to `max_bytes`, then in memory-mapped chunk files under a temporary directory)
+and, while `cache.active(model)` is open, every forward pass of the model whose batch is
+fully cached runs only the target layer's MoE block and the layers above it:
 
 - a forward pre-hook on the base model (`model.model`) reads the batch's `input_ids` and
   `attention_mask`, looks every row up by its token content (so forget and retain batches
@@ -14,17 +16,22 @@ the model whose batch is fully cached runs only the target layer and the layers 
   decoder layers below the target for pass-through modules (decoder layers of every
   supported family return the hidden-states tensor; checked in the tests);
 - a forward pre-hook on `layers[target]` substitutes the cached hidden states (right
-  padded to the batch's width, zeros at padding) for its input;
+  padded to the batch's width, zeros at padding) for its input and, when the attention
+  output is cached (`attention`), its `self_attn` is swapped for a `CachedAttention` that
+  returns it (every supported family's decoder layer does
+  `h = residual + self_attn(input_layernorm(h))[0]`, so the sum is bitwise the same);
 - a forward hook on the base model (always called, also on errors) puts the real layers
-  back. The model's own forward still builds the masks and rotary embeddings, so the path
-  is family-agnostic; the embedding lookup it still does is negligible.
+  (and attention) back. The model's own forward still builds the masks and rotary
+  embeddings, so the path is family-agnostic; the embedding lookup it still does is
+  negligible.
 A batch with a row that is not cached runs the full uncached forward (counted in
 `stats.misses`; `strict=True` raises instead).
 
 Equal to the uncached path up to float round-off: the hidden state of a real token depends
 only on the tokens before it (causal attention, right padding, positions 0..n-1), not on the
 padding width of its batch. Logits at PADDING positions differ (they are never scored).
-Dropout below the target layer is not applied (the cache is built in eval mode).
+Dropout below the target layer and in its attention is not applied (the cache is built
+in eval mode).
 
 Not for: scope "full" (the embeddings train), the model's router load-balancing loss
 (it needs every layer's router), a captured / tapped module below the target layer; see
@@ -62,6 +69,32 @@ class PassThrough(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states
+
+
+class CachedAttention(nn.Module):
+    """Stands in for the target layer's frozen attention during a cached forward: returns
+    (the cached attention output, None), as the attention modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        out, self.output = self.output, None
+        if out is None:
+            raise RuntimeError("CachedAttention called without a cached output")
+        return out, None
+
+
+def attention_frozen(layer: nn.Module) -> bool:
+    """True when the layer's attention output is a constant of its input: it has a
+    `self_attn` and nothing of it (nor `input_layernorm`, its input norm) trains."""
+    attn = getattr(layer, "self_attn", None)
+    if not isinstance(attn, nn.Module):
+        return False
+    norm = getattr(layer, "input_layernorm", None)
+    parts = [attn] + ([norm] if isinstance(norm, nn.Module) else [])
+    return not any(p.requires_grad for m in parts for p in m.parameters())
 
 
 @dataclass
@@ -104,8 +137,9 @@ def _hidden_arg(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 class ActivationCache:
-    """Hidden states entering decoder layer `target_layer`, per cached sample (real tokens
-    only), looked up by token content. Build with `ActivationCache.build`, extend with
+    """Hidden states entering decoder layer `target_layer` (and, with `attention`, that
+    layer's attention output, stored beside them: rows of width 2H), per cached sample
+    (real tokens only), looked up by token content. Build with `ActivationCache.build`, extend with
     `add`, use with `active(model)`, free with `close()` (also done at garbage collection).
     """
 
@@ -116,11 +150,14 @@ class ActivationCache:
         dtype: torch.dtype,
         max_bytes: int = DEFAULT_MAX_BYTES,
         spill_dir: str | Path | None = None,
+        attention: bool = False,
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 (got {max_bytes})")
         self.target_layer = int(target_layer)
         self.hidden_size = int(hidden_size)
+        self.attention = attention
+        self.width = self.hidden_size * (2 if attention else 1)  # per cached token
         self.dtype = dtype
         self.max_bytes = int(max_bytes)
         self._spill_parent = None if spill_dir is None else Path(spill_dir)
@@ -144,17 +181,22 @@ class ActivationCache:
         batch_size: int = 16,
         max_bytes: int = DEFAULT_MAX_BYTES,
         spill_dir: str | Path | None = None,
+        attention: bool | None = None,
     ) -> ActivationCache:
         """One no-grad pass over `corpus` (stopped at the target layer) recording the hidden
-        states that enter decoder layer `target_layer`. Run it on the model BEFORE training
-        (or any time: nothing below the target changes during SEUF training)."""
+        states that enter decoder layer `target_layer`, and its attention output when
+        `attention` (default: when `attention_frozen`, i.e. build AFTER apply_scope). Run it
+        any time before or during training: none of it changes during SEUF training."""
         layers = adapter.decoder_layers()
         if not 0 <= target_layer < len(layers):
             raise ValueError(
                 f"target_layer {target_layer} out of range: the model has {len(layers)} layers"
             )
+        if attention is None:
+            attention = attention_frozen(layers[target_layer])
         p = next(model.parameters())
-        cache = cls(target_layer, int(model.config.hidden_size), p.dtype, max_bytes, spill_dir)
+        cache = cls(target_layer, int(model.config.hidden_size), p.dtype, max_bytes, spill_dir,
+                    attention)  # fmt: skip
         cache.add(model, adapter, corpus, batch_size)
         return cache
 
@@ -171,11 +213,18 @@ class ActivationCache:
 
         def grab(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             captured.append(_hidden_arg(args, kwargs).detach())
-            raise _Stop  # nothing above the target layer is needed
+            if not self.attention:
+                raise _Stop  # nothing above the target layer is needed
+
+        def grab_attention(_m: nn.Module, _args: tuple, out: Any) -> None:
+            captured[-1] = torch.cat([captured[-1], out[0].detach()], dim=-1)
+            raise _Stop  # nothing after the target layer's attention is needed
 
         was_training = model.training
         model.eval()
-        handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+        handles = [layer.register_forward_pre_hook(grab, with_kwargs=True)]
+        if self.attention:
+            handles.append(layer.self_attn.register_forward_hook(grab_attention))
         try:
             for batch in corpus.in_order(batch_size):
                 captured.clear()
@@ -191,7 +240,8 @@ class ActivationCache:
                     raise RuntimeError(f"layer {self.target_layer} ran {len(captured)} times")
                 self._store(batch["input_ids"], batch["attention_mask"], captured[0])
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
             model.train(was_training)
 
     def _store(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -253,8 +303,9 @@ class ActivationCache:
 
     # --- lookup -----------------------------------------------------------------------
     def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        """Cached hidden states of a right-padded batch as [B, S, H] (zeros at padding), or
-        None when a row is not cached."""
+        """Cached rows of a right-padded batch as [B, S, width] (zeros at padding): the
+        hidden states, then (with `attention`) the attention output; None when a row is not
+        cached."""
         lengths = _real_lengths(attention_mask)
         entries = []
         for r, n in enumerate(lengths):
@@ -263,7 +314,7 @@ class ActivationCache:
                 return None
             entries.append(e)
         b, s = input_ids.shape
-        out = torch.zeros(b, s, self.hidden_size, dtype=self.dtype)
+        out = torch.zeros(b, s, self.width, dtype=self.dtype)
         for r, e in enumerate(entries):
             out[r, : e.length] = self._chunks[e.chunk][e.offset : e.offset + e.length]
         return out
@@ -285,12 +336,17 @@ class ActivationCache:
         target = layers[self.target_layer]
         skipped = [layers[i] for i in range(self.target_layer)]
         passthrough = [PassThrough() for _ in skipped]
+        attn = target.self_attn if self.attention else None
+        stub = CachedAttention()
         pending: list[torch.Tensor] = []
 
         def restore() -> None:
             for i, real in enumerate(skipped):
                 if layers[i] is not real:
                     layers[i] = real
+            if attn is not None and target.self_attn is not attn:
+                target.self_attn = attn
+            stub.output = None
 
         def on_base(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             pending.clear()
@@ -314,16 +370,21 @@ class ActivationCache:
             pending.append(hidden)
             for i, pt in enumerate(passthrough):
                 layers[i] = pt
+            if attn is not None:
+                target.self_attn = stub
 
         def on_target(_m: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
             if not pending:
                 return None  # uncached forward: leave the real input alone
             like = _hidden_arg(args, kwargs)
-            hidden = pending.pop().to(like.device, like.dtype)
+            rows = pending.pop().to(like.device, like.dtype)
+            hidden = rows[..., : self.hidden_size]
             if hidden.shape != like.shape:
                 raise RuntimeError(
                     f"cached hidden states {tuple(hidden.shape)} != layer input {tuple(like.shape)}"
                 )
+            if attn is not None:
+                stub.output = rows[..., self.hidden_size :]
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -351,6 +412,11 @@ class ActivationCache:
             raise ValueError(
                 f"activation cache at layer {self.target_layer}: {where} has trainable "
                 "parameters below it (cache at or below the lowest trainable layer)"
+            )
+        if self.attention and not attention_frozen(adapter.decoder_layers()[self.target_layer]):
+            raise ValueError(
+                f"activation cache at layer {self.target_layer} holds its attention output, "
+                "but that attention has trainable parameters (build with attention=False)"
             )
 
 

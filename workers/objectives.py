@@ -12,6 +12,8 @@ Conventions (batch fields: see workers/data.py):
 - NLL_i  = sum over positions t with loss_mask[i, t] = 1 of -log p(input_ids[i, t+1] | <= t),
   the sequence-summed NLL of sample i; n_i = sum_t loss_mask[i, t].
 - "token NLL" of a batch = sum_i NLL_i / sum_i n_i (mean over target tokens, as HF's loss).
+- The training forward computes logits only at the scored positions (`loss_positions`);
+  the losses equal those from full [B, S, V] logits (tests/engine/test_objectives.py).
 - GA      l = -tokenNLL(f)
 - GDiff   l = -tokenNLL(f) + lambda * tokenNLL(r)
 - NPO     l = -(2/beta) * mean_i log sigmoid(beta * (NLL_i - NLLref_i))  [+ lambda*tokenNLL(r)
@@ -36,11 +38,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from workers.data import Batch, TokenizedCorpus
 from workers.moe.base import MoEAdapter, MoELayer, RouterOutput, router_tap
@@ -59,7 +61,9 @@ class Batches:
 class SideOutputs:
     """What one forward pass on one batch produced."""
 
-    logits: torch.Tensor  # [B, S, V]
+    # [N, V] at the batch's loss positions (`loss_positions`, run_forward's default), or
+    # [B, S, V] at every position (logits="all"); None when not computed (logits="none").
+    logits: torch.Tensor | None
     activations: torch.Tensor | None = None  # [B, S, H] output of the captured MLP block
     routers: dict[int, list[RouterOutput]] = field(default_factory=dict)
     aux_loss: torch.Tensor | None = None
@@ -86,17 +90,28 @@ LossFn = Callable[
 
 
 # --- building blocks ---------------------------------------------------------------------
-def sequence_nll(logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL_i [B], n_i [B]): summed NLL over each sample's target positions and their count."""
-    pred = logits[:, :-1].float()
-    target = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, :-1].to(pred.dtype)
-    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-    ce = ce.view(target.shape) * mask
-    return ce.sum(dim=1), mask.sum(dim=1)
+def loss_positions(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of every scored position, row-major: loss_mask[row, col] = 1, i.e. the
+    logits at (row, col) are scored against input_ids[row, col + 1]."""
+    return batch["loss_mask"][:, :-1].nonzero(as_tuple=True)
 
 
-def token_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+def sequence_nll(logits: torch.Tensor | None, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL_i [B], n_i [B]): summed NLL over each sample's target positions and their count.
+    `logits` is [N, V] at `loss_positions(batch)` (what run_forward returns) or [B, S, V]."""
+    if logits is None:
+        raise ValueError("no logits: the forward ran with logits='none'")
+    rows, cols = loss_positions(batch)
+    pred = (logits[rows, cols] if logits.dim() == 3 else logits).float()
+    ce = F.cross_entropy(pred, batch["input_ids"][rows, cols + 1], reduction="none")
+    mask = batch["loss_mask"][:, :-1].to(ce.dtype)
+    # Back to [B, S-1] (zeros elsewhere), then a row sum: deterministic, the same order as
+    # summing over every position.
+    per_pos = ce.new_zeros(mask.shape).index_put((rows, cols), ce)
+    return per_pos.sum(dim=1), mask.sum(dim=1)
+
+
+def token_nll(logits: torch.Tensor | None, batch: Batch) -> torch.Tensor:
     """Mean NLL over all target tokens of the batch."""
     nll, n = sequence_nll(logits, batch)
     return nll.sum() / n.sum().clamp_min(1.0)
@@ -218,6 +233,7 @@ class ObjectiveDef:
     uses_retain: bool  # a retain batch, if given, adds a term
     needs_reference: bool  # a Reference must be precomputed (prepare_reference)
     captures_activations: bool  # the forward must capture the RMU layer's block output
+    needs_logits: bool = True  # False: the forward skips the LM head (RMU)
 
 
 OBJECTIVES: dict[str, ObjectiveDef] = {
@@ -225,7 +241,7 @@ OBJECTIVES: dict[str, ObjectiveDef] = {
     "gdiff": ObjectiveDef(gdiff_loss, True, True, False, False),
     "npo": ObjectiveDef(npo_loss, False, True, True, False),
     "simnpo": ObjectiveDef(simnpo_loss, False, True, False, False),
-    "rmu": ObjectiveDef(rmu_loss, True, True, True, True),
+    "rmu": ObjectiveDef(rmu_loss, True, True, True, True, needs_logits=False),
 }
 
 
@@ -283,42 +299,61 @@ class Anchor:
 
 
 # --- forward and the bound objective -----------------------------------------------------
+LogitsAt = Literal["loss", "all", "none"]
+
+
 def run_forward(
     model: nn.Module,
     batch: Batch,
     tap: Sequence[MoELayer] = (),
     capture: nn.Module | None = None,
     aux: bool = False,
+    logits: LogitsAt = "loss",
 ) -> SideOutputs:
     """One forward pass recording router outputs of `tap` layers and the output of
-    `capture` (a module whose forward returns a tensor, e.g. an MoE block)."""
+    `capture` (a module whose forward returns a tensor, e.g. an MoE block).
+
+    logits: "loss" computes the LM head only at `loss_positions(batch)` ([N, V]), "all" at
+    every position ([B, S, V]), "none" not at all (RMU). Why: the head and the vocabulary-
+    wide log-softmax (and their backward) over every position were the largest cost of a
+    SEUF step after the experts; prompt and padding positions are never scored."""
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine -> the HF model
+    hooks = []
     captured: list[torch.Tensor] = []
-    handle = None
     if capture is not None:
 
-        def hook(_m: nn.Module, _i: object, out: object) -> None:
+        def grab(_m: nn.Module, _i: object, out: object) -> None:
             captured.append(out[0] if isinstance(out, tuple) else out)  # type: ignore[index]
 
-        handle = capture.register_forward_hook(hook)
+        hooks.append(capture.register_forward_hook(grab))
+    if logits != "all":
+        rows, cols = loss_positions(batch)
+        if logits == "none":
+            rows, cols = rows[:0], cols[:0]
+
+        def keep(_m: nn.Module, args: tuple) -> tuple:
+            return (args[0][rows, cols], *args[1:])  # [B, S, H] -> [N, H]
+
+        # A pre-hook on the head (not a call of the bare decoder): the wrapped model's own
+        # forward still runs (DDP / DeepSpeed bookkeeping, the aux loss).
+        hooks.append(inner.get_output_embeddings().register_forward_pre_hook(keep))
     kwargs: dict[str, object] = {"use_cache": False}
-    config = getattr(getattr(model, "module", model), "config", None)  # DDP/DeepSpeed wrap
+    config = getattr(inner, "config", None)
     if hasattr(config, "output_router_logits"):
         kwargs["output_router_logits"] = aux  # off unless asked: it would fight the anchor
     elif aux:
         kind = getattr(config, "model_type", type(model).__name__)
         raise ValueError(f"router_aux_loss: {kind} computes no load-balancing loss")
     try:
-        # cached(): a fused tensor wired by workers.scope is spliced once per forward, not
-        # once per access (eager expert loops index it once per expert).
-        with parametrize.cached(), router_tap(list(tap)) as rec:
+        with router_tap(list(tap)) as rec:
             out = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
             )
     finally:
-        if handle is not None:
-            handle.remove()
+        for h in hooks:
+            h.remove()
     return SideOutputs(
-        logits=out.logits,
+        logits=None if logits == "none" else out.logits,
         activations=captured[-1] if captured else None,
         routers=rec,
         aux_loss=getattr(out, "aux_loss", None) if aux else None,
@@ -352,10 +387,12 @@ class Objective:
         tap = {m.layer: m for m in [*self.anchor_layers, *extra_tap]}
         d = self.definition
         cap = self.capture if d.captures_activations else None
-        fo = run_forward(model, batches.forget, list(tap.values()), cap, self.router_aux_loss)
+        at: LogitsAt = "loss" if d.needs_logits else "none"
+        aux = self.router_aux_loss
+        fo = run_forward(model, batches.forget, list(tap.values()), cap, aux, at)
         ro = None
         if batches.retain is not None and d.uses_retain:
-            ro = run_forward(model, batches.retain, (), cap, self.router_aux_loss)
+            ro = run_forward(model, batches.retain, (), cap, aux, at)
         return Outputs(fo, ro)
 
     def __call__(self, outputs: Outputs, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
@@ -477,7 +514,7 @@ def reference_activations(
     model.eval()
     out: list[torch.Tensor] = [torch.empty(0)] * len(corpus)
     for b in corpus.in_order(batch_size):
-        acts = run_forward(model, b, capture=module).activations
+        acts = run_forward(model, b, capture=module, logits="none").activations
         assert acts is not None
         for row, idx in enumerate(b["index"].tolist()):
             n = int(b["attention_mask"][row].sum())

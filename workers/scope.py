@@ -7,79 +7,122 @@ Scopes (JobSpec.scope):
     router   the routers of the selected experts' layers only
     full     every parameter of the model
 
-Why a parametrization and not a gradient mask: a fused expert tensor [E, ...] is one
-nn.Parameter, so masking its gradient would still allocate a gradient and AdamW moments
-of the full tensor, and decoupled weight decay would shrink the other experts. Instead
-each fused tensor gets a `torch.nn.utils.parametrize` module holding a trainable copy of
-just the selected slices; its forward splices them into the frozen original (out of place,
-differentiable only w.r.t. the slices). Gradient and optimizer memory are proportional to
-the slices, weight decay only sees the slices, and the masking happens inside the forward.
-Under DeepSpeed ZeRO-3 the DeepSpeed config must come from `deepspeed_config_for` (see
-there: DeepSpeed's default "leaf module" handling of MoE blocks releases the slices before
-their gradient is accumulated); ZeRO-2 and DDP need nothing.
-`bake()` writes the slices back in place and removes every parametrization, leaving a plain
-transformers model (no hooks survive, unlike grad-mask hooks, which stay on a parameter
-through load_state_dict).
+Why not a gradient mask: a fused expert tensor [E, ...] is one nn.Parameter, so masking its
+gradient would still allocate a gradient and AdamW moments of the full tensor, and
+decoupled weight decay would shrink the other experts. Instead each wired experts module
+gets a child `SelectedExperts` holding trainable copies of just the selected slices, and
+its forward is redirected through that child: the frozen fused tensors (untouched,
+requires_grad False) compute every routed (token, expert) pair with the selected experts'
+mixing weights set to 0, and the child adds the selected experts' contribution computed
+from the slices by the family's own experts forward, on only the tokens routed to them.
+Why not splice the slices into a copy of the fused tensor (the earlier design, a torch
+parametrization): that copied the whole [E, ...] tensor every forward and made the
+backward compute a weight gradient for all E experts only to keep the slice (the profile
+put that at a third of a cached SEUF step). Now gradient and optimizer memory are
+proportional to the slices, weight decay only sees the slices, and no frozen expert does
+any backward work at the target layer.
+
+Under DeepSpeed ZeRO-3 the child is called as a module inside the experts' forward, so it
+gathers its own (sharded) slices; the DeepSpeed config must come from `deepspeed_config_for`
+(see there: DeepSpeed's default "leaf module" handling of MoE blocks releases the slices
+before their gradient is accumulated); ZeRO-2 and DDP need nothing (the slices get a
+gradient every step, zero when no token chose a selected expert).
+`bake()` writes the slices back in place and removes the child and the redirection, leaving
+a plain transformers model (no hooks survive, unlike grad-mask hooks, which stay on a
+parameter through load_state_dict).
 """
 
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from workers.moe.base import MoEAdapter, MoELayer
 
 SCOPES: tuple[str, ...] = ("seuf", "full", "experts", "router")
+SELECTED_ATTR = "selected_experts"  # the child of a wired experts module
 
 
-class SliceSplice(nn.Module):
-    """Parametrization: the frozen fused tensor with the selected experts' slices replaced
-    by the trainable `slices` parameter ([len(experts), ...] along `dim`)."""
+class SelectedExperts(nn.Module):
+    """Trainable copies of the selected experts' slices of one fused experts module (one
+    parameter per fused tensor, named like it, [m, ...] for m selected experts) and the
+    forward of the wired module (see the module docstring)."""
 
-    def __init__(self, original: torch.Tensor, dim: int, experts: Sequence[int]) -> None:
+    def __init__(self, experts: nn.Module, names: Sequence[str], selected: Sequence[int]) -> None:
         super().__init__()
-        self.dim = dim
-        self.experts = [int(e) for e in experts]
-        index = torch.tensor(self.experts, dtype=torch.long, device=original.device)
-        # Not persistent: the index is structure, not state (state_dict stays slices only).
+        fused = [getattr(experts, n) for n in names]
+        num_experts = int(fused[0].shape[0])
+        self.experts = sorted({int(e) for e in selected})
+        self.names = list(names)
+        device = fused[0].device
+        index = torch.tensor(self.experts, dtype=torch.long, device=device)
+        local = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        local[index] = torch.arange(len(self.experts), device=device)
+        # Not persistent: structure, not state (the state_dict holds the slices only).
         self.register_buffer("index", index, persistent=False)
-        self.slices = nn.Parameter(original.detach().index_select(dim, index).clone())
+        self.register_buffer("local", local, persistent=False)  # expert -> slice row or -1
+        for name, t in zip(self.names, fused, strict=True):
+            self.register_parameter(name, nn.Parameter(t.detach().index_select(0, index).clone()))
 
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        return _Splice.apply(original, self.slices.to(original.dtype), self.dim, self.index)
+    def slices(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in self.names]
 
-
-class _Splice(torch.autograd.Function):
-    """original with `index` along `dim` replaced by `slices`; gradient for slices only.
-
-    Why not plain `index_copy`: its backward expands the gradient to the *current* shape of
-    `slices`, which a ZeRO-3 release may have emptied; this backward only reads the
-    incoming gradient."""
-
-    @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
-        original: torch.Tensor,
-        slices: torch.Tensor,
-        dim: int,
-        index: torch.Tensor,
+        self,
+        experts: nn.Module,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.dim = dim
-        ctx.save_for_backward(index)
-        return original.detach().index_copy(dim, index, slices.detach())
+        fused_forward = type(experts).forward  # the family's own (class) forward
+        local = self.local[top_k_index]  # [T, K]
+        hit = local >= 0
+        # Frozen experts: every routed pair, the selected experts' pairs with weight 0 (their
+        # frozen output is discarded exactly: x * 0 = 0, then x + 0 = x).
+        out = fused_forward(experts, hidden_states, top_k_index, top_k_weights.masked_fill(hit, 0))
+        rows, pos = hit.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            # No token chose a selected expert: keep the slices in the graph with a zero
+            # gradient (what the fused tensor's rows got), so the optimizer and DDP see them.
+            return out + sum(p.sum() for p in self.slices()) * 0.0
+        dtype = getattr(experts, self.names[0]).dtype
+        view = _subset_view(experts, {n: getattr(self, n).to(dtype) for n in self.names})
+        part = fused_forward(
+            view,
+            hidden_states[rows],
+            local[rows, pos].unsqueeze(1),
+            top_k_weights[rows, pos].unsqueeze(1),
+        )
+        return out.index_add(0, rows, part.to(out.dtype))
 
-    @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[None, torch.Tensor, None, None]:
-        (index,) = ctx.saved_tensors
-        return None, grad.index_select(ctx.dim, index), None, None
+
+def _subset_view(experts: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A stand-in for `experts` holding only `tensors` ([m, ...] each) with num_experts = m,
+    so the family's experts forward (eager, grouped_mm, ...: whatever the config selects)
+    runs on just those experts, indexed 0..m-1. Never called as a module (no hooks)."""
+    if "num_experts" not in experts.__dict__:
+        raise TypeError(f"{type(experts).__name__} has no num_experts attribute")
+    view = object.__new__(type(experts))
+    view.__dict__.update(experts.__dict__)
+    view.__dict__["_parameters"] = dict(tensors)
+    view.__dict__["num_experts"] = int(next(iter(tensors.values())).shape[0])
+    return view
+
+
+def _wired_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The forward of a wired experts module (bound to it as an instance attribute)."""
+    return getattr(self, SELECTED_ATTR)(self, hidden_states, top_k_index, top_k_weights)
 
 
 @dataclass(frozen=True)
@@ -101,11 +144,11 @@ class TrainableScope:
     regions: list[Region]
     total_params: int
     # The MoE layers as discovered BEFORE wiring, and an adapter pinned to them: while the
-    # scope is wired, use `scope.adapter` (structure discovery on the wired model would
-    # see the parametrization's tensors instead of the plain fused ones).
+    # scope is wired, use `scope.adapter` (the layer list then cannot drift).
     layers: list[MoELayer] = field(default_factory=list)
     adapter: MoEAdapter | None = None
-    _splices: list[tuple[nn.Module, str, SliceSplice]] = field(default_factory=list)
+    # (experts module, its fused tensors' full names in SelectedExperts.names order, child)
+    _wired: list[tuple[nn.Module, list[str], SelectedExperts]] = field(default_factory=list)
     _direct: list[nn.Parameter] = field(default_factory=list)
     _saved_flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     _backup: list[torch.Tensor] = field(default_factory=list)  # routers' values (not "full")
@@ -114,7 +157,7 @@ class TrainableScope:
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Exactly the tensors the optimizer should see (slices + whole trainable params)."""
         self._check_active()
-        return [s.slices for _, _, s in self._splices] + list(self._direct)
+        return [p for _, _, sel in self._wired for p in sel.slices()] + list(self._direct)
 
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -131,11 +174,11 @@ class TrainableScope:
 
     def expert_dims(self) -> dict[str, int]:
         """Fused expert tensor name -> expert dim, for the tensors this scope slices."""
-        return {name: s.dim for _, name, s in self._splices}
+        return {name: 0 for _, names, _ in self._wired for name in names}
 
     def bake(self) -> None:
         """Write the trained slices into the fused tensors (in place) and remove every
-        parametrization; restore requires_grad flags. The model is plain again."""
+        redirection; restore requires_grad flags. The model is plain again."""
         self._unwire(keep=True)
 
     def discard(self) -> None:
@@ -146,20 +189,21 @@ class TrainableScope:
 
     def _unwire(self, keep: bool) -> None:
         self._check_active()
-        for module, _, splice in self._splices:
-            attr = _attr_of(module, splice)
-            original = module.parametrizations[attr].original
+        for experts, _, sel in self._wired:
             if keep:
                 with torch.no_grad():
-                    original.index_copy_(splice.dim, splice.index, splice.slices.to(original.dtype))
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+                    for name, p in zip(sel.names, sel.slices(), strict=True):
+                        fused = getattr(experts, name)
+                        fused.index_copy_(0, sel.index, p.to(fused.dtype))
+            experts.__dict__.pop("forward", None)  # back to the class's forward
+            delattr(experts, SELECTED_ATTR)
         if not keep and self.scope != "full":
             with torch.no_grad():
                 for p, saved in zip(self._direct, self._backup, strict=True):
                     p.copy_(saved)
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
-        self._splices.clear()
+        self._wired.clear()
         self._direct.clear()
         self._active = False
 
@@ -173,13 +217,14 @@ def deepspeed_config_for(scope: TrainableScope, config: dict[str, Any]) -> dict[
 
     DeepSpeed (>= 0.16) treats known MoE blocks (Qwen2-MoE, Qwen3-MoE, Mixtral) as ZeRO-3
     "leaf modules": it gathers their parameters around the whole block and releases them in
-    the block's post-backward hook, which fires before the spliced slices' gradient is
+    the block's post-backward hook, which can fire before the slices' gradient is
     accumulated ("The size of tensor a (0) must match ..."). With slices wired, stage 3 gets
-    no leaf modules, so every submodule (the splice included) fetches its own parameters.
+    no leaf modules, so every submodule (SelectedExperts included) fetches its own
+    parameters.
     """
     out = copy.deepcopy(config)
     zero = out.setdefault("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3 and scope._splices:
+    if int(zero.get("stage", 0)) == 3 and scope._wired:
         zero["leaf_module"] = {"classes": [], "names": [], "name_suffixes": []}
     return out
 
@@ -190,18 +235,6 @@ def pinned_adapter(adapter: MoEAdapter, layers: Sequence[MoELayer]) -> MoEAdapte
     frozen = list(layers)
     pinned.moe_layers = lambda: list(frozen)  # type: ignore[method-assign]
     return pinned
-
-
-def _attr_of(module: nn.Module, splice: SliceSplice) -> str:
-    for attr, plist in module.parametrizations.items():
-        if any(m is splice for m in plist):
-            return attr
-    raise RuntimeError("parametrization not found on its module")
-
-
-def _split(name: str) -> tuple[str, str]:
-    prefix, _, attr = name.rpartition(".")
-    return prefix, attr
 
 
 def apply_scope(
@@ -217,8 +250,8 @@ def apply_scope(
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)} (got {scope!r})")
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError("model already carries parametrizations: bake or discard them first")
+    if any(isinstance(m, SelectedExperts) for m in model.modules()):
+        raise ValueError("model already carries wired expert slices: bake or discard them first")
     pairs = sorted({(int(layer), int(e)) for layer, e in selected})
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
@@ -259,13 +292,13 @@ def apply_scope(
         for layer, experts in by_layer.items():
             moe = layers[layer]
             if scope in ("seuf", "experts"):
-                for name, dim in moe.expert_params.items():
-                    prefix, attr = _split(name)
-                    module = model.get_submodule(prefix)
-                    splice = SliceSplice(params[name], dim, experts)
-                    parametrize.register_parametrization(module, attr, splice)
-                    ts._splices.append((module, name, splice))
-                    ts.regions.extend(Region(name, e) for e in experts)
+                names = list(moe.expert_params)  # all on dim 0 (MoEAdapter.moe_layers)
+                module = moe.experts
+                sel = SelectedExperts(module, [n.rpartition(".")[2] for n in names], experts)
+                module.add_module(SELECTED_ATTR, sel)
+                ts._wired.append((module, names, sel))
+                module.forward = types.MethodType(_wired_forward, module)  # type: ignore[method-assign]
+                ts.regions.extend(Region(name, e) for name in names for e in sel.experts)
             if scope in ("seuf", "router"):
                 for name in moe.router_params:
                     params[name].requires_grad_(True)

@@ -1,6 +1,7 @@
 """The activation cache below the SEUF target layer: the cached path must equal the
-uncached one (logits at real tokens, loss, gradients of the trainable slices), skip the
-lower layers for real, spill to disk with the same results, and refuse unsafe set-ups."""
+uncached one (logits at the scored positions, loss, gradients of the trainable slices), skip
+the lower layers and the target layer's frozen attention for real, spill to disk with the
+same results, and refuse unsafe set-ups."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from workers.activation_cache import (
     ActivationCache,
+    CachedAttention,
     PassThrough,
     build_for_training,
     cache_start_layer,
@@ -65,8 +67,14 @@ def step(model, scope, obj, batches: Batches, cache: ActivationCache | None = No
     loss, _ = obj(out, batches)
     loss.backward()  # outside the context: the graph holds what it needs
     grads = [p.grad.detach().clone() for p in scope.trainable_parameters()]
-    ro = out.retain.logits.detach() if out.retain is not None else None
-    return out.forget.logits.detach(), ro, loss.detach(), grads
+    ro = out.retain.logits if out.retain is not None else None
+    fo = out.forget.logits
+    return (
+        None if fo is None else fo.detach(),
+        None if ro is None else ro.detach(),
+        loss.detach(),
+        grads,
+    )
 
 
 def assert_same(a, b, batches: Batches) -> None:
@@ -74,10 +82,11 @@ def assert_same(a, b, batches: Batches) -> None:
     fl_b, rl_b, loss_b, g_b = b
     real = batches.forget["attention_mask"].bool()
     assert bool((~real).any()), "the batch must contain padding"
-    torch.testing.assert_close(fl_a[real], fl_b[real], atol=ATOL, rtol=1e-4)
+    # Logits exist at the scored positions only (run_forward), all of them real tokens.
+    if fl_a is not None:
+        torch.testing.assert_close(fl_a, fl_b, atol=ATOL, rtol=1e-4)
     if rl_a is not None:
-        rreal = batches.retain["attention_mask"].bool()
-        torch.testing.assert_close(rl_a[rreal], rl_b[rreal], atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(rl_a, rl_b, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(loss_a, loss_b, atol=ATOL, rtol=1e-4)
     assert len(g_a) == len(g_b) > 0
     for x, y in zip(g_a, g_b, strict=True):
@@ -92,24 +101,34 @@ def test_cached_equals_uncached(family: str, target: int) -> None:
     forget = rand_corpus(7, seed=11)
     cache = ActivationCache.build(model, scope.adapter, target, forget, batch_size=3)
     assert len(cache) == 7 and cache.disk_bytes == 0 and cache.spill_path is None
+    assert cache.attention and cache.width == 2 * 32  # SEUF: the target's attention is frozen
     batches = Batches(forget.collate([5, 0, 3, 6]))
     ref = step(model, scope, obj, batches)
 
     layers = scope.adapter.decoder_layers()
     originals = list(layers)
+    attention = layers[target].self_attn
     calls = [0] * len(layers)
+    attn_calls = [0]
     hooks = [
         layer.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
         for i, layer in enumerate(layers)
     ]
+    hooks.append(attention.register_forward_hook(lambda *_a: attn_calls.__setitem__(0, 1)))
     got = step(model, scope, obj, batches, cache)
     for h in hooks:
         h.remove()
     assert calls == [0] * target + [1] * (len(layers) - target)  # lower layers skipped
+    assert attn_calls == [0]  # the target layer's attention came from the cache
     assert cache.stats.hits == 1 and cache.stats.misses == 0
     assert all(a is b for a, b in zip(layers, originals, strict=True))  # restored
-    assert not any(isinstance(m, PassThrough) for m in model.modules())
+    assert layers[target].self_attn is attention
+    assert not any(isinstance(m, PassThrough | CachedAttention) for m in model.modules())
     assert_same(ref, got, batches)
+    # The input-only cache (no attention output) gives the same step too.
+    plain = ActivationCache.build(model, scope.adapter, target, forget, 3, attention=False)
+    assert not plain.attention and plain.width == 32
+    assert_same(ref, step(model, scope, obj, batches, plain), batches)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
@@ -136,7 +155,7 @@ def test_disk_spill_matches_memory(tmp_path) -> None:
         model, scope.adapter, target, forget, batch_size=4, max_bytes=0, spill_dir=tmp_path
     )
     # A budget of one chunk: the first build batch stays in memory, the rest spill.
-    chunk0 = sum(len(forget.samples[i].input_ids) for i in range(4)) * 32 * 4
+    chunk0 = sum(len(forget.samples[i].input_ids) for i in range(4)) * mem.width * 4
     mixed = ActivationCache.build(
         model, scope.adapter, target, forget, batch_size=4, max_bytes=chunk0, spill_dir=tmp_path
     )
@@ -176,7 +195,7 @@ def test_uncached_batch_falls_back_or_raises() -> None:
     with pytest.raises(KeyError, match="not cached"):
         step(model, scope, obj, batches, cache)
     # Layers are back after the error, and the model runs normally.
-    assert not any(isinstance(m, PassThrough) for m in model.modules())
+    assert not any(isinstance(m, PassThrough | CachedAttention) for m in model.modules())
 
 
 def test_refuses_trainable_layers_below_target() -> None:
@@ -197,6 +216,16 @@ def test_refuses_trainable_layers_below_target() -> None:
             pass
     with pytest.raises(ValueError, match="target_layer 9 out of range"):
         ActivationCache.build(model, adapter, 9, forget)
+    full.discard()
+    # A cache holding the attention output refuses a scope that trains that attention.
+    frozen = apply_scope(model, adapter, "router", [(2, 0)])
+    with_attn = ActivationCache.build(model, frozen.adapter, 2, forget)
+    assert with_attn.attention
+    model.model.layers[2].self_attn.q_proj.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="attention has trainable parameters"):
+        with with_attn.active(model, frozen.adapter):
+            pass
+    frozen.discard()
 
 
 def test_build_for_training_declines_when_nothing_can_be_skipped() -> None:

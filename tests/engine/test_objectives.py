@@ -13,10 +13,13 @@ from workers.objectives import (
     OBJECTIVES,
     Batches,
     Reference,
+    loss_positions,
     make_objective,
     prepare_reference,
     reference_forget_nll,
     rmu_direction,
+    run_forward,
+    sequence_nll,
 )
 from workers.scope import apply_scope
 from workers.spec import ObjectiveOptions, StopRule, TrainingOptions
@@ -37,6 +40,13 @@ def hand_nll(logits, batch):
                 nll[i] -= float(lp[batch["input_ids"][i, t + 1]])
                 cnt[i] += 1
     return nll, cnt
+
+
+def full_logits(model, batch):
+    """[B, S, V] logits at every position (the training forward computes them only at the
+    scored positions; the formulas are checked against the model's plain output)."""
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def logsig(x):
@@ -62,12 +72,12 @@ def test_ga_and_gdiff_equal_their_formulas(setup):
     batches = setup[5]
     obj, out = _value("ga", setup)
     loss, parts = obj(out, batches)
-    nf, cf = hand_nll(out.forget.logits, batches.forget)
+    nf, cf = hand_nll(full_logits(setup[0], batches.forget), batches.forget)
     assert loss.item() == pytest.approx(-sum(nf) / sum(cf), rel=1e-5)
     assert parts["forget_nll"] == pytest.approx(sum(nf) / sum(cf), rel=1e-5)
     obj, out = _value("gdiff", setup, ObjectiveOptions(retain_weight=0.7))
     loss, _ = obj(out, batches)
-    nr, cr = hand_nll(out.retain.logits, batches.retain)
+    nr, cr = hand_nll(full_logits(setup[0], batches.retain), batches.retain)
     assert loss.item() == pytest.approx(-sum(nf) / sum(cf) + 0.7 * sum(nr) / sum(cr), rel=1e-5)
 
 
@@ -80,14 +90,14 @@ def test_npo_uses_a_real_frozen_reference_and_differs_from_ga(setup):
     obj.reference = Reference(forget_nll=ref)
     out = obj.forward(model, batches)
     loss, parts = obj(out, batches)
-    nf, cf = hand_nll(out.forget.logits, batches.forget)
+    nf, cf = hand_nll(full_logits(setup[0], batches.forget), batches.forget)
     ref_logits = other(
         input_ids=batches.forget["input_ids"], attention_mask=batches.forget["attention_mask"]
     ).logits
     rf, _ = hand_nll(ref_logits.detach(), batches.forget)
     assert [ref[i].item() for i in batches.forget["index"]] == pytest.approx(rf, rel=1e-5)
     lf = -(2 / beta) * sum(logsig(beta * (a - r)) for a, r in zip(nf, rf, strict=True)) / 3
-    nr, cr = hand_nll(out.retain.logits, batches.retain)
+    nr, cr = hand_nll(full_logits(setup[0], batches.retain), batches.retain)
     assert parts["forget"] == pytest.approx(lf, rel=1e-5)
     assert loss.item() == pytest.approx(lf + sum(nr) / sum(cr), rel=1e-5)  # retain_weight 1
     ga_loss, _ = make_objective("ga", opts, adapter)(out, batches)
@@ -107,7 +117,7 @@ def test_simnpo_is_length_normalised_and_reference_free(setup):
         "simnpo", setup, ObjectiveOptions(beta=beta, simnpo_delta=delta, retain_weight=0.0)
     )
     loss, _ = obj(out, batches)
-    nf, cf = hand_nll(out.forget.logits, batches.forget)
+    nf, cf = hand_nll(full_logits(setup[0], batches.forget), batches.forget)
     terms = [logsig(beta * (a / c - delta)) for a, c in zip(nf, cf, strict=True)]
     want = -(2 / beta) * sum(terms) / 3
     assert loss.item() == pytest.approx(want, rel=1e-5)
@@ -188,7 +198,7 @@ def test_anchor_matches_formula_with_both_reductions(setup, reduction):
         per_tok = [float(((p[t] - a) ** 2).sum()) for t in range(p.shape[0]) if mask[t]]
         want = sum(per_tok) / len(per_tok) / (8 if reduction == "mean" else 1)
         assert parts["anchor"] == pytest.approx(want, rel=1e-5)
-        nf, cf = hand_nll(out.forget.logits, batches.forget)
+        nf, cf = hand_nll(full_logits(setup[0], batches.forget), batches.forget)
         assert loss.item() == pytest.approx(-sum(nf) / sum(cf) + alpha * want, rel=1e-5)
 
 
@@ -242,3 +252,46 @@ def test_minimising_npo_raises_forget_nll():
     after = check(model)["forget_loss"]
     assert after > before + 0.05, (before, after)
     assert res.history[-1].parts["forget_nll"] > res.history[0].parts["forget_nll"]
+
+
+def test_logits_at_loss_positions_equal_the_full_logits_loss(setup):
+    """The training forward runs the LM head only where the loss looks (answer tokens here):
+    same logits there, same NLLs, same gradients as from full [B, S, V] logits."""
+    model, adapter, _, fc, _, batches = setup
+    b = batches.forget  # loss_tokens="answer": most positions are not scored
+    rows, cols = loss_positions(b)
+    assert 0 < len(rows) < int(b["attention_mask"].sum()) - len(b["index"])
+    assert [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)] == [
+        (i, t) for i in range(b["loss_mask"].shape[0]) for t in range(b["loss_mask"].shape[1] - 1)
+        if b["loss_mask"][i, t] == 1
+    ]  # fmt: skip
+    sc = apply_scope(model, adapter, "seuf", [(LAYER, 2)])
+    try:
+        grads, nlls = [], []
+        for at in ("all", "loss"):
+            for p in sc.trainable_parameters():
+                p.grad = None
+            out = run_forward(model, b, logits=at)
+            nll, n = sequence_nll(out.logits, b)
+            (nll.sum() / n.sum()).backward()
+            grads.append([p.grad.clone() for p in sc.trainable_parameters()])
+            nlls.append((nll.detach(), n))
+            if at == "all":
+                full = out.logits.detach()
+            else:
+                assert out.logits.shape == (len(rows), full.shape[-1])
+                torch.testing.assert_close(out.logits.detach(), full[rows, cols])
+        torch.testing.assert_close(nlls[0], nlls[1], rtol=1e-6, atol=1e-6)
+        nf, cf = hand_nll(full, b)
+        assert nlls[1][0].tolist() == pytest.approx(nf, rel=1e-5)
+        assert nlls[1][1].tolist() == cf
+        for g_all, g_loss in zip(*grads, strict=True):
+            assert float(g_all.abs().max()) > 0
+            torch.testing.assert_close(g_loss, g_all, rtol=1e-5, atol=1e-7)
+    finally:
+        sc.discard()
+    assert run_forward(model, b, logits="none").logits is None
+    rmu = make_objective("rmu", ObjectiveOptions(), adapter, selected=[(LAYER, 2)])
+    assert rmu.forward(model, batches).forget.logits is None  # RMU needs no LM head
+    with pytest.raises(ValueError, match="no logits"):
+        sequence_nll(None, b)

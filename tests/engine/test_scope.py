@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from torch.nn.utils import parametrize
 from transformers import AutoModelForCausalLM
 
 from tests.engine._train_kit import corpus, model_and_adapter
@@ -15,7 +14,7 @@ from workers.data import BatchStream
 from workers.moe import get_adapter, router_tap
 from workers.moe.tiny import FAMILIES, tiny_model
 from workers.objectives import make_objective
-from workers.scope import Region, apply_scope
+from workers.scope import Region, SelectedExperts, apply_scope
 from workers.spec import ObjectiveOptions, StopRule, TrainingOptions
 from workers.train import train
 
@@ -100,16 +99,16 @@ def test_bake_leaves_a_plain_model_that_round_trips(tmp_path):
     names_before = list(before)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     sc.bake()
-    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert not any(isinstance(m, SelectedExperts) for m in model.modules())
     experts = model.model.layers[LAYER].mlp.experts
-    assert type(experts).__name__ == "Qwen2MoeExperts"  # the parametrized subclass is gone
+    assert type(experts).__name__ == "Qwen2MoeExperts"
+    assert "forward" not in experts.__dict__  # the class's own forward again
     assert list(model.state_dict()) == names_before
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    # While wired, the fused tensors were frozen originals under the parametrization.
-    wired = f"model.layers.{LAYER}.mlp.experts.parametrizations.gate_up_proj"
-    assert flags[f"{wired}.original"] is False
-    slices = trained[f"{wired}.0.slices"]
+    # While wired, the fused tensors stayed in place, frozen, beside the trainable slices.
+    assert flags[UP] is False
+    slices = trained[f"model.layers.{LAYER}.mlp.experts.selected_experts.gate_up_proj"]
     assert torch.equal(experts.gate_up_proj[EXPERTS], slices)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -127,7 +126,7 @@ def test_discard_restores_the_original_and_scope_variants():
 
     model, adapter = model_and_adapter()
     sc = apply_scope(model, adapter, "experts", [(LAYER, 3)])
-    assert {n.rsplit(".", 3)[-3] for n, _ in sc.named_trainable()} == {"gate_up_proj", "down_proj"}
+    assert {n.rsplit(".", 1)[-1] for n, _ in sc.named_trainable()} == {"gate_up_proj", "down_proj"}
     sc.discard()
     sc = apply_scope(model, adapter, "router", [(LAYER, 3)])
     assert [n for n, _ in sc.named_trainable()] == [ROUTER]
@@ -160,7 +159,7 @@ def test_scope_errors_are_clear():
     with pytest.raises(ValueError, match="expert 8 out of range"):
         apply_scope(model, adapter, "seuf", [(1, 8)])
     sc = apply_scope(model, adapter, "seuf", [(1, 0)])
-    with pytest.raises(ValueError, match="already carries parametrizations"):
+    with pytest.raises(ValueError, match="already carries wired expert slices"):
         apply_scope(model, adapter, "seuf", [(1, 1)])
     sc.discard()
     assert all(p.requires_grad for p in model.parameters())
@@ -323,4 +322,82 @@ def test_tunable_ratio_on_the_real_qwen15_moe_shape():
     assert sc.total_params == 14_315_784_192  # Qwen1.5-MoE-A2.7B: 14.3B parameters
     assert sc.trainable_params == 3 * 2048 * 1408 + 60 * 2048  # one expert + the router
     assert round(100 * sc.ratio, 2) == 0.06
+    sc.discard()
+
+
+def _fused_allocations(model, fused: dict[str, torch.Tensor], run) -> list[str]:
+    """Names of ops that, while `run()` executes, produce a NEW tensor shaped like one of
+    the fused expert tensors (a copy of it or a gradient for all of it); views are fine."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    # 3-D weights only: a 2-D bias shape [E, H] is also the shape of ordinary activations.
+    shapes = {tuple(t.shape) for t in fused.values() if t.dim() == 3}
+    shapes |= {(s[0], s[2], s[1]) for s in list(shapes)}  # transposed (grouped_mm operand)
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            if any(r.alias_info is not None for r in func._schema.returns):
+                return out  # a view (e.g. the transpose grouped_mm takes): no new memory
+            for o in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(o, torch.Tensor) and tuple(o.shape) in shapes:
+                    seen.append(str(func))
+            return out
+
+    with Watch():
+        run()
+    return seen
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_wiring_neither_copies_nor_differentiates_the_fused_tensors(family, impl):
+    """Same forward (bitwise) and the same slice and router gradients as training the fused
+    tensors themselves, without ever materialising a fused-size copy or gradient."""
+    model = tiny_model(family, seed=0)
+    model.config._experts_implementation = impl
+    adapter = get_adapter(model)
+    moe = adapter.moe_layers()[-1]
+    batch = corpus(4, seed=1).collate(range(4))
+    with router_tap([moe]) as rec:
+        plain = model(input_ids=batch["input_ids"]).logits
+    expert = int(rec[moe.layer][0].topk_indices.flatten().mode().values)
+    plain.square().mean().backward()
+    want = [model.get_parameter(n).grad[expert].clone() for n in moe.expert_params]
+    want += [model.get_parameter(n).grad.clone() for n in moe.router_params]
+    fused = {n: model.get_parameter(n).detach() for n in moe.expert_params}
+    model.zero_grad(set_to_none=True)
+    sc = apply_scope(model, adapter, "seuf", [(moe.layer, expert)])
+    got: list[torch.Tensor] = []
+
+    def step() -> None:
+        logits = model(input_ids=batch["input_ids"]).logits
+        assert torch.equal(logits.detach(), plain.detach())
+        logits.square().mean().backward()
+
+    assert _fused_allocations(model, fused, step) == []
+    got = [p.grad for p in sc.trainable_parameters()]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == (1, *w.shape) or g.shape == w.shape
+        torch.testing.assert_close(g.reshape(w.shape), w, rtol=1e-5, atol=1e-7)
+    assert all(model.get_parameter(n).grad is None for n in moe.expert_params)
+    sc.discard()
+
+
+def test_a_selected_expert_no_token_chose_gets_a_zero_gradient():
+    model, adapter = model_and_adapter()
+    batch = corpus(1, seed=3).collate([0])
+    with router_tap(adapter.moe_layers()) as rec:
+        model(input_ids=batch["input_ids"])
+    used = set(rec[LAYER][0].topk_indices.flatten().tolist())
+    idle = min(set(range(adapter.num_experts)) - used)
+    plain = model(input_ids=batch["input_ids"]).logits.detach()
+    sc = apply_scope(model, adapter, "experts", [(LAYER, idle)])
+    logits = model(input_ids=batch["input_ids"]).logits
+    assert torch.equal(logits.detach(), plain)
+    logits.sum().backward()
+    grads = [p.grad for p in sc.trainable_parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # zero, not missing (DDP)
     sc.discard()

@@ -102,10 +102,12 @@ class MoEAdapter:
             exp_prefix = names[id(experts)]
             expert_params: dict[str, int] = {}
             for pname, p in experts.named_parameters():
-                # Under torch parametrizations (workers/scope.py wires expert slices that
-                # way) the fused tensor is "parametrizations.<name>.original"; the
-                # parametrization's own tensors (trainable slices) are not fused [E, ...].
-                if pname.startswith("parametrizations.") and not pname.endswith(".original"):
+                # The fused tensors are the module's own parameters. Submodules' ones are not
+                # fused [E, ...] (workers/scope.py's trainable slices), except a torch
+                # parametrization's "parametrizations.<name>.original".
+                if "." in pname and not (
+                    pname.startswith("parametrizations.") and pname.endswith(".original")
+                ):
                     continue
                 if p.dim() == 0 or p.shape[0] != self.num_experts:
                     raise ValueError(
