@@ -8,17 +8,27 @@ attempt produces into the database.
            when it ends: record expert map, evaluations, parameter changes, model hash and
            artifacts, then finish_job(succeeded | failed(class) | cancelled)
 
-Where an attempt runs (`RayTaskExecutor`): one Ray *task* per attempt, started with
-`num_cpus = spec.distributed.num_workers`, running `workers.run.run_job`, plus one tiny
-Ray actor per attempt (`_Channel`, 0 CPUs) that buffers progress messages and holds the
-stop flag. Why a task and not an actor: a task holds its CPUs exactly while it runs and
-gives them back when it returns or is killed, `ray.cancel(force=True)` kills its worker
-process as a last resort, and the ways it can end map one-to-one onto the failure classes
+Where an attempt runs (`RayTaskExecutor`): one Ray *task* per attempt, plus one tiny Ray
+actor per attempt (`_Channel`, 0 CPUs) that buffers progress messages and holds the stop
+flag. The task runs one of two runners, by `spec.distributed.uses_ray_train`:
+- one DDP worker: `workers.run.run_job` in the task itself, which holds 1 CPU;
+- several workers or DeepSpeed: the task (0 CPUs) drives a Ray Train `TorchTrainer`
+  through `workers.distributed.run_job_distributed`, whose `num_workers` workers take the
+  CPUs. Its run name is the job id and its storage `<checkpoint_dir>/<job id>`, so a
+  retried attempt resumes from the last checkpoint; the folder goes when the job ends.
+Why a task and not an actor: a task holds its CPUs exactly while it runs and gives them
+back when it returns or is killed, `ray.cancel(force=True)` kills its worker process as a
+last resort (the trainer's controller and workers are owned by that process, so Ray ends
+them with it; their placement group, which would keep the CPUs reserved, the handle
+removes itself: its id comes with the run's `trainer_started` event, since Ray Train's
+own clean-up asks the dashboard, which the local Ray runs without), and the ways it can
+end map one-to-one onto the failure classes
 (`RayTaskError` wrapping the engine's exception, `WorkerCrashedError`, `OutOfMemoryError`,
-`TaskCancelledError`). Ray's own task retries are off (`max_retries=0`): retries are the
-dispatcher's, so each one is a new, recorded attempt. The executor is a small interface
-(`Executor.start -> AttemptHandle` with drain / done / outcome / request_stop / force_stop)
-so the multi-worker Ray Train runner can replace it.
+`TaskCancelledError`; a Ray Train worker that dies is the engine's `WorkerFailure`, class
+infrastructure). Ray's own task retries and Ray Train's in-run restarts are off: retries
+are the dispatcher's, so each one is a new, recorded attempt. The executor is a small
+interface (`Executor.start -> AttemptHandle` with drain / done / outcome / request_stop /
+force_stop).
 
 Workers never touch the database: the task only talks to its channel actor. Cancellation
 is cooperative first (run_job's `should_stop` polls the channel's flag every step, and the
@@ -66,6 +76,8 @@ from service.errors import IllegalTransition, LeaseLost
 from service.jobs import ExpertScore, ParamChange, Stage
 from service.settings import Settings, get_settings
 from service.storage import BlobStore
+from workers.events import TRAINER_STARTED
+from workers.faults import injection_env
 from workers.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -198,19 +210,37 @@ class _ChannelReporter:
         ray.get(self.channel.ping.remote())  # ordered after every earlier put
 
 
-def _attempt_main(
-    spec_data: dict[str, Any],
-    output_dir: str,
-    corpus_paths: dict[str, str],
-    channel: Any,
-    num_cpus: int,
-) -> dict[str, Any]:
-    """Body of the Ray task: run the job and turn the engine's exceptions into an outcome
-    (anything else propagates and Ray wraps it)."""
+@dataclass(frozen=True)
+class AttemptPlan:
+    """What one attempt's Ray task needs besides the spec: where it writes, which corpora,
+    and, for Ray Train jobs, the run name (the job id: the same name resumes) and storage."""
+
+    output_dir: str
+    corpus_paths: dict[str, str]
+    run_name: str
+    checkpoint_dir: str
+    injected_env: dict[str, str] = field(default_factory=dict)  # test-only (workers/faults)
+
+
+def _attempt_main(spec_data: dict[str, Any], plan: AttemptPlan, channel: Any) -> dict[str, Any]:
+    """Body of the Ray task: run the job (in this process, or on a Ray Train trainer that
+    this task drives) and turn the engine's exceptions into an outcome (anything else
+    propagates and Ray wraps it)."""
     reporter = _ChannelReporter(channel)
+    spec = JobSpec.model_validate(spec_data)
+    ray_train = spec.distributed.uses_ray_train
     channel.put.remote(
-        ("started", {"pid": os.getpid(), "host": socket.gethostname()[:128], "num_cpus": num_cpus})
+        (
+            "started",
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname()[:128],
+                "num_workers": spec.distributed.num_workers,
+                "runner": "ray_train" if ray_train else "process",
+            },
+        )
     )
+    corpus_paths = plan.corpus_paths
 
     def resolve(corpus_id: str) -> Path:
         if corpus_id not in corpus_paths:
@@ -222,10 +252,31 @@ def _attempt_main(
 
         from workers.run import JobCancelled, run_job
 
-        torch.set_num_threads(max(1, num_cpus))  # stay within the CPUs Ray gave us
         try:
-            spec = JobSpec.model_validate(spec_data)
-            result = run_job(spec, output_dir, reporter, resolve, reporter.should_stop)
+            if ray_train:
+                from workers.distributed import WorkerFailure, run_job_distributed
+
+                # The trainer's workers hold the CPUs; this task only drives them.
+                os.environ.update(plan.injected_env)
+                try:
+                    result = run_job_distributed(
+                        spec,
+                        plan.output_dir,
+                        reporter,
+                        reporter.should_stop,
+                        plan.checkpoint_dir,
+                        resolve,
+                        run_name=plan.run_name,
+                    )
+                except WorkerFailure as e:  # retried: the next attempt resumes
+                    return {"status": "failed", "failure_class": "infrastructure",
+                            "message": str(e)[:2000]}  # fmt: skip
+                finally:
+                    for k in plan.injected_env:  # this worker process is reused
+                        os.environ.pop(k, None)
+            else:
+                torch.set_num_threads(spec.distributed.num_workers)  # the CPUs Ray gave us
+                result = run_job(spec, plan.output_dir, reporter, resolve, reporter.should_stop)
             return {"status": "succeeded", "result": result}
         except (JobCancelled, _StopRequested) as e:
             return {"status": "cancelled", "message": str(e)}
@@ -269,6 +320,7 @@ class RayTaskHandle:
         self.ref = ref
         self.channel = channel
         self._pending: Any = None  # an outstanding channel.drain() call
+        self.placement_group: str | None = None  # of a Ray Train run, once it started
 
     def drain(self, final: bool = False) -> list[Message]:
         # Never wait for the channel in the loop (its actor may still be starting, which
@@ -288,6 +340,9 @@ class RayTaskHandle:
             except ray.exceptions.RayError as e:
                 log.warning("progress channel unavailable: %s", type(e).__name__)
                 break
+        for m in out:
+            if m[0] == "event" and m[1] == TRAINER_STARTED:
+                self.placement_group = m[3].get("placement_group")
         return out
 
     def done(self) -> bool:
@@ -324,10 +379,29 @@ class RayTaskHandle:
         import ray
 
         ray.cancel(self.ref, force=True)
+        self._free_placement_group()
+
+    def _free_placement_group(self) -> None:
+        """A Ray Train run's workers die with the task that drives it, but nothing else
+        would give back the CPUs their placement group reserves (module docstring)."""
+        if not self.placement_group:
+            return
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+        try:
+            remove_placement_group(
+                PlacementGroup(PlacementGroupID.from_hex(self.placement_group))
+            )
+        except Exception as e:  # noqa: BLE001 - already removed by Ray Train
+            log.debug("placement group %s: %s", self.placement_group, e)
+        self.placement_group = None
 
     def release(self) -> None:
         import ray
 
+        # Also after a task that died by itself (its process killed, its node lost).
+        self._free_placement_group()
         try:
             ray.kill(self.channel)
         except Exception:  # noqa: BLE001 - already gone
@@ -335,11 +409,13 @@ class RayTaskHandle:
 
 
 class RayTaskExecutor:
-    """One Ray task per attempt (see the module docstring for why)."""
+    """One Ray task per attempt (see the module docstring for why). `checkpoint_dir`: the
+    Ray Train storage of multi-worker jobs (one folder per job id)."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint_dir: Path) -> None:
         import ray
 
+        self.checkpoint_dir = checkpoint_dir
         self._task = ray.remote(max_retries=0)(_attempt_main)
         self._channel_cls = ray.remote(num_cpus=0, max_restarts=0)(_Channel)
 
@@ -353,17 +429,26 @@ class RayTaskExecutor:
     ) -> RayTaskHandle:
         import ray
 
-        num_cpus = spec.distributed.num_workers
+        workers = spec.distributed.num_workers
         total = ray.cluster_resources().get("CPU", 0)
-        if num_cpus > total:
+        if workers > total:
             raise ValueError(
-                f"distributed.num_workers={num_cpus} needs {num_cpus} CPUs; the Ray cluster "
+                f"distributed.num_workers={workers} needs {workers} CPUs; the Ray cluster "
                 f"has {total:g}"
             )
+        plan = AttemptPlan(
+            output_dir=str(output_dir),
+            corpus_paths=dict(corpus_paths),
+            run_name=job_id,
+            checkpoint_dir=str(self.checkpoint_dir),
+            injected_env=injection_env(),
+        )
         channel = self._channel_cls.remote()
+        # A Ray Train job's task only drives the trainer, whose workers take the CPUs.
+        num_cpus = 0 if spec.distributed.uses_ray_train else workers
         ref = self._task.options(
             num_cpus=num_cpus, name=f"moe-unlearn-{job_id[:8]}-a{attempt}"
-        ).remote(spec.resolved(), str(output_dir), dict(corpus_paths), channel, num_cpus)
+        ).remote(spec.resolved(), plan, channel)
         return RayTaskHandle(ref, channel)
 
 
@@ -379,6 +464,13 @@ def ray_temp_dir(settings: Settings) -> Path:
     if len(str(under_data)) <= 48:
         return under_data
     return Path(tempfile.mkdtemp(prefix="moeu-ray-"))
+
+
+def checkpoint_root(settings: Settings) -> Path:
+    """Where Ray Train jobs keep checkpoints: `<root>/<job id>/` (the setting, else
+    `<data_dir>/checkpoints`); absolute, since Ray Train resolves it on the workers."""
+    root = settings.checkpoint_dir or Path(settings.data_dir) / "checkpoints"
+    return Path(root).expanduser().resolve()
 
 
 _WORKER_ENV = (
@@ -602,7 +694,7 @@ class DispatcherStats:
     @property
     def ended(self) -> int:
         """Jobs this dispatcher brought to a terminal state."""
-        return sum(self.finished.get(s, 0) for s in ("SUCCEEDED", "FAILED", "CANCELLED"))
+        return sum(self.finished.get(s, 0) for s in jobs.TERMINAL)
 
 
 class Dispatcher:
@@ -625,6 +717,7 @@ class Dispatcher:
             or f"dispatcher-{socket.gethostname()[:40]}-{os.getpid()}-" + (uuid.uuid4().hex[:8])
         )
         self.store = store or BlobStore.from_settings(settings)
+        self.checkpoint_root = checkpoint_root(settings)
         self.active: list[_Active] = []
         self.stats = DispatcherStats()
 
@@ -678,6 +771,8 @@ class Dispatcher:
                 got = jobs.reclaim_expired(s, actor=self.owner)
                 for j in got:
                     log.info("reclaimed job %s (attempt %s) -> %s", j.id, j.attempt, j.state)
+                    if j.state in jobs.TERMINAL:
+                        shutil.rmtree(self.checkpoint_root / j.id, ignore_errors=True)
                 self.stats.reclaimed += len(got)
         except Exception:  # noqa: BLE001 - a DB hiccup must not kill the loop
             log.exception("reclaim_expired failed")
@@ -846,11 +941,18 @@ class Dispatcher:
     def _count(self, state: str) -> None:
         self.stats.finished[state] = self.stats.finished.get(state, 0) + 1
 
+    def _ended(self, job_id: str, state: str) -> None:
+        """An attempt ended with the job in `state`: count it, and once the job is over
+        for good, drop its Ray Train checkpoints (a RETRYING job keeps them to resume)."""
+        self._count(state)
+        if state in jobs.TERMINAL:
+            shutil.rmtree(self.checkpoint_root / job_id, ignore_errors=True)
+
     def _finish_plain(self, job_id: str, outcome: Literal["succeeded", "cancelled"]) -> None:
         try:
             with session_scope(self.factory) as s:
                 job = jobs.finish_job(s, job_id, self.owner, outcome)
-                self._count(job.state)
+                self._ended(job.id, job.state)
         except (LeaseLost, IllegalTransition) as e:
             log.warning("job %s: could not finish as %s: %s", job_id, outcome, e)
 
@@ -866,7 +968,7 @@ class Dispatcher:
                     failure_message=message,
                     retryable=fclass in RETRYABLE,
                 )
-                self._count(job.state)
+                self._ended(job.id, job.state)
                 log.info("job %s failed (%s) -> %s", job_id, fclass, job.state)
         except (LeaseLost, IllegalTransition) as e:
             log.warning("job %s: could not record the failure: %s", job_id, e)
@@ -941,7 +1043,7 @@ class Dispatcher:
                     size=size,
                 )
             job = jobs.finish_job(s, a.job_id, self.owner, "succeeded")
-            self._count(job.state)
+            self._ended(job.id, job.state)
 
     def _shutdown_active(self) -> None:
         """The dispatcher is stopping: stop its attempts and hand their jobs back
@@ -1000,7 +1102,9 @@ def run_dispatcher(
             stop_event = stop_event or threading.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop_event.set())
-        executor = executor_factory() if executor_factory else RayTaskExecutor()
+        executor = (
+            executor_factory() if executor_factory else RayTaskExecutor(checkpoint_root(settings))
+        )
         d = Dispatcher(settings, make_session_factory(engine), executor)
         return d.run(once=once, max_jobs=max_jobs, stop_event=stop_event)
     finally:

@@ -5,8 +5,8 @@ database URL, which is the conventional `DATABASE_URL` (the prefixed name also w
 and the Ray address, which may also be given as the conventional `RAY_ADDRESS`.
 
 Dispatcher settings (`moe-unlearn dispatcher`): ray_address, ray_num_cpus, ray_temp_dir,
-dispatcher_poll_s, heartbeat_s, cancel_grace_s, attempt_timeout_s, dispatcher_concurrency,
-model_tar_max_bytes (each documented on its field below).
+checkpoint_dir, dispatcher_poll_s, heartbeat_s, cancel_grace_s, attempt_timeout_s,
+dispatcher_concurrency, model_tar_max_bytes (each documented on its field below).
 """
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         None,
         description="Ray's session/temp folder for the local instance. Unset: <data_dir>/ray "
         "when that path is short enough for Ray's unix sockets, else a fresh /tmp folder.",
+    )
+    checkpoint_dir: Path | None = Field(
+        None,
+        description="Ray Train storage for checkpoints, one folder per job id (shared storage "
+        "on a multi-node cluster); a retried attempt resumes from it, and it is deleted when "
+        "the job ends. Unset: <data_dir>/checkpoints.",
     )
     dispatcher_poll_s: float = Field(
         0.5, gt=0, description="How often the dispatcher drains progress and looks for jobs."

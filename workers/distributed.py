@@ -22,9 +22,13 @@ pure function of the step, so a resumed run trains exactly as an uninterrupted o
 
 Progress: a 0-CPU actor (`ProgressSink`) that rank 0 writes ("stage", name) and
 ("event", kind, step, payload) messages to (the dispatcher's message format); the driver
-drains it from a thread and forwards to the Reporter. Cancellation: the driver polls
-`should_stop()` and sets the sink's flag; rank 0 reads it every step and the flag is
-all-reduced, so every rank stops after the same step; then `JobCancelled`.
+drains it from a thread and forwards to the Reporter. The first event, `trainer_started`,
+names the run's placement group: a caller that has to kill the run removes it (Ray Train's
+own clean-up of a killed run asks Ray's dashboard, which is often off).
+
+Cancellation: the driver polls `should_stop()` and sets the sink's flag; rank 0 reads it
+every step and the flag is all-reduced, so every rank stops after the same step; then
+`JobCancelled`.
 
 Activation cache (training.activation_cache): per rank, with DDP and ZeRO-1/2; off under
 ZeRO-3 (its per-layer parameter gathering with skipped layers is untested).
@@ -35,9 +39,9 @@ storage_path=<shared checkpoints dir>, corpus_resolver, run_name=<job id>)`; map
 ValueError -> user input, MemoryError -> out of memory, WorkerFailure -> infrastructure
 (retry: the next attempt resumes), JobCancelled -> cancelled.
 
-TEST-ONLY failure injection: with MOE_UNLEARN_FAIL_AT_STEP=k and MOE_UNLEARN_FAIL_MARKER=path
-set in the DRIVER's environment, the last rank raises `RuntimeError` before step k if the
-marker file does not exist (and creates it), i.e. once. Never set them in production.
+TEST-ONLY failure injection (workers/faults.py): with MOE_UNLEARN_FAIL_AT_STEP=k and
+MOE_UNLEARN_FAIL_MARKER=path set in the DRIVER's environment, the last rank kills its own
+process once k steps are done, once. Never set them in production.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ from torch import nn
 from workers.attribution import ExpertMap, _accumulate, diagnose, resolve_method
 from workers.attribution import rank as rank_experts
 from workers.data import Batch, BatchStream
+from workers.events import RESUMED, TRAINER_STARTED
+from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV, kill_self_once
 from workers.moe.base import MoEAdapter
 from workers.run import (
     OVERLAP_SAMPLES,
@@ -77,8 +83,6 @@ from workers.run import (
 )
 from workers.spec import JobSpec
 
-FAIL_AT_ENV = "MOE_UNLEARN_FAIL_AT_STEP"  # test-only, see the module docstring
-FAIL_MARKER_ENV = "MOE_UNLEARN_FAIL_MARKER"
 DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/moe-unlearn/torch_extensions"
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
 BARRIER_TIMEOUT_S = 6 * 3600
@@ -468,6 +472,12 @@ def _run_rank(cfg: dict[str, Any], rank: int, world: int, sink: Any) -> dict[str
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    pg = ray.util.get_current_placement_group()
+    # Who holds the CPUs: a caller that must kill this run can free them itself (Ray
+    # Train's own clean-up of a killed run needs Ray's dashboard, often off).
+    rep.event(
+        TRAINER_STARTED, 0, {"num_workers": world, "placement_group": pg.id.hex() if pg else None}
+    )
     rep.stage("loading")
     job: LoadedJob | None = None
     if rank == 0:
@@ -580,7 +590,7 @@ def _run_rank(cfg: dict[str, Any], rank: int, world: int, sink: Any) -> dict[str
     local_numel = sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
     start = _resume(ray.train.get_checkpoint(), engine, opt, named, pairs)
     if start:
-        rep.event("resumed", start, {"from_step": start})
+        rep.event(RESUMED, start, {"from_step": start})
 
     fs = ShardedStream(BatchStream(forget_train, tr.batch_size, tr.seed), rank, world)
     rs = (
@@ -602,10 +612,7 @@ def _run_rank(cfg: dict[str, Any], rank: int, world: int, sink: Any) -> dict[str
     step, stopped_by, overlap = start, "max_steps", None
     while step < tr.max_steps:
         if cfg["fail_at"] is not None and step == cfg["fail_at"] and rank == world - 1:
-            marker = Path(cfg["fail_marker"] or out_dir / ".injected-failure")
-            if not marker.exists():  # TEST-ONLY (see the module docstring): fail once
-                marker.write_text(f"failed at step {step}")
-                raise RuntimeError(f"injected failure at step {step} (test only)")
+            kill_self_once(Path(cfg["fail_marker"] or out_dir / ".injected-failure"), step)
         batches = Batches(fs.batch(step), rs.batch(step) if uses_retain else None)  # type: ignore[union-attr]
         cached = cache.active(model, probe_adapter) if cache is not None else nullcontext()
         wrapped.train()
@@ -824,8 +831,6 @@ def _resume(
 
 
 __all__ = [
-    "FAIL_AT_ENV",
-    "FAIL_MARKER_ENV",
     "ProgressSink",
     "WorkerFailure",
     "attribute_sharded",

@@ -227,11 +227,20 @@ class EvaluationOptions(_Strict):
 
 class DistributedOptions(_Strict):
     num_workers: Annotated[int, Field(ge=1, le=256)] = Field(
-        1, description="Ray Train workers."
+        1, description="Workers (one CPU each); more than one: Ray Train, data parallel."
     )
     backend: Backend = Field("ddp", description="ddp, or deepspeed (ZeRO).")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    checkpoint_every: PositiveInt = Field(20, description="Steps between checkpoints.")
+    checkpoint_every: PositiveInt = Field(
+        20, description="Steps between checkpoints (Ray Train jobs; a retry resumes there)."
+    )
+
+    @property
+    def uses_ray_train(self) -> bool:
+        """Several workers or DeepSpeed: a Ray Train TorchTrainer runs the job (sharded,
+        checkpointed). One DDP worker runs in one process: no trainer set-up to pay for,
+        and a retry starts over."""
+        return self.num_workers > 1 or self.backend == "deepspeed"
 
 
 class JobSpec(_Strict):

@@ -9,111 +9,31 @@ import signal
 import tarfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from service import audit, jobs
+from service import jobs
 from service.certificate import build_certificate
 from service.db import session_scope
 from service.dispatcher import run_dispatcher
-from service.settings import Settings
-from service.storage import BlobStore, store_corpus
-from service.tables import AuditEntry, JobEvent
-from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, Db, corpus_bytes
-from workers.spec import JobSpec
+from service.storage import BlobStore
+from service.tables import AuditEntry
+from tests.dispatch.kit import (
+    actions,
+    audit_ok,
+    events,
+    free_cpus,
+    job_row,
+    make_settings,
+    submit,
+    upload,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def make_settings(db: Db, tmp_path: Path, **over: Any) -> Settings:
-    base: dict[str, Any] = {
-        "database_url": db.url,
-        "data_dir": tmp_path / "data",
-        "ray_address": None,
-        "dispatcher_poll_s": 0.1,
-        "heartbeat_s": 0.3,
-        "lease_seconds": 30,
-        "cancel_grace_s": 5.0,
-    }
-    return Settings(**(base | over))
-
-
-def upload(db: Db, settings: Settings, data: bytes, fmt: str = "auto") -> str:
-    with session_scope(db.factory) as s:
-        return store_corpus(s, data, format=fmt, settings=settings).sha256
-
-
-def submit(
-    db: Db,
-    settings: Settings,
-    model_dir: Path,
-    *,
-    forget_id: str | None = None,
-    max_steps: int = 5,
-    seuf: dict[str, Any] | None = None,
-    num_workers: int = 1,
-) -> str:
-    forget_id = forget_id or upload(db, settings, corpus_bytes(FORGET_SUBJECTS, 12))
-    retain_id = upload(db, settings, corpus_bytes(RETAIN_SUBJECTS, 12))
-    spec = JobSpec.model_validate(
-        {
-            "model": str(model_dir),
-            "forget": {"corpus_id": forget_id},
-            "retain": {"corpus_id": retain_id},
-            "algorithm": "gdiff",
-            "scope": "seuf",
-            "seuf": seuf or {},
-            "training": {"max_steps": max_steps, "batch_size": 4, "max_length": 16, "lr": 0.01},
-            "evaluation": {"batch_size": 8},
-            "distributed": {"num_workers": num_workers},
-        }
-    )
-    with session_scope(db.factory) as s:
-        return jobs.submit_job(s, spec, "t1", "tester", max_attempts=3).job.id
-
-
-def job_row(db: Db, job_id: str) -> Any:
-    with session_scope(db.factory) as s:
-        return jobs.get_job(s, job_id)
-
-
-def events(db: Db, job_id: str) -> list[JobEvent]:
-    with session_scope(db.factory) as s:
-        return jobs.list_events(s, job_id, 0, limit=100_000)
-
-
-def actions(db: Db, job_id: str) -> list[str]:
-    with session_scope(db.factory) as s:
-        rows = s.execute(
-            select(AuditEntry).where(AuditEntry.job_id == job_id).order_by(AuditEntry.seq)
-        ).scalars()
-        return [r.action for r in rows]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-    return time.monotonic() - t0
-
-
-def free_cpus() -> float:
-    import ray
-
-    return ray.available_resources().get("CPU", 0.0)
-
-
-def audit_ok(db: Db) -> None:
-    with session_scope(db.factory) as s:
-        v = audit.verify(s)
-    assert v.ok, v.reason
-    assert v.checked > 0
 
 
 def test_job_runs_to_success_with_all_records(db, tmp_path, ray_cluster, tiny_model_dir):
@@ -267,7 +187,8 @@ def test_user_input_failures_are_not_retried(db, tmp_path, ray_cluster, tiny_mod
         seuf={"selection": "manual", "experts": [{"layer": 1, "expert": 99}]},
     )
 
-    too_wide = submit(db, settings, tiny_model_dir, num_workers=3)  # the cluster has 2 CPUs
+    # The cluster has 2 CPUs.
+    too_wide = submit(db, settings, tiny_model_dir, distributed={"num_workers": 3})
 
     stats = run_dispatcher(settings, once=True)
 

@@ -1,0 +1,298 @@
+"""Jobs with several workers through the whole product: a request over real HTTP, the
+dispatcher, a Ray Train TorchTrainer with 2 CPU workers (gloo) on the session's real local
+Ray, and SQLite or PostgreSQL. Also the ways such a job is interrupted: a training worker
+killed mid-run (the next attempt resumes from the checkpoint), a cancel mid-training, and
+the dispatcher process itself killed (a new dispatcher recovers the job)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from sqlalchemy import select
+
+from api.app import create_app
+from api.client import Client
+from service import jobs, keys
+from service.db import session_scope
+from service.dispatcher import checkpoint_root, run_dispatcher
+from service.settings import Settings
+from service.tables import AuditEntry
+from tests.api.conftest import free_port
+from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, Db, corpus_bytes
+from tests.dispatch.kit import (
+    actions,
+    audit_ok,
+    events,
+    free_cpus,
+    job_row,
+    make_settings,
+    submit,
+    wait_for,
+)
+from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV
+from workers.patch import read_patch
+
+pytestmark = pytest.mark.slow
+
+TWO_WORKERS = {"num_workers": 2, "backend": "ddp", "checkpoint_every": 2}
+
+
+class Dispatching:
+    """`run_dispatcher` in a thread of this process (it joins the session's Ray)."""
+
+    def __init__(self, settings: Settings, **kw: Any) -> None:
+        self.stop = threading.Event()
+        self.out: dict[str, Any] = {}
+        self.thread = threading.Thread(
+            target=lambda: self.out.setdefault(
+                "stats", run_dispatcher(settings, stop_event=self.stop, **kw)
+            )
+        )
+
+    def __enter__(self) -> Dispatching:
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float) -> Any:
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive(), "the dispatcher did not finish"
+        return self.out["stats"]
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+@pytest.fixture
+def served(db: Db, tmp_path: Path) -> Iterator[tuple[Settings, str]]:
+    """The API app on the test's database, served by uvicorn on a loopback port."""
+    settings = make_settings(db, tmp_path)
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), 20, "uvicorn")
+    assert thread.is_alive()
+    try:
+        yield settings, f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        app.state.engine.dispose()
+
+
+def test_http_request_runs_on_ray_train_with_two_workers(
+    db, served, tmp_path, ray_cluster, tiny_model_dir
+):
+    settings, url = served
+    with session_scope(db.factory) as s:
+        requester = keys.create_key(s, "requester", "acme", actor="test")[1]
+        auditor = keys.create_key(s, "auditor", "acme", actor="test")[1]
+    steps = 6
+    with Client(url, api_key=requester) as c:
+        forget = c.upload_corpus(corpus_bytes(FORGET_SUBJECTS, 12))["id"]
+        retain = c.upload_corpus(corpus_bytes(RETAIN_SUBJECTS, 12))["id"]
+        job = c.submit(
+            {
+                "model": str(tiny_model_dir),
+                "forget": {"corpus_id": forget},
+                "retain": {"corpus_id": retain},
+                "algorithm": "gdiff",
+                "training": {"max_steps": steps, "batch_size": 4, "max_length": 16, "lr": 0.01},
+                "evaluation": {"batch_size": 8},
+                "distributed": TWO_WORKERS,
+            },
+            idempotency_key="ray-train-1",
+        )
+        assert job["state"] == "QUEUED"
+        with Dispatching(settings, max_jobs=1) as d:
+            final = c.wait(job["id"], timeout=300, interval=0.5)
+            stats = d.join(60)
+        assert stats.finished == {"SUCCEEDED": 1}
+        assert (final["state"], final["attempt"], final["failure_class"]) == (
+            "SUCCEEDED", 1, None,
+        )  # fmt: skip
+
+        evs = c.events(job["id"])["items"]
+        (started,) = [e for e in evs if e["kind"] == "attempt_started"]
+        assert started["payload"]["runner"] == "ray_train"
+        assert started["payload"]["num_workers"] == 2
+        assert [e["step"] for e in evs if e["kind"] == "step"] == list(range(1, steps + 1))
+        (result,) = [e for e in evs if e["kind"] == "result"]
+        assert result["payload"]["steps"] == steps
+
+        emap = c.expert_map(job["id"])["items"]
+        assert len(emap) == 3 * 8  # 3 MoE layers x 8 routed experts, sharded then reduced
+        assert [x["rank"] for x in emap if x["selected"]] == [1]
+        (chosen,) = [(x["layer"], x["expert"]) for x in emap if x["selected"]]
+        evals = {(e["phase"], e["task"], e["metric"]): e["value"]
+                 for e in c.evaluations(job["id"])["items"]}  # fmt: skip
+        assert evals[("after", "forget", "nll")] > evals[("before", "forget", "nll")]
+        assert ("after", "forget", "routing_overlap") in evals
+
+        # The patch holds exactly the selected expert's slices, downloaded over HTTP.
+        arts = {a["kind"]: a for a in c.artifacts(job["id"])}
+        assert {"expert_patch", "expert_map", "result", "model"} <= set(arts)
+        patch = c.download(job["id"], arts["expert_patch"]["id"], tmp_path / "patch.st")
+        layer, expert = chosen
+        meta, _ = read_patch(patch)
+        prefix = f"model.layers.{layer}.mlp."
+        assert sorted((r.name, r.expert) for r in meta.regions) == [
+            (prefix + "experts.down_proj", expert),
+            (prefix + "experts.gate_up_proj", expert),
+            (prefix + "gate.weight", None),
+        ]
+        cert = c.certificate(job["id"])
+        assert cert["experts"]["selected"][0]["layer"] == layer
+        assert cert["experts"]["selected"][0]["expert"] == expert
+        assert {p["slice"] for p in cert["parameters_changed"] if "experts" in p["name"]} == {
+            f"[{expert}]"
+        }
+    with Client(url, api_key=auditor) as a:
+        assert a.audit_verify()["ok"] is True
+    assert not (checkpoint_root(settings) / job["id"]).exists()  # dropped when it ended
+    wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_killed_training_worker_resumes_from_checkpoint_in_attempt_two(
+    db, tmp_path, ray_cluster, tiny_model_dir, monkeypatch
+):
+    """The last rank SIGKILLs itself after step 5 (once the step-4 checkpoint is
+    committed); the dispatcher classes it as infrastructure, retries, and attempt 2
+    resumes at step 4 with the same run name."""
+    settings = make_settings(db, tmp_path)
+    monkeypatch.setenv(FAIL_AT_ENV, "5")
+    monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "killed-once"))
+    job_id = submit(db, settings, tiny_model_dir, max_steps=8, distributed=TWO_WORKERS)
+
+    with Dispatching(settings, max_jobs=1) as d:
+        stats = d.join(400)
+
+    assert stats.claimed == 2 and stats.finished == {"RETRYING": 1, "SUCCEEDED": 1}
+    assert (tmp_path / "killed-once").read_text() == "killed at step 5"
+    job = job_row(db, job_id)
+    assert (job.state, job.attempt) == ("SUCCEEDED", 2)
+    evs = events(db, job_id)
+    assert [e.attempt for e in evs if e.kind == "attempt_started"] == [1, 2]
+    first = [e.step for e in evs if e.kind == "step" and e.attempt == 1]
+    assert first == [1, 2, 3, 4, 5]
+    (resumed,) = [e for e in evs if e.kind == "resumed"]
+    assert (resumed.attempt, resumed.payload["from_step"]) == (2, 4)
+    assert [e.step for e in evs if e.kind == "step" and e.attempt == 2] == [5, 6, 7, 8]
+    with session_scope(db.factory) as s:
+        retry = s.execute(
+            select(AuditEntry).where(
+                AuditEntry.job_id == job_id, AuditEntry.action == "job_retrying"
+            )
+        ).scalar_one()
+    assert retry.payload["failure_class"] == "infrastructure"
+    assert actions(db, job_id)[-1] == "job_succeeded"
+    assert not (checkpoint_root(settings) / job_id).exists()
+    audit_ok(db)
+    wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_cancel_mid_training_stops_every_worker_then_next_job_runs(
+    db, tmp_path, ray_cluster, tiny_model_dir
+):
+    settings = make_settings(db, tmp_path)
+    long_job = submit(db, settings, tiny_model_dir, max_steps=100_000, distributed=TWO_WORKERS)
+    next_job = submit(db, settings, tiny_model_dir, max_steps=3, distributed=TWO_WORKERS)
+    with Dispatching(settings, max_jobs=2) as d:
+        wait_for(
+            lambda: any(e.kind == "step" and e.step >= 3 for e in events(db, long_job)),
+            300,
+            "training steps of the long job",
+        )
+        with session_scope(db.factory) as s:
+            assert jobs.request_cancel(s, long_job, "t1", "tester").state == "CANCELLING"
+        took = wait_for(lambda: job_row(db, long_job).state == "CANCELLED", 30, "CANCELLED")
+        assert took < 10.0, f"cancel took {took:.1f}s"
+        stats = d.join(300)
+    assert stats.finished == {"CANCELLED": 1, "SUCCEEDED": 1}
+    job = job_row(db, long_job)
+    assert (job.attempt, job.failure_class) == (1, None)
+    last = max(e.step for e in events(db, long_job) if e.kind == "step")
+    assert 3 <= last < 100_000
+    assert not (checkpoint_root(settings) / long_job).exists()
+    assert job_row(db, next_job).state == "SUCCEEDED"
+    audit_ok(db)
+    wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
+
+
+def _dispatcher_process(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
+    """`moe-unlearn dispatcher` in its own process with its own private local Ray."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "MOE_UNLEARN_DATA_DIR": str(settings.data_dir),
+        "MOE_UNLEARN_LEASE_SECONDS": str(settings.lease_seconds),
+        "MOE_UNLEARN_HEARTBEAT_S": "0.5",
+        "MOE_UNLEARN_DISPATCHER_POLL_S": "0.2",
+        "MOE_UNLEARN_RAY_NUM_CPUS": "2",
+    }
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "dispatcher", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its Ray's processes go with it, not with this test
+    )
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_killed_dispatcher_process_job_is_recovered_by_a_new_one(
+    db, tmp_path, tiny_model_dir
+):
+    """SIGKILL of the dispatcher process mid-training (its Ray goes with it): its lease
+    expires, a second dispatcher process reclaims the job, and attempt 2 resumes from the
+    checkpoint the first one left."""
+    settings = make_settings(db, tmp_path, lease_seconds=4)
+    job_id = submit(db, settings, tiny_model_dir, max_steps=80, distributed=TWO_WORKERS)
+    first = _dispatcher_process(settings)
+    try:
+        wait_for(
+            lambda: any(e.kind == "step" and e.step >= 6 for e in events(db, job_id)),
+            300,
+            "training steps under the first dispatcher",
+        )
+        assert job_row(db, job_id).state == "RUNNING"
+        os.killpg(first.pid, signal.SIGKILL)  # the dispatcher and every process it started
+        first.wait(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    killed_at = max(e.step for e in events(db, job_id) if e.kind == "step")
+    second = _dispatcher_process(settings, "--max-jobs", "1")
+    try:
+        assert second.wait(timeout=600) == 0
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    job = job_row(db, job_id)
+    assert (job.state, job.attempt) == ("SUCCEEDED", 2)
+    acts = actions(db, job_id)
+    assert acts.count("job_claimed") == 2 and "lease_expired" in acts
+    evs = events(db, job_id)
+    (resumed,) = [e for e in evs if e.kind == "resumed"]
+    assert resumed.attempt == 2 and 2 <= resumed.payload["from_step"] <= killed_at
+    assert resumed.payload["from_step"] % TWO_WORKERS["checkpoint_every"] == 0
+    steps2 = [e.step for e in evs if e.kind == "step" and e.attempt == 2]
+    assert steps2 == list(range(resumed.payload["from_step"] + 1, 81))
+    audit_ok(db)
