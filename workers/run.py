@@ -465,18 +465,10 @@ def _stop_check(
 
 
 def _snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Copies of the named tensors; a tensor wired by workers.scope is read from its
-    parametrization's `original` (unchanged until the scope is baked)."""
+    """Copies of the named tensors (a fused expert tensor wired by workers.scope keeps its
+    name and its values until the scope is baked)."""
     state = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for name in names:
-        if name not in state:
-            prefix, _, attr = name.rpartition(".")
-            name_in_state = f"{prefix}.parametrizations.{attr}.original"
-            out[name] = state[name_in_state].detach().clone()
-        else:
-            out[name] = state[name].detach().clone()
-    return out
+    return {name: state[name].detach().clone() for name in names}
 
 
 def _scalars(d: dict[str, Any]) -> dict[str, float]:

@@ -102,12 +102,9 @@ class MoEAdapter:
             exp_prefix = names[id(experts)]
             expert_params: dict[str, int] = {}
             for pname, p in experts.named_parameters():
-                # The fused tensors are the module's own parameters. Submodules' ones are not
-                # fused [E, ...] (workers/scope.py's trainable slices), except a torch
-                # parametrization's "parametrizations.<name>.original".
-                if "." in pname and not (
-                    pname.startswith("parametrizations.") and pname.endswith(".original")
-                ):
+                # The fused tensors are the module's own parameters; a submodule's are not
+                # fused [E, ...] (workers/scope.py's trainable slices).
+                if "." in pname:
                     continue
                 if p.dim() == 0 or p.shape[0] != self.num_experts:
                     raise ValueError(
