@@ -103,6 +103,14 @@ def serve(
             "or RAY_ADDRESS); --no-ray-serve runs plain uvicorn without Ray.",
         ),
     ] = True,
+    with_dispatcher: Annotated[
+        bool,
+        typer.Option(
+            "--with-dispatcher",
+            help="Also run the dispatcher in this process, sharing Ray Serve's Ray (one Ray "
+            "on a single machine). Needs Ray Serve.",
+        ),
+    ] = False,
 ) -> None:
     """Start the HTTP API (OpenAPI docs at /docs). Without API keys it binds loopback only."""
     from service import db, keys
@@ -111,6 +119,11 @@ def serve(
     settings = get_settings()
     host = host or settings.host
     port = port or settings.port
+    if with_dispatcher and not ray_serve:
+        raise UserError(
+            "--with-dispatcher needs Ray Serve; with --no-ray-serve run `moe-unlearn "
+            "dispatcher` beside it"
+        )
     if migrate or settings.migrate_on_start:
         db.upgrade(settings.database_url)
     engine = _engine(settings)
@@ -127,7 +140,7 @@ def serve(
         # RAY SERVE MODE: create_app() in a 0-CPU Serve replica; blocks until SIGINT/SIGTERM.
         from api.serve import run_serve
 
-        run_serve(settings, host=host, port=port)
+        run_serve(settings, host=host, port=port, with_dispatcher=with_dispatcher)
         return
     import uvicorn
 

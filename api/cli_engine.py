@@ -140,7 +140,10 @@ def run(
 
     out = output_dir or Path("runs") / f"{spec.stem}-{job.spec_hash()[:10]}"
     with _stdout_to_stderr(), _RichReporter(job.training.max_steps) as rep:
-        res = run_job(job, out, reporter=rep)
+        if job.distributed.uses_ray_train:
+            res = _run_on_ray_train(job, out, rep)
+        else:
+            res = run_job(job, out, reporter=rep)
     if as_json:
         sys.stdout.write(json.dumps(res, default=str) + "\n")
     else:
@@ -148,6 +151,37 @@ def run(
 
         Console().print(before_after_table(res))
         Console().print(f"outputs in {res['output_dir']}")
+
+
+def _run_on_ray_train(job: Any, out: Path, rep: Any) -> dict[str, Any]:
+    """Several workers or DeepSpeed: a private local Ray with one CPU per worker, a Ray
+    Train run checkpointed under OUT/checkpoints (the same command resumes it after a
+    crash: the run name is the spec's hash), all of it gone when the run ends."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from workers.distributed import run_job_distributed
+
+    tmp = tempfile.mkdtemp(prefix="moeu-run-")  # short: Ray puts unix sockets there
+    storage = Path(out) / "checkpoints"
+    ray.init(
+        address="local",
+        num_cpus=job.distributed.num_workers,
+        _temp_dir=tmp,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        res = run_job_distributed(
+            job, out, rep, None, storage, run_name=f"run-{job.spec_hash()[:12]}"
+        )
+        shutil.rmtree(storage, ignore_errors=True)
+        return res
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @world_app.command("build")

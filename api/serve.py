@@ -1,6 +1,7 @@
 """The HTTP API as a Ray Serve deployment with a FastAPI ingress (`moe-unlearn serve`).
 
     moe-unlearn serve [--host 127.0.0.1] [--port 8000]     # Ray Serve (default)
+    moe-unlearn serve --with-dispatcher                     # + the dispatcher, same Ray
     moe-unlearn serve --no-ray-serve                        # plain uvicorn, no Ray
 
 `run_serve(settings, host, port)` starts (or joins, with `settings.ray_address`) Ray,
@@ -123,9 +124,14 @@ def run_serve(
     port: int,
     *,
     replica_num_cpus: float = REPLICA_NUM_CPUS,
+    with_dispatcher: bool = False,
 ) -> None:
     """Serve the API through Ray Serve on host:port until SIGINT/SIGTERM, then shut down
-    Serve and (if this call started it) Ray. Must run on the main thread (signals)."""
+    Serve and (if this call started it) Ray. Must run on the main thread (signals).
+
+    with_dispatcher: also run the dispatcher loop in this process, on the same Ray (one
+    Ray for the API and the training workers on a single machine; else the dispatcher
+    would start a second Ray). On a signal it hands its running job back (RETRYING)."""
     import ray
 
     from service.dispatcher import init_ray, ray_temp_dir
@@ -152,6 +158,11 @@ def run_serve(
         deployed = True
         serve.run(application, name=APP_NAME, route_prefix="/", blocking=False)
         _say(f"serving on http://{host}:{port} (Ray Serve; OpenAPI docs at /docs)")
+        if with_dispatcher:
+            from service.dispatcher import run_dispatcher
+
+            _say("running the dispatcher in this process, on the same Ray")
+            run_dispatcher(settings, stop_event=stop.event)  # returns once the flag is set
         while not stop.event.wait(0.5):
             pass
         _say(f"received signal {stop.signal}; shutting down")
