@@ -143,6 +143,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.database_url,
         echo=settings.db_echo,
         busy_timeout_s=settings.sqlite_busy_timeout_s,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout_s=settings.db_pool_timeout_s,
     )
     db.check_migrated(engine)
 

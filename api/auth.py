@@ -1,4 +1,15 @@
-"""Request dependencies: the database session, the settings, and the caller (API key).
+"""Request dependencies: the caller (API key) and the settings; the database session of a
+request (`request_session`).
+
+Connection rule: a pooled database connection is checked out and returned inside ONE call
+on one worker thread, never held across two. FastAPI runs each sync dependency and the
+sync endpoint as separate hops on the threadpool (40 threads); a session opened by the auth
+dependency and closed by a later hop held its connection while that request queued for
+the next thread. Under a burst, every pooled connection (5 + 10 overflow) was held by a
+request waiting for a thread while all 40 threads waited for a connection: a deadlock that
+lasted the pool's 30 s timeout (measured: bench/api_load.py, py-spy). So the auth check
+uses its own short session, and endpoints open theirs with `with request_session(request)`
+inside the endpoint body.
 
 Roles:
   requester  submits, reads and cancels the jobs of its tenant; uploads corpora
@@ -10,9 +21,10 @@ A job of another tenant is reported as 404, exactly like a missing one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Request, Security
 from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,9 +37,13 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Bearer <k
 MAX_KEY_LENGTH = 256  # a longer "key" is garbage: refuse before hashing it
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One session per request. Handlers commit what they write; anything not committed
-    is rolled back when the session closes."""
+@contextmanager
+def request_session(request: Request) -> Iterator[Session]:
+    """The request's session, to be used as `with request_session(request) as s:` inside a
+    sync endpoint, so its connection goes back to the pool before the endpoint returns
+    (module docstring). Handlers commit what they write; anything not committed is rolled
+    back on close. Loaded objects stay readable afterwards (expire_on_commit=False), so the
+    response is serialised from them without touching the database."""
     factory: sessionmaker[Session] = request.app.state.session_factory
     session = factory()
     try:
@@ -74,12 +90,10 @@ def authenticate_header(session: Session, header: str | None) -> Any:
 def require(*roles: str) -> Callable[..., Any]:
     """A dependency returning the caller's Principal if its role is one of `roles`."""
 
-    def dependency(
-        request: Request,
-        session: Session = Depends(get_session),
-        _creds: Any = Security(bearer_scheme),
-    ) -> Any:
-        principal = authenticate_header(session, request.headers.get("authorization"))
+    def dependency(request: Request, _creds: Any = Security(bearer_scheme)) -> Any:
+        # Its own session, closed before this hop ends: see the module docstring.
+        with request_session(request) as session:
+            principal = authenticate_header(session, request.headers.get("authorization"))
         if principal.role not in roles:
             raise ApiError(
                 403,

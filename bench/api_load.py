@@ -14,16 +14,34 @@ process is the load generator.
 
 Load: an open-loop scheduler. Request i is *due* at t0 + i/rate whether or not earlier
 requests have answered (a closed loop would slow down with the server and hide queueing),
-and its latency is measured from its due time, so time spent waiting for a connection or
-behind a late scheduler counts. Each phase sends exactly rate x duration requests after a
-1 s warm-up, then waits at most REQUEST_TIMEOUT_S for the stragglers: the loop ends by
-itself. Achieved throughput = successful answers / (last answer - t0).
+and its latency is measured from its due time, so queueing in the server counts. Each
+phase sends exactly rate x duration requests after a 1 s warm-up, then waits at most
+REQUEST_TIMEOUT_S for the stragglers: the loop ends by itself. Achieved throughput =
+successful answers / (last answer - t0). Latency percentiles cover EVERY request sent: a
+failed request counts with its elapsed time and a timed-out one with exactly the timeout
+(a censored value), so failures cannot make the percentiles look better.
+
+The client's own limits are kept out of the server's figures, and measured: the
+connection pool is sized for rate x timeout (it never queues a request; `peak_in_flight`
+shows how close it came), and every request records how late the scheduler started it
+(`client_lag_*`: the load generator's own CPU starvation). `p99_from_send_ms` is the
+latency without that lag; a phase whose client lag p99 exceeds CLIENT_LAG_LIMIT_MS, or
+that filled the pool, is flagged `client_limited` (its figures are not the server's).
+Each phase uses a fresh client, and the next phase starts only once the server has
+drained (a sync route, /healthz, answers promptly again; `drain_s`), so one phase's
+backlog is never billed to the next.
+
+After the three steady phases come two bursts: BURST requests due at the same instant
+(list, then POST), the stall a busy machine produces (a paused process, a GC or CPU-steal
+hiccup, a retry storm); they show whether the server recovers or wedges.
 
 With `--profile`, py-spy samples the server during every phase (`--gil`: only the thread
 holding the GIL, i.e. Python CPU time; raw collapsed stacks in
 bench/results/api_load_profile_<backend>_<phase>.txt), the run prints where the server's
 time goes by package, and the figures go to api_load_profiled.json instead (sampling
-perturbs them). The server's CPU time per request is always recorded (psutil).
+perturbs them). The server's CPU time per request is always recorded (psutil), and so
+is the time its threads were runnable but waiting for a CPU (Linux schedstat): on the
+shared 2-core box that separates "the server was slow" from "the machine did not run it".
 
 Writes bench/results/api_load.json: per backend and endpoint the figures, `targets`
 (GET job p99 < 50 ms at 100 req/s) with met/missed and the margin, and `ratios`.
@@ -61,6 +79,11 @@ MOE_UNLEARN = str(Path(sys.executable).with_name("moe-unlearn"))
 SEED_JOBS = 60  # > the default page size (50): list jobs returns a full page
 REQUEST_TIMEOUT_S = 10.0
 WARMUP_S = 1.0
+BURST = 200  # requests due at the same instant in the burst phases
+CLIENT_LAG_LIMIT_MS = 10.0  # scheduler lateness (p99) above which a phase is client-limited
+DRAIN_LIMIT_S = 60.0  # bounded wait for the server to empty its queue between phases
+TRANSPORT_ERROR = -1  # status code recorded for a connection error
+TIMED_OUT = -2  # status code recorded for a request that exceeded REQUEST_TIMEOUT_S
 TARGET_GET_P99_MS = 50.0
 TARGET_RATE = 100.0
 CORPUS = b'{"text": "The capital of Zorbia is Quellton."}\n{"prompt": "Q?", "answer": "A."}\n'
@@ -80,6 +103,17 @@ class PhaseResult:
     p99_ms: float
     max_ms: float
     mean_ms: float
+    p99_from_send_ms: float  # latency from the moment the client started the request
+    ok_p99_ms: float  # successful requests only
+    client_lag_p50_ms: float  # how late the scheduler started requests (client-side)
+    client_lag_p99_ms: float
+    peak_in_flight: int
+    client_limited: bool  # the figures include the load generator's own limits
+    client_cpu_utilisation: float  # this process's CPU seconds / wall (1.0 = a full core)
+    # Seconds the server's threads were runnable but not running (waiting for a CPU the
+    # other work on the machine held), per wall second of the phase; a lower bound.
+    server_runqueue_wait_per_s: float
+    drain_s: float  # how long the server needed to empty its queue after the phase
     achieved_rps: float
     server_cpu_ms_per_request: float
     server_cpu_utilisation: float  # server CPU seconds / wall seconds (1.0 = one core)
@@ -195,72 +229,168 @@ def server(url: str, data_dir: Path, ray_serve: bool, log_path: Path) -> Iterato
 Sender = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
 
 
+@dataclass
+class LoadRun:
+    """What one open-loop run observed, per request (index = request number)."""
+
+    latency: list[float]  # seconds from the due time to the answer (or the timeout)
+    start_lag: list[float]  # seconds from the due time to the client starting the request
+    status: list[int]  # HTTP status, TRANSPORT_ERROR or TIMED_OUT
+    wall: float  # seconds from t0 to the last answer
+    peak_in_flight: int
+    pool_limit: int
+
+
+def pool_size_for(rate: float, n: int) -> int:
+    """Client connections needed so the client's pool never holds back a request: every
+    request may be in flight for up to the timeout."""
+    return int(min(n, math.ceil(rate * REQUEST_TIMEOUT_S))) + 10
+
+
+def new_client(base: str, headers: dict[str, str], pool: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    return httpx.AsyncClient(
+        base_url=base, headers=headers, timeout=REQUEST_TIMEOUT_S, limits=limits
+    )
+
+
 async def open_loop(
-    client: httpx.AsyncClient, send: Sender, rate: float, duration: float
-) -> tuple[list[float], list[int], float]:
-    """Send int(rate * duration) requests, request i due at t0 + i/rate. Returns the
-    latencies in seconds (from the due time), the status codes (-1: transport error or
-    timeout) and the wall time from t0 to the last answer."""
-    n = int(rate * duration)
+    client: httpx.AsyncClient, send: Sender, n: int, rate: float | None, pool_limit: int
+) -> LoadRun:
+    """Send n requests, request i due at t0 + i/rate (rate None: all due at t0, a burst),
+    whatever happened to the earlier ones. Bounded: returns at most REQUEST_TIMEOUT_S + 5 s
+    after the last request was due."""
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
     latency = [float("nan")] * n
-    status = [-1] * n
+    start_lag = [float("nan")] * n
+    status = [TRANSPORT_ERROR] * n
     done_at = [t0] * n
+    in_flight = 0
+    peak = 0
 
     async def one(i: int, due: float) -> None:
+        nonlocal in_flight, peak
+        start = loop.time()
+        start_lag[i] = start - due
+        in_flight += 1
+        peak = max(peak, in_flight)
         try:
-            r = await asyncio.wait_for(send(client, i), REQUEST_TIMEOUT_S)
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                r = await send(client, i)
             status[i] = r.status_code
-        except (TimeoutError, httpx.HTTPError):
-            status[i] = -1
-        done_at[i] = loop.time()
+            done_at[i] = loop.time()
+        except TimeoutError:
+            status[i] = TIMED_OUT
+            # Censored at the timeout: the cancellation's own clean-up is not server time.
+            done_at[i] = start + REQUEST_TIMEOUT_S
+        except httpx.HTTPError:
+            status[i] = TRANSPORT_ERROR
+            done_at[i] = loop.time()
+        finally:
+            in_flight -= 1
         latency[i] = done_at[i] - due
 
     tasks = []
     for i in range(n):
-        due = t0 + i / rate
+        due = t0 + (i / rate if rate else 0.0)
         delay = due - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, due)))
-    await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 5)  # bounded: never hangs
-    for t in tasks:
+    _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 5)  # never hangs
+    for t in pending:
         t.cancel()
-    return latency, status, max(done_at) - t0
+    if pending:
+        await asyncio.wait(pending, timeout=5)
+    return LoadRun(latency, start_lag, status, max(done_at) - t0, peak, pool_limit)
+
+
+async def wait_until_drained(base: str) -> float:
+    """Seconds until the server answers /healthz (a sync route: it needs a free worker
+    thread, so it waits behind any backlog) within 0.5 s; at most DRAIN_LIMIT_S."""
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(base_url=base, timeout=2.0) as c:
+        while time.monotonic() - t0 < DRAIN_LIMIT_S:
+            t = time.monotonic()
+            try:
+                r = await c.get("/healthz")
+                if r.status_code == 200 and time.monotonic() - t < 0.5:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    return round(time.monotonic() - t0, 2)
 
 
 def summarise(
     endpoint: str,
     rate: float,
     duration: float,
-    latency: list[float],
-    status: list[int],
-    wall: float,
+    run: LoadRun,
     cpu_s: float,
     ok_codes: frozenset[int],
+    drain_s: float,
+    client_cpu_s: float,
+    server_wait_s: float,
 ) -> PhaseResult:
-    ok_lat = [x * 1000 for x, s in zip(latency, status, strict=True) if s in ok_codes]
-    all_lat = [x * 1000 for x in latency if x == x]  # every answered request, errors too
-    lat = ok_lat or all_lat or [float("nan")]
-    ok = len(ok_lat)
+    """The figures of one phase. A burst starts all its requests at once, so its client lag
+    is inherent (one event loop starting n requests) and only a full client pool flags it."""
+    ms = [x * 1000 for x in run.latency]
+    lag = [x * 1000 for x in run.start_lag if x == x] or [0.0]
+    from_send = [a * 1000 - b * 1000 for a, b in zip(run.latency, run.start_lag, strict=True)]
+    ok_ms = [x for x, s in zip(ms, run.status, strict=True) if s in ok_codes] or [float("nan")]
+    ok = sum(1 for s in run.status if s in ok_codes)
+    labels = {TRANSPORT_ERROR: "transport_error", TIMED_OUT: "timeout"}
+    lag_p99 = percentile(lag, 99)
+    wall = run.wall
     return PhaseResult(
         endpoint=endpoint,
         offered_rps=rate,
         duration_s=duration,
-        sent=len(status),
+        sent=len(run.status),
         ok=ok,
-        errors=len(status) - ok,
-        status={str(k): v for k, v in sorted(Counter(status).items())},
-        p50_ms=round(percentile(lat, 50), 2),
-        p90_ms=round(percentile(lat, 90), 2),
-        p99_ms=round(percentile(lat, 99), 2),
-        max_ms=round(max(lat), 2),
-        mean_ms=round(statistics.fmean(lat), 2),
+        errors=len(run.status) - ok,
+        status={labels.get(k, str(k)): v for k, v in sorted(Counter(run.status).items())},
+        p50_ms=round(percentile(ms, 50), 2),
+        p90_ms=round(percentile(ms, 90), 2),
+        p99_ms=round(percentile(ms, 99), 2),
+        max_ms=round(max(ms), 2),
+        mean_ms=round(statistics.fmean(ms), 2),
+        p99_from_send_ms=round(percentile(from_send, 99), 2),
+        ok_p99_ms=round(percentile(ok_ms, 99), 2),
+        client_lag_p50_ms=round(percentile(lag, 50), 2),
+        client_lag_p99_ms=round(lag_p99, 2),
+        peak_in_flight=run.peak_in_flight,
+        client_limited=bool(
+            (rate > 0 and lag_p99 > CLIENT_LAG_LIMIT_MS) or run.peak_in_flight >= run.pool_limit
+        ),
+        client_cpu_utilisation=round(client_cpu_s / wall, 3) if wall > 0 else 0.0,
+        server_runqueue_wait_per_s=round(server_wait_s / wall, 3) if wall > 0 else 0.0,
+        drain_s=drain_s,
         achieved_rps=round(ok / wall, 1) if wall > 0 else 0.0,
-        server_cpu_ms_per_request=round(cpu_s * 1000 / max(1, len(status)), 3),
+        server_cpu_ms_per_request=round(cpu_s * 1000 / max(1, len(run.status)), 3),
         server_cpu_utilisation=round(cpu_s / wall, 3) if wall > 0 else 0.0,
     )
+
+
+def _runqueue_wait_ns(pid: int) -> dict[str, int]:
+    """Per thread: nanoseconds it spent runnable but waiting for a CPU (Linux schedstat):
+    how much the shared machine, not the process's own work or locks, delayed it. Empty
+    where schedstat is unavailable."""
+    out: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out[task.name] = int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that just exited, or no schedstat
+    return out
+
+
+def _runqueue_wait_delta_s(before: dict[str, int], after: dict[str, int]) -> float:
+    """Seconds of run-queue wait between two samples, over the threads alive at the end (a
+    lower bound: a thread that exited in between takes its count with it)."""
+    return sum(v - before.get(tid, 0) for tid, v in after.items()) / 1e9
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -383,10 +513,7 @@ async def _phases(
     kind: str, base: str, pid: int, secret: str, rate: float, duration: float, profile: bool
 ) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {secret}"}
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(
-        base_url=base, headers=headers, timeout=REQUEST_TIMEOUT_S, limits=limits
-    ) as client:
+    async with new_client(base, headers, 10) as client:
         r = await client.post("/v1/corpora", content=CORPUS)
         r.raise_for_status()
         body = {"forget": {"corpus_id": r.json()["id"]}, "algorithm": "npo"}
@@ -396,38 +523,69 @@ async def _phases(
             r.raise_for_status()
             ids.append(r.json()["id"])
 
-        async def get_job(c: httpx.AsyncClient, i: int) -> httpx.Response:
-            return await c.get(f"/v1/jobs/{ids[i % len(ids)]}")
+    async def get_job(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await c.get(f"/v1/jobs/{ids[i % len(ids)]}")
 
-        async def list_jobs(c: httpx.AsyncClient, i: int) -> httpx.Response:
-            return await c.get("/v1/jobs")
+    async def list_jobs(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await c.get("/v1/jobs")
 
-        async def post_job(c: httpx.AsyncClient, i: int) -> httpx.Response:
-            return await c.post("/v1/jobs", json=body)
+    async def post_job(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await c.post("/v1/jobs", json=body)
 
-        phases: list[tuple[str, str, Sender, frozenset[int]]] = [
-            ("GET /v1/jobs/{id}", "get_job", get_job, frozenset({200})),
-            ("GET /v1/jobs (list, 50/page)", "list_jobs", list_jobs, frozenset({200})),
-            ("POST /v1/jobs", "post_job", post_job, frozenset({202})),
-        ]
-        out = []
-        for name, slug, send, ok_codes in phases:
-            await open_loop(client, send, rate, WARMUP_S)  # open connections, warm caches
+    n = int(rate * duration)
+    # (name, file slug, sender, OK codes, requests, rate; None = all at once)
+    phases: list[tuple[str, str, Sender, frozenset[int], int, float | None]] = [
+        ("GET /v1/jobs/{id}", "get_job", get_job, frozenset({200}), n, rate),
+        ("GET /v1/jobs (list, 50/page)", "list_jobs", list_jobs, frozenset({200}), n, rate),
+        ("POST /v1/jobs", "post_job", post_job, frozenset({202}), n, rate),
+        (
+            f"burst: {BURST} x GET /v1/jobs at once",
+            "burst_list",
+            list_jobs,
+            frozenset({200}),
+            BURST,
+            None,
+        ),
+        (
+            f"burst: {BURST} x POST /v1/jobs at once",
+            "burst_post",
+            post_job,
+            frozenset({202}),
+            BURST,
+            None,
+        ),
+    ]
+    out = []
+    for name, slug, send, ok_codes, count, phase_rate in phases:
+        pool = pool_size_for(phase_rate or float(count), count)
+        async with new_client(base, headers, pool) as client:
+            warm = max(1, int((phase_rate or rate) * WARMUP_S))
+            await open_loop(client, send, warm, phase_rate or rate, pool)  # warm connections
+            await wait_until_drained(base)
             prof = RESULTS / f"api_load_profile_{kind}_{slug}.txt"
             cpu0 = _cpu_seconds(pid)
-            with py_spy(pid, prof, duration, profile):
-                latency, status, wall = await open_loop(client, send, rate, duration)
+            client_cpu0 = time.process_time()
+            wait0 = _runqueue_wait_ns(pid)
+            span = count / phase_rate if phase_rate else 5.0
+            with py_spy(pid, prof, span, profile):
+                run = await open_loop(client, send, count, phase_rate, pool)
             cpu = _cpu_seconds(pid) - cpu0
-            res = summarise(name, rate, duration, latency, status, wall, cpu, ok_codes)
-            if profile:
-                res.profile = summarise_profile(prof)
-            out.append(res)
-            print(
-                f"  [{kind}] {name}: p50 {res.p50_ms} ms, p99 {res.p99_ms} ms, "
-                f"{res.achieved_rps} req/s",
-                file=sys.stderr,
-                flush=True,
-            )
+            client_cpu = time.process_time() - client_cpu0
+            server_wait = _runqueue_wait_delta_s(wait0, _runqueue_wait_ns(pid))
+        drain = await wait_until_drained(base)  # the next phase starts on an idle server
+        res = summarise(
+            name, phase_rate or 0.0, span, run, cpu, ok_codes, drain, client_cpu, server_wait
+        )
+        if profile:
+            res.profile = summarise_profile(prof)
+        out.append(res)
+        flag = " CLIENT-LIMITED" if res.client_limited else ""
+        print(
+            f"  [{kind}] {name}: p50 {res.p50_ms} ms, p99 {res.p99_ms} ms, "
+            f"{res.achieved_rps} req/s, {res.errors} errors, drained in {drain} s{flag}",
+            file=sys.stderr,
+            flush=True,
+        )
     return {"backend": kind, "endpoints": [asdict(r) for r in out]}
 
 
@@ -443,17 +601,23 @@ def table(backends: list[dict[str, Any]]) -> str:
         "p90 ms",
         "p99 ms",
         "max ms",
+        "p99 from send ms",
+        "client lag p99 ms",
+        "drain s",
         "server CPU ms/req",
         "server CPU util",
+        "client CPU util",
+        "server runq wait s/s",
     ]
     rows = [cols, ["---"] * len(cols)]
     for b in backends:
         for e in b["endpoints"]:
+            flag = " (client-limited)" if e["client_limited"] else ""
             rows.append(
                 [
                     b["backend"],
-                    e["endpoint"],
-                    f"{e['offered_rps']:g}",
+                    e["endpoint"] + flag,
+                    f"{e['offered_rps']:g}" if e["offered_rps"] else "burst",
                     f"{e['achieved_rps']:g}",
                     str(e["ok"]),
                     str(e["errors"]),
@@ -461,11 +625,21 @@ def table(backends: list[dict[str, Any]]) -> str:
                     f"{e['p90_ms']:.1f}",
                     f"{e['p99_ms']:.1f}",
                     f"{e['max_ms']:.1f}",
+                    f"{e['p99_from_send_ms']:.1f}",
+                    f"{e['client_lag_p99_ms']:.1f}",
+                    f"{e['drain_s']:g}",
                     f"{e['server_cpu_ms_per_request']:.2f}",
                     f"{e['server_cpu_utilisation']:.2f}",
+                    f"{e['client_cpu_utilisation']:.2f}",
+                    f"{e['server_runqueue_wait_per_s']:.2f}",
                 ]
             )
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def _keeps_up(e: dict[str, Any]) -> bool:
+    """Served the offered rate (within 5%) with no error."""
+    return bool(e["errors"] == 0 and e["achieved_rps"] >= 0.95 * e["offered_rps"])
 
 
 def targets_and_ratios(backends: list[dict[str, Any]], rate: float) -> tuple[dict, dict]:
@@ -473,6 +647,7 @@ def targets_and_ratios(backends: list[dict[str, Any]], rate: float) -> tuple[dic
         "get_job_p99_ms_below": TARGET_GET_P99_MS,
         "at_rate_rps": TARGET_RATE,
         "measured_rate_rps": rate,
+        "keeps_up": "achieved >= 95% of offered and zero errors (list and POST)",
     }
     ratios: dict[str, Any] = {}
     by = {b["backend"]: {e["endpoint"]: e for e in b["endpoints"]} for b in backends}
@@ -483,16 +658,26 @@ def targets_and_ratios(backends: list[dict[str, Any]], rate: float) -> tuple[dic
         targets[kind] = {
             "get_job_p99_ms": get["p99_ms"],
             "met": bool(
-                rate >= TARGET_RATE and get["p99_ms"] < TARGET_GET_P99_MS and get["errors"] == 0
+                rate >= TARGET_RATE
+                and get["p99_ms"] < TARGET_GET_P99_MS
+                and get["errors"] == 0
+                and not get["client_limited"]
             ),
             "p99_over_target": round(get["p99_ms"] / TARGET_GET_P99_MS, 3),
+            "list_keeps_up": _keeps_up(lst),
+            "post_keeps_up": _keeps_up(post),
+            "bursts_without_errors": all(
+                e["errors"] == 0 for name, e in eps.items() if name.startswith("burst")
+            ),
         }
         ratios[kind] = {
             "get_p99_over_target": round(get["p99_ms"] / TARGET_GET_P99_MS, 3),
             "list_p50_over_get_p50": round(lst["p50_ms"] / get["p50_ms"], 2),
             "post_p50_over_get_p50": round(post["p50_ms"] / get["p50_ms"], 2),
             "achieved_over_offered": {
-                e["endpoint"]: round(e["achieved_rps"] / e["offered_rps"], 3) for e in eps.values()
+                name: round(e["achieved_rps"] / e["offered_rps"], 3)
+                for name, e in eps.items()
+                if e["offered_rps"]
             },
         }
     if "sqlite" in by and "postgresql" in by:
@@ -535,7 +720,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "api_load",
         "command": cmd.strip(),
         "server": "moe-unlearn serve " + ("--ray-serve" if a.ray_serve else "--no-ray-serve"),
-        "scheduler": "open loop; latency from each request's due time",
+        "scheduler": "open loop; latency from each request's due time, over every request "
+        "sent (errors at their elapsed time, timeouts censored at request_timeout_s)",
+        "request_timeout_s": REQUEST_TIMEOUT_S,
+        "burst_requests": BURST,
+        "client_lag_limit_ms": CLIENT_LAG_LIMIT_MS,
+        "server_pythonpath": os.environ.get("PYTHONPATH"),
         "rate_rps": a.rate,
         "profiled": a.profile,
         "duration_s": a.duration,
@@ -560,13 +750,16 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "met" if t["met"] else f"MISSED ({t['p99_over_target']}x the target)"
         print(
             f"target GET job p99 < {TARGET_GET_P99_MS:g} ms at {TARGET_RATE:g} req/s "
-            f"[{kind}]: {t['get_job_p99_ms']} ms -> {verdict}"
+            f"[{kind}]: {t['get_job_p99_ms']} ms -> {verdict}; list keeps up: "
+            f"{t['list_keeps_up']}, POST keeps up: {t['post_keeps_up']}, bursts without "
+            f"errors: {t['bursts_without_errors']}"
         )
     for b in backends:
         for e in b["endpoints"]:
             prof = e.get("profile") or {}
-            if prof.get("share_by_group"):
-                top = ", ".join(f"{g} {s:.0%}" for g, s in list(prof["share_by_group"].items())[:6])
+            if prof.get("inclusive_share"):
+                shares = list(prof["inclusive_share"].items())[:6]
+                top = ", ".join(f"{g} {s:.0%}" for g, s in shares)
                 print(f"profile [{b['backend']}] {e['endpoint']}: {top}")
     print(f"wrote {path}")
     return 0

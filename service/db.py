@@ -35,11 +35,26 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, echo: bool = False, busy_timeout_s: float = 30.0) -> Engine:
-    """A new engine for `url` (SQLite file or PostgreSQL). Creates the SQLite file's folder."""
+def make_engine(
+    url: str,
+    *,
+    echo: bool = False,
+    busy_timeout_s: float = 30.0,
+    pool_size: int = 5,
+    max_overflow: int = 10,
+    pool_timeout_s: float = 30.0,
+) -> Engine:
+    """A new engine for `url` (SQLite file or PostgreSQL). Creates the SQLite file's folder.
+
+    Pool: at most `pool_size + max_overflow` connections; a checkout waits up to
+    `pool_timeout_s` for one to come back. Callers must return a connection within the
+    call that took it (api/auth.py explains the deadlock otherwise)."""
     url = normalize_url(url)
     u = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    if u.get_backend_name() != "sqlite" or (u.database and u.database != ":memory:"):
+        # A file or server database gets a QueuePool (in-memory SQLite uses a static one).
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Depends, Query, Request
 
-from api.auth import audit_access, get_session
+from api.auth import audit_access, request_session
 from api.errors import ErrorBody
 from api.schemas import AuditEntryOut, AuditList, AuditVerifyOut
 from service import audit
@@ -25,28 +24,28 @@ router = APIRouter(
 
 @router.get("/events", response_model=AuditList)
 def audit_events(
+    request: Request,
     since: int = Query(0, ge=0, le=2**62, description="Only entries with seq > since."),
     limit: int = Query(100, ge=1, le=1000),
     job_id: str | None = Query(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="One job only."),
     principal: Any = Depends(audit_access),
-    session: Session = Depends(get_session),
 ) -> AuditList:
     """Audit entries of the auditor's tenant, oldest first (payloads hold ids, hashes and
     counts, never corpus text)."""
-    rows = audit.list_entries(
-        session, tenant=principal.tenant, job_id=job_id, after_seq=since, limit=limit
-    )
-    items = [AuditEntryOut(**audit.entry_to_dict(e)) for e in rows]
+    with request_session(request) as session:
+        rows = audit.list_entries(
+            session, tenant=principal.tenant, job_id=job_id, after_seq=since, limit=limit
+        )
+        items = [AuditEntryOut(**audit.entry_to_dict(e)) for e in rows]
     return AuditList(items=items, next_since=items[-1].seq if items else since)
 
 
 @router.get("/verify", response_model=AuditVerifyOut)
-def audit_verify(
-    principal: Any = Depends(audit_access), session: Session = Depends(get_session)
-) -> AuditVerifyOut:
+def audit_verify(request: Request, principal: Any = Depends(audit_access)) -> AuditVerifyOut:
     """Recompute the whole hash chain; `ok` is false and `first_bad_seq` names the first
     entry that was edited, deleted or inserted since it was written."""
-    r = audit.verify(session)
+    with request_session(request) as session:
+        r = audit.verify(session)
     return AuditVerifyOut(
         ok=r.ok,
         checked=r.checked,

@@ -2,7 +2,9 @@
 results of a job (expert map, evaluations, artifacts, deletion certificate).
 
 Every read goes through `jobs.get_job(session, id, tenant)`, so another tenant's job is
-a 404 exactly like a missing one.
+a 404 exactly like a missing one. Each endpoint opens its session with
+`with request_session(request)` in its own body, so the database connection is returned
+before the endpoint returns (why: api/auth.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.auth import get_session, read_jobs, write_jobs
+from api.auth import read_jobs, request_session, write_jobs
 from api.errors import ApiError, ErrorBody
 from api.schemas import (
     TERMINAL_STATES,
@@ -62,9 +64,9 @@ def _job(session: Session, job_id: str, principal: Any) -> Any:
 @router.post("", status_code=202, response_model=JobOut, responses=_ERRORS)
 def submit_job(
     spec: JobSpec,
+    request: Request,
     response: Response,
     principal: Any = Depends(write_jobs),
-    session: Session = Depends(get_session),
     idempotency_key: str | None = Header(
         None,
         alias="Idempotency-Key",
@@ -75,15 +77,16 @@ def submit_job(
 ) -> Any:
     """Queue an unlearning job. The body is the job spec (the same as `moe-unlearn run`
     takes); corpora must be uploaded first (POST /v1/corpora) and named by `corpus_id`."""
-    result = jobs.submit_job(
-        session,
-        spec,
-        tenant=principal.tenant,
-        actor=f"key:{principal.key_id}",
-        idempotency_key=idempotency_key,
-        requester=principal.key_id,
-    )
-    session.commit()
+    with request_session(request) as session:
+        result = jobs.submit_job(
+            session,
+            spec,
+            tenant=principal.tenant,
+            actor=f"key:{principal.key_id}",
+            idempotency_key=idempotency_key,
+            requester=principal.key_id,
+        )
+        session.commit()
     response.headers["Location"] = f"/v1/jobs/{result.job.id}"
     if idempotency_key is not None:
         response.headers["Idempotency-Replayed"] = "false" if result.created else "true"
@@ -99,22 +102,21 @@ def list_jobs(
     ),
     limit: int | None = Query(None, ge=1, le=500, description="Page size."),
     principal: Any = Depends(read_jobs),
-    session: Session = Depends(get_session),
 ) -> JobList:
     """Jobs of the caller's tenant, newest first."""
     settings = request.app.state.settings
     n = min(limit or settings.page_size, settings.max_page_size)
-    page = jobs.list_jobs(session, principal.tenant, state=state, cursor=cursor, limit=n)
+    with request_session(request) as session:
+        page = jobs.list_jobs(session, principal.tenant, state=state, cursor=cursor, limit=n)
     return JobList(
         items=[JobOut.model_validate(j) for j in page.items], next_cursor=page.next_cursor
     )
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=_ERRORS)
-def get_job(
-    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
-) -> Any:
-    return _job(session, job_id, principal)
+def get_job(request: Request, job_id: JobId, principal: Any = Depends(read_jobs)) -> Any:
+    with request_session(request) as session:
+        return _job(session, job_id, principal)
 
 
 @router.post(
@@ -123,13 +125,14 @@ def get_job(
     response_model=JobOut,
     responses={**_ERRORS, 409: {"model": ErrorBody, "description": "Already finished."}},
 )
-def cancel_job(
-    job_id: JobId, principal: Any = Depends(write_jobs), session: Session = Depends(get_session)
-) -> Any:
+def cancel_job(request: Request, job_id: JobId, principal: Any = Depends(write_jobs)) -> Any:
     """Cancel: a queued job is CANCELLED at once, a running one becomes CANCELLING (its
     runner stops at its next heartbeat). Repeating a cancel is harmless."""
-    job = jobs.request_cancel(session, job_id, principal.tenant, actor=f"key:{principal.key_id}")
-    session.commit()
+    with request_session(request) as session:
+        job = jobs.request_cancel(
+            session, job_id, principal.tenant, actor=f"key:{principal.key_id}"
+        )
+        session.commit()
     return job
 
 
@@ -182,51 +185,53 @@ def job_events(
     since: int = Query(0, ge=0, le=2**62, description="Only events with id > since."),
     limit: int = Query(100, ge=1, le=1000),
     principal: Any = Depends(read_jobs),
-    session: Session = Depends(get_session),
 ) -> Any:
     """Progress events (steps, losses, routing overlap), oldest first."""
-    job = _job(session, job_id, principal)
-    if "text/event-stream" in request.headers.get("accept", ""):
-        session.close()  # the stream opens its own short sessions
-        return StreamingResponse(
-            _sse(request, job.id, since),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    items = [EventOut.model_validate(e) for e in jobs.list_events(session, job.id, since, limit)]
-    return EventList(items=items, next_since=items[-1].id if items else since, job_state=job.state)
+    stream = "text/event-stream" in request.headers.get("accept", "")
+    with request_session(request) as session:
+        job = _job(session, job_id, principal)
+        if not stream:
+            rows = jobs.list_events(session, job.id, since, limit)
+            items = [EventOut.model_validate(e) for e in rows]
+            return EventList(
+                items=items, next_since=items[-1].id if items else since, job_state=job.state
+            )
+    # The stream opens its own short sessions, one per poll.
+    return StreamingResponse(
+        _sse(request, job.id, since),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get("/{job_id}/expert-map", response_model=ExpertMapOut, responses=_ERRORS)
 def expert_map(
-    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
+    request: Request, job_id: JobId, principal: Any = Depends(read_jobs)
 ) -> ExpertMapOut:
     """Every scored expert (layer, expert, score, rank); `selected` marks the unlearned ones."""
-    job = _job(session, job_id, principal)
-    return ExpertMapOut(
-        items=[ExpertScoreOut.model_validate(r) for r in jobs.get_expert_map(session, job.id)]
-    )
+    with request_session(request) as session:
+        job = _job(session, job_id, principal)
+        rows = jobs.get_expert_map(session, job.id)
+        return ExpertMapOut(items=[ExpertScoreOut.model_validate(r) for r in rows])
 
 
 @router.get("/{job_id}/evaluations", response_model=EvaluationList, responses=_ERRORS)
 def evaluations(
-    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
+    request: Request, job_id: JobId, principal: Any = Depends(read_jobs)
 ) -> EvaluationList:
     """Forget and utility scores before and after unlearning."""
-    job = _job(session, job_id, principal)
-    return EvaluationList(
-        items=[EvaluationOut.model_validate(r) for r in jobs.get_evaluations(session, job.id)]
-    )
+    with request_session(request) as session:
+        job = _job(session, job_id, principal)
+        rows = jobs.get_evaluations(session, job.id)
+        return EvaluationList(items=[EvaluationOut.model_validate(r) for r in rows])
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=_ERRORS)
-def artifacts(
-    job_id: JobId, principal: Any = Depends(read_jobs), session: Session = Depends(get_session)
-) -> ArtifactList:
-    job = _job(session, job_id, principal)
-    return ArtifactList(
-        items=[ArtifactOut.model_validate(a) for a in jobs.list_artifacts(session, job.id)]
-    )
+def artifacts(request: Request, job_id: JobId, principal: Any = Depends(read_jobs)) -> ArtifactList:
+    with request_session(request) as session:
+        job = _job(session, job_id, principal)
+        rows = jobs.list_artifacts(session, job.id)
+        return ArtifactList(items=[ArtifactOut.model_validate(a) for a in rows])
 
 
 @router.get(
@@ -242,11 +247,11 @@ def download_artifact(
     job_id: JobId,
     artifact_id: int = PathParam(ge=1, le=2**62),
     principal: Any = Depends(read_jobs),
-    session: Session = Depends(get_session),
 ) -> FileResponse:
     """The artifact's bytes; the `X-Content-SHA256` header lets the client check them."""
-    job = _job(session, job_id, principal)
-    art = jobs.get_artifact(session, job.id, artifact_id)
+    with request_session(request) as session:
+        job = _job(session, job_id, principal)
+        art = jobs.get_artifact(session, job.id, artifact_id)
     path = Path(art.location)
     # Only serve files inside the blob store (a location is data, not a trusted path).
     root = BlobStore.from_settings(request.app.state.settings).root
@@ -280,17 +285,18 @@ def download_artifact(
     },
 )
 def certificate(
+    request: Request,
     job_id: JobId,
     format: Literal["json", "html"] = Query("json", description="json, or html for a page."),
     principal: Any = Depends(read_jobs),
-    session: Session = Depends(get_session),
 ) -> Response:
     """Who asked, on which data (by hash), what changed, scores before/after, and the audit
     entries that cover it. Available once the job finished."""
     from service import certificate as cert_mod
 
     try:
-        cert = cert_mod.build_certificate(session, job_id, principal.tenant)
+        with request_session(request) as session:
+            cert = cert_mod.build_certificate(session, job_id, principal.tenant)
     except cert_mod.CertificateUnavailable as e:
         raise ApiError(409, "state", e.reason, location="request", code="not_finished") from None
     if format == "html":

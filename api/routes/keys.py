@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Depends, Request
 
-from api.auth import admin_access, get_session
+from api.auth import admin_access, request_session
 from api.errors import ErrorBody
 from api.schemas import KeyCreatedOut, KeyCreateIn
 from service import keys
@@ -27,12 +26,13 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"])
 )
 def create_key(
     body: KeyCreateIn,
+    request: Request,
     principal: Any = Depends(admin_access),
-    session: Session = Depends(get_session),
 ) -> KeyCreatedOut:
     """Create a key for any tenant (audited: key id, role and tenant, never the secret)."""
-    key_id, secret = keys.create_key(
-        session, body.role, body.tenant, actor=f"key:{principal.key_id}"
-    )
-    session.commit()
+    with request_session(request) as session:
+        key_id, secret = keys.create_key(
+            session, body.role, body.tenant, actor=f"key:{principal.key_id}"
+        )
+        session.commit()
     return KeyCreatedOut(id=key_id, key=secret, role=body.role, tenant=body.tenant)

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,9 +227,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def live_url(app: FastAPI) -> Iterator[str]:
-    """The same app served by uvicorn on a loopback port in a thread (real HTTP)."""
+@contextmanager
+def serve_in_thread(app: FastAPI) -> Iterator[str]:
+    """`app` served by uvicorn on a loopback port in a thread (real HTTP); yields its URL."""
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
@@ -240,9 +241,18 @@ def live_url(app: FastAPI) -> Iterator[str]:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def live_url(app: FastAPI) -> Iterator[str]:
+    """The same app served by uvicorn on a loopback port in a thread (real HTTP)."""
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def upload(client: Any, key: str, data: bytes) -> str:

@@ -90,3 +90,22 @@ def test_migrations_match_the_models(db):
     with db.engine.connect() as c:
         diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
     assert diff == []
+
+
+def test_pool_limits_are_applied(db):
+    """make_engine's pool bound: pool_size + max_overflow connections, then a checkout
+    waits pool_timeout_s and fails (the API's db_pool_* settings feed these)."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    engine = make_engine(db.url, pool_size=1, max_overflow=1, pool_timeout_s=0.2)
+    try:
+        held = [engine.connect(), engine.connect()]
+        with pytest.raises(PoolTimeout):
+            engine.connect()
+        held.pop().close()
+        with engine.connect() as c:  # a returned connection is handed out again
+            assert c.execute(text("SELECT 1")).scalar_one() == 1
+        for c in held:
+            c.close()
+    finally:
+        engine.dispose()
