@@ -36,6 +36,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_step
 	$(BIN)/python -m bench.attribution
+	$(BIN)/python -m bench.job_stages
 	$(BIN)/python -m bench.api_load
 	$(BIN)/python -m bench.quality
 
