@@ -86,7 +86,8 @@ def test_job_runs_to_success_with_all_records(db, tmp_path, ray_cluster, tiny_mo
         "packaging",
     ]
     started = [e for e in evs if e.kind == "attempt_started"]
-    assert len(started) == 1 and started[0].payload["num_cpus"] == 1
+    assert len(started) == 1
+    assert (started[0].payload["runner"], started[0].payload["num_workers"]) == ("process", 1)
 
     # Artifacts: on disk under the job's artifact folder, hashes match the bytes.
     store = BlobStore.from_settings(settings)
