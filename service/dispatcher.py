@@ -18,17 +18,17 @@ flag. The task runs one of two runners, by `spec.distributed.uses_ray_train`:
   retried attempt resumes from the last checkpoint; the folder goes when the job ends.
 Why a task and not an actor: a task holds its CPUs exactly while it runs and gives them
 back when it returns or is killed, `ray.cancel(force=True)` kills its worker process as a
-last resort (the trainer's controller and workers are owned by that process, so Ray ends
-them with it; their placement group, which would keep the CPUs reserved, the handle
-removes itself: its id comes with the run's `trainer_started` event, since Ray Train's
-own clean-up asks the dashboard, which the local Ray runs without), and the ways it can
-end map one-to-one onto the failure classes
+last resort, and the ways it can end map one-to-one onto the failure classes
 (`RayTaskError` wrapping the engine's exception, `WorkerCrashedError`, `OutOfMemoryError`,
 `TaskCancelledError`; a Ray Train worker that dies is the engine's `WorkerFailure`, class
-infrastructure). Ray's own task retries and Ray Train's in-run restarts are off: retries
-are the dispatcher's, so each one is a new, recorded attempt. The executor is a small
-interface (`Executor.start -> AttemptHandle` with drain / done / outcome / request_stop /
-force_stop).
+infrastructure). A killed task takes its trainer along (the controller and workers are
+owned by its process), but not the trainer's placement group, which keeps the CPUs
+reserved: Ray Train's own clean-up asks Ray's dashboard, which the local Ray runs without.
+So the run announces its placement group (`trainer_started` event) and the handle removes
+it after a force-stop or a task that died. Ray's own task retries and Ray Train's in-run
+restarts are off: retries are the dispatcher's, so each one is a new, recorded attempt.
+The executor is a small interface (`Executor.start -> AttemptHandle` with drain / done /
+outcome / request_stop / force_stop).
 
 Workers never touch the database: the task only talks to its channel actor. Cancellation
 is cooperative first (run_job's `should_stop` polls the channel's flag every step, and the
@@ -768,14 +768,15 @@ class Dispatcher:
     def _reclaim(self) -> None:
         try:
             with session_scope(self.factory) as s:
-                got = jobs.reclaim_expired(s, actor=self.owner)
-                for j in got:
-                    log.info("reclaimed job %s (attempt %s) -> %s", j.id, j.attempt, j.state)
-                    if j.state in jobs.TERMINAL:
-                        shutil.rmtree(self.checkpoint_root / j.id, ignore_errors=True)
-                self.stats.reclaimed += len(got)
+                expired = jobs.reclaim_expired(s, actor=self.owner)
+                got = [(j.id, j.attempt, j.state) for j in expired]
         except Exception:  # noqa: BLE001 - a DB hiccup must not kill the loop
             log.exception("reclaim_expired failed")
+            return
+        for job_id, attempt, state in got:
+            log.info("reclaimed job %s (attempt %s) -> %s", job_id, attempt, state)
+            self._drop_checkpoints_if_over(job_id, state)
+        self.stats.reclaimed += len(got)
 
     # -- starting an attempt ---------------------------------------------------------------
 
@@ -942,19 +943,23 @@ class Dispatcher:
         self.stats.finished[state] = self.stats.finished.get(state, 0) + 1
 
     def _ended(self, job_id: str, state: str) -> None:
-        """An attempt ended with the job in `state`: count it, and once the job is over
-        for good, drop its Ray Train checkpoints (a RETRYING job keeps them to resume)."""
+        """An attempt ended with the job in `state` (committed): count it, and drop the
+        checkpoints of a job that is over for good (a RETRYING job resumes from them)."""
         self._count(state)
+        self._drop_checkpoints_if_over(job_id, state)
+
+    def _drop_checkpoints_if_over(self, job_id: str, state: str) -> None:
         if state in jobs.TERMINAL:
             shutil.rmtree(self.checkpoint_root / job_id, ignore_errors=True)
 
     def _finish_plain(self, job_id: str, outcome: Literal["succeeded", "cancelled"]) -> None:
         try:
             with session_scope(self.factory) as s:
-                job = jobs.finish_job(s, job_id, self.owner, outcome)
-                self._ended(job.id, job.state)
+                state = jobs.finish_job(s, job_id, self.owner, outcome).state
         except (LeaseLost, IllegalTransition) as e:
             log.warning("job %s: could not finish as %s: %s", job_id, outcome, e)
+            return
+        self._ended(job_id, state)
 
     def _finish_failed(self, job_id: str, fclass: str, message: str) -> None:
         try:
@@ -968,10 +973,12 @@ class Dispatcher:
                     failure_message=message,
                     retryable=fclass in RETRYABLE,
                 )
-                self._ended(job.id, job.state)
-                log.info("job %s failed (%s) -> %s", job_id, fclass, job.state)
+                state = job.state
         except (LeaseLost, IllegalTransition) as e:
             log.warning("job %s: could not record the failure: %s", job_id, e)
+            return
+        log.info("job %s failed (%s) -> %s", job_id, fclass, state)
+        self._ended(job_id, state)
 
     def _record_success(self, a: _Active, result: dict[str, Any]) -> None:
         out = a.output_dir
@@ -1042,8 +1049,8 @@ class Dispatcher:
                     sha256=sha,
                     size=size,
                 )
-            job = jobs.finish_job(s, a.job_id, self.owner, "succeeded")
-            self._ended(job.id, job.state)
+            state = jobs.finish_job(s, a.job_id, self.owner, "succeeded").state
+        self._ended(a.job_id, state)
 
     def _shutdown_active(self) -> None:
         """The dispatcher is stopping: stop its attempts and hand their jobs back

@@ -207,10 +207,16 @@ def test_killed_training_worker_resumes_from_checkpoint_in_attempt_two(
 
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("how", ["cooperative", "forced"])
 def test_cancel_mid_training_stops_every_worker_then_next_job_runs(
-    db, tmp_path, ray_cluster, tiny_model_dir
+    db, tmp_path, ray_cluster, tiny_model_dir, how, caplog
 ):
-    settings = make_settings(db, tmp_path)
+    """cooperative: every rank stops after the same step and the trainer shuts down;
+    forced: the grace period is too short for that, so the attempt's task is killed (and
+    with it the trainer) and the dispatcher frees the trainer's placement group itself.
+    Either way the 2 CPUs come back and the next 2-worker job runs."""
+    grace = {"cooperative": 120.0, "forced": 0.05}[how]
+    settings = make_settings(db, tmp_path, cancel_grace_s=grace)
     long_job = submit(db, settings, tiny_model_dir, max_steps=100_000, distributed=TWO_WORKERS)
     next_job = submit(db, settings, tiny_model_dir, max_steps=3, distributed=TWO_WORKERS)
     with Dispatching(settings, max_jobs=2) as d:
@@ -233,6 +239,8 @@ def test_cancel_mid_training_stops_every_worker_then_next_job_runs(
     assert job_row(db, next_job).state == "SUCCEEDED"
     audit_ok(db)
     wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
+    forced = any("force-stopping" in r.getMessage() for r in caplog.records)
+    assert forced == (how == "forced")
 
 
 def _dispatcher_process(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
@@ -264,7 +272,9 @@ def test_killed_dispatcher_process_job_is_recovered_by_a_new_one(
     expires, a second dispatcher process reclaims the job, and attempt 2 resumes from the
     checkpoint the first one left."""
     settings = make_settings(db, tmp_path, lease_seconds=4)
-    job_id = submit(db, settings, tiny_model_dir, max_steps=80, distributed=TWO_WORKERS)
+    # A checkpoint every 2 steps costs about a second each (Ray Train's report barrier), so
+    # the first dispatcher is still mid-run when the test kills it.
+    job_id = submit(db, settings, tiny_model_dir, max_steps=40, distributed=TWO_WORKERS)
     first = _dispatcher_process(settings)
     try:
         wait_for(
@@ -294,5 +304,5 @@ def test_killed_dispatcher_process_job_is_recovered_by_a_new_one(
     assert resumed.attempt == 2 and 2 <= resumed.payload["from_step"] <= killed_at
     assert resumed.payload["from_step"] % TWO_WORKERS["checkpoint_every"] == 0
     steps2 = [e.step for e in evs if e.kind == "step" and e.attempt == 2]
-    assert steps2 == list(range(resumed.payload["from_step"] + 1, 81))
+    assert steps2 == list(range(resumed.payload["from_step"] + 1, 41))
     audit_ok(db)

@@ -187,27 +187,18 @@ def test_anchor_graph_flows_through_tap() -> None:
     assert m.router.weight.grad is not None and m.router.weight.grad.abs().sum() > 0
 
 
-def test_parametrized_experts_still_listed() -> None:
-    # workers/scope.py wires trainable expert slices as torch parametrizations: the adapter
-    # must keep listing the fused tensor (now "...parametrizations.<name>.original").
-    from torch.nn.utils import parametrize
-
-    class Slices(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.slices = torch.nn.Parameter(torch.zeros(1, 2 * MOE_I, H))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
+def test_wired_experts_still_listed_as_the_fused_tensors() -> None:
+    # workers/scope.py wires the trainable slices as a child module of the experts block:
+    # the adapter must keep listing the fused [E, ...] tensors, never the child's slices.
+    from workers.scope import apply_scope
 
     model = tiny_model("qwen2_moe")
-    parametrize.register_parametrization(
-        model.model.layers[1].mlp.experts, "gate_up_proj", Slices()
-    )
-    m = get_adapter(model).moe_layer(1)
     prefix = "model.layers.1.mlp.experts"
-    assert m.expert_params == {
-        f"{prefix}.parametrizations.gate_up_proj.original": 0,
+    before = get_adapter(model).moe_layer(1).expert_params
+    scope = apply_scope(model, get_adapter(model), "seuf", [(1, 3)])
+    assert any(".selected_experts." in n for n, _ in scope.named_trainable())
+    assert get_adapter(model).moe_layer(1).expert_params == before == {
+        f"{prefix}.gate_up_proj": 0,
         f"{prefix}.down_proj": 0,
     }
 
