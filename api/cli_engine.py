@@ -198,8 +198,15 @@ def world_build(
     con = _console()
     opts = WorldOptions(seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch)
     with _stdout_to_stderr():
-        world = build_world(opts, progress=lambda msg: con.print(msg))
+        world = build_world(opts, progress=lambda kind, info: con.print(_progress_line(kind, info)))
     typer.echo(str(world.path))
+
+
+def _progress_line(kind: str, info: dict[str, Any]) -> str:
+    """One line of world-build progress: 'pretrain: epoch 3, loss 1.234, ...'."""
+    parts = [f"{k.replace('_', ' ')} {f'{v:.3f}' if isinstance(v, float) else v}"
+             for k, v in info.items()]  # fmt: skip
+    return f"{kind}: " + ", ".join(parts)
 
 
 def _patch(model: Path, patch: Path, out: Path, revert: bool) -> None:
