@@ -8,6 +8,7 @@
 
 Both child processes are stopped (SIGTERM, then SIGKILL by PID) whatever happens, so the
 demo leaves no processes behind. Usage: python -m api.demo [--spec FILE] [--keep DIR]
+[--workers 1|2] (default 2: the job runs on Ray Train, as the service runs big jobs).
 """
 
 from __future__ import annotations
@@ -163,8 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
     ap.add_argument("--keep", type=Path, default=None, help="keep the database/blobs here")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: the job runs on Ray Train with 2 CPU workers (DDP); 1: in one process",
+    )
     args = ap.parse_args(argv)
     spec = yaml.safe_load(args.spec.read_text())
+    spec.setdefault("distributed", {})["num_workers"] = args.workers
 
     from rich.console import Console
 
@@ -176,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         base = svc.base_url
         with Client(base, svc.requester_key) as client, Client(base, svc.auditor_key) as audit:
             job = client.submit(spec, idempotency_key="demo")
-            console.print(f"submitted job {job['id']} over HTTP ({args.spec.name})")
+            runner = "Ray Train, 2 CPU workers (DDP)" if args.workers > 1 else "one process"
+            console.print(f"submitted job {job['id']} over HTTP ({args.spec.name}; {runner})")
             max_steps = int(spec.get("training", {}).get("max_steps", 100))
             job = follow(client, job["id"], max_steps)
             if job["state"] != "SUCCEEDED":
