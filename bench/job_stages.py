@@ -1,9 +1,10 @@
 """End-to-end job time on the embedded default, split by stage.
 
-    python -m bench.job_stages [--spec examples/demo-gdiff-seuf.yaml] [--runs 2]
+    python -m bench.job_stages [--spec examples/demo-gdiff-seuf.yaml] [--runs 2] [--workers 1 2]
 
 Starts the embedded service (SQLite, the API on loopback, the dispatcher with a local Ray
-of 2 CPUs; see api/demo.py), submits the spec over HTTP `--runs` times one after the other,
+of 2 CPUs; see api/demo.py), submits the spec over HTTP `--runs` times one after the other
+for each worker count (1: one process; 2: Ray Train with 2 DDP workers; interleaved),
 and splits each job's wall time into: queue (submitted -> claimed), Ray start-up and model
 load, evaluation before, attribution, training, evaluation after, packaging, and the
 dispatcher's recording (result -> finished). Stage boundaries come from the stage events
@@ -43,7 +44,7 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def one_job(client: Client, spec: dict[str, Any], work: Path, n: int) -> dict[str, float]:
+def one_job(client: Client, spec: dict[str, Any], work: Path, n: str) -> dict[str, float]:
     t0 = time.time()
     job = client.submit(spec, idempotency_key=f"bench-{n}")
     job = client.wait(job["id"], timeout=1800, interval=0.2)
@@ -80,41 +81,67 @@ def one_job(client: Client, spec: dict[str, Any], work: Path, n: int) -> dict[st
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def _table(runs: list[dict[str, float]], median: dict[str, float]) -> None:
+    print(f"{'stage':<20}" + "".join(f"{'run ' + str(i + 1):>10}" for i in range(len(runs)))
+          + f"{'median':>10}")
+    for k in median:
+        print(f"{k:<20}" + "".join(f"{r[k]:>10.2f}" for r in runs) + f"{median[k]:>10.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument(
+        "--workers", type=int, nargs="+", choices=(1, 2), default=[1, 2],
+        help="num_workers to compare: 1 = one process, 2 = Ray Train with 2 DDP workers",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     spec = yaml.safe_load(args.spec.read_text())
     work = Path(tempfile.mkdtemp(prefix="moe-unlearn-bench-"))
-    runs: list[dict[str, float]] = []
+    runs: dict[int, list[dict[str, float]]] = {w: [] for w in args.workers}
     before = machine()
     with embedded_service(work) as svc, Client(svc.base_url, svc.requester_key) as client:
         for n in range(args.runs):
-            runs.append(one_job(client, spec, work, n))
-            print(f"run {n + 1}: {runs[-1]['job_total']:.1f} s")
-    keys = list(runs[0])
-    median = {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
-    print(f"\n{'stage':<20}" + "".join(f"{'run ' + str(i + 1):>10}" for i in range(len(runs)))
-          + f"{'median':>10}")
-    for k in keys:
-        print(f"{k:<20}" + "".join(f"{r[k]:>10.2f}" for r in runs) + f"{median[k]:>10.2f}")
-    total = median["job_total"]
-    share = {k: round(median[k] / total, 3) for k in keys
-             if k not in ("job_total", "client_wall", "worker_total", "steps")}
+            for w in args.workers:  # interleaved: both runners meet the same machine load
+                job_spec = {**spec, "distributed": {**spec.get("distributed", {}),
+                                                    "num_workers": w}}  # fmt: skip
+                runs[w].append(one_job(client, job_spec, work, f"w{w}-{n}"))
+                print(f"run {n + 1}, {w} worker(s): {runs[w][-1]['job_total']:.1f} s")
+    median: dict[int, dict[str, float]] = {}
+    share: dict[str, dict[str, float]] = {}
+    for w, rs in runs.items():
+        median[w] = {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+        total = median[w]["job_total"]
+        share[str(w)] = {k: round(v / total, 3) for k, v in median[w].items()
+                         if k not in ("job_total", "client_wall", "worker_total", "steps")}
+        print(f"\n{w} worker(s) ({'Ray Train, DDP' if w > 1 else 'one process'}), seconds:")
+        _table(rs, median[w])
+    ratios: dict[str, Any] = {
+        "stage_share_of_job": share,
+        "worker_over_job": {str(w): round(m["worker_total"] / m["job_total"], 3)
+                            for w, m in median.items()},
+    }  # fmt: skip
+    if 1 in median and 2 in median:
+        ratios["ray_train_2_over_process_job_total"] = round(
+            median[2]["job_total"] / median[1]["job_total"], 3
+        )
+        ratios["ray_train_2_over_process_training"] = round(
+            median[2]["training"] / median[1]["training"], 3
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "benchmark": "job_stages",
-        "command": f"python -m bench.job_stages --spec {args.spec} --runs {args.runs}",
+        "command": f"python -m bench.job_stages --spec {args.spec} --runs {args.runs} "
+                   f"--workers {' '.join(map(str, args.workers))}",
         "machine_start": before,
         "machine_end": machine(),
         "spec": str(args.spec),
-        "runs": runs,
-        "median_s": median,
-        "ratios": {"stage_share_of_job": share,
-                   "worker_over_job": round(median["worker_total"] / total, 3)},
-    }, indent=1))
-    print(f"\nwrote {RESULTS}")
+        "runs": {str(w): rs for w, rs in runs.items()},
+        "median_s": {str(w): m for w, m in median.items()},
+        "ratios": ratios,
+    }, indent=1))  # fmt: skip
+    print(f"\nratios: {json.dumps(ratios)}\nwrote {RESULTS}")
     return 0
 
 

@@ -104,3 +104,18 @@ def audit_ok(db: Db) -> None:
         v = audit.verify(s)
     assert v.ok, v.reason
     assert v.checked > 0
+
+
+def http_spec(
+    model_dir: Path, forget_id: str, retain_id: str, steps: int, **distributed: Any
+) -> dict[str, Any]:
+    """A GDiff + SEUF job body for POST /v1/jobs on the tiny model of conftest.py."""
+    return {
+        "model": str(model_dir),
+        "forget": {"corpus_id": forget_id},
+        "retain": {"corpus_id": retain_id},
+        "algorithm": "gdiff",
+        "training": {"max_steps": steps, "batch_size": 4, "max_length": 16, "lr": 0.01},
+        "evaluation": {"batch_size": 8},
+        "distributed": distributed,
+    }

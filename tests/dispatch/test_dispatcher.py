@@ -18,7 +18,7 @@ from sqlalchemy import select
 from service import jobs
 from service.certificate import build_certificate
 from service.db import session_scope
-from service.dispatcher import run_dispatcher
+from service.dispatcher import checkpoint_root, run_dispatcher
 from service.storage import BlobStore
 from service.tables import AuditEntry
 from tests.dispatch.kit import (
@@ -137,10 +137,25 @@ def test_job_runs_to_success_with_all_records(db, tmp_path, ray_cluster, tiny_mo
     wait_for(lambda: free_cpus() == 2.0, 10, "the CPUs to be free")
 
 
-def test_cancel_mid_training_then_next_job_runs(db, tmp_path, ray_cluster, tiny_model_dir):
-    settings = make_settings(db, tmp_path)
-    long_job = submit(db, settings, tiny_model_dir, max_steps=100_000)
-    next_job = submit(db, settings, tiny_model_dir, max_steps=3)
+@pytest.mark.parametrize(
+    ("db", "how"),
+    [("sqlite", "process"), ("postgresql", "process"), ("sqlite", "ray_train"),
+     ("sqlite", "ray_train_forced")],
+    indirect=["db"],
+)  # fmt: skip
+def test_cancel_mid_training_then_next_job_runs(
+    db, tmp_path, ray_cluster, tiny_model_dir, how, caplog
+):
+    """process: a one-worker job stops at its next step. ray_train: a 2-worker Ray Train job,
+    every rank stops after the same step and the trainer shuts down. ray_train_forced: the
+    grace period is too short for that, so the attempt's task is killed (and with it the
+    trainer) and the dispatcher frees the trainer's placement group itself. Each time the
+    CPUs come back and the next job (same runner) runs."""
+    grace = 0.05 if how == "ray_train_forced" else 120.0
+    settings = make_settings(db, tmp_path, cancel_grace_s=grace)
+    dist = {"num_workers": 2, "checkpoint_every": 2} if how != "process" else None
+    long_job = submit(db, settings, tiny_model_dir, max_steps=100_000, distributed=dist)
+    next_job = submit(db, settings, tiny_model_dir, max_steps=3, distributed=dist)
     stop = threading.Event()
     out: dict[str, Any] = {}
     t = threading.Thread(
@@ -151,15 +166,15 @@ def test_cancel_mid_training_then_next_job_runs(db, tmp_path, ray_cluster, tiny_
     t.start()
     try:
         wait_for(
-            lambda: any(e.kind == "step" and e.step >= 2 for e in events(db, long_job)),
-            120,
+            lambda: any(e.kind == "step" and e.step >= 3 for e in events(db, long_job)),
+            300,
             "training steps of the long job",
         )
         with session_scope(db.factory) as s:
             assert jobs.request_cancel(s, long_job, "t1", "tester").state == "CANCELLING"
         took = wait_for(lambda: job_row(db, long_job).state == "CANCELLED", 30, "CANCELLED")
         assert took < 10.0, f"cancel took {took:.1f}s"
-        t.join(timeout=120)
+        t.join(timeout=300)
         assert not t.is_alive()
     finally:
         stop.set()
@@ -168,12 +183,15 @@ def test_cancel_mid_training_then_next_job_runs(db, tmp_path, ray_cluster, tiny_
     job = job_row(db, long_job)
     assert job.attempt == 1 and job.failure_class is None
     last_step = max(e.step for e in events(db, long_job) if e.kind == "step")
-    assert 2 <= last_step < 100_000
+    assert 3 <= last_step < 100_000
+    assert not (checkpoint_root(settings) / long_job).exists()
     assert job_row(db, next_job).state == "SUCCEEDED"
     acts = actions(db, long_job)
     assert "cancel_requested" in acts and acts[-1] == "job_cancelled"
     audit_ok(db)
-    wait_for(lambda: free_cpus() == 2.0, 10, "the CPUs to be free")
+    wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
+    forced = any("force-stopping" in r.getMessage() for r in caplog.records)
+    assert forced == (how == "ray_train_forced")
 
 
 def test_user_input_failures_are_not_retried(db, tmp_path, ray_cluster, tiny_model_dir):

@@ -1,8 +1,8 @@
 """Jobs with several workers through the whole product: a request over real HTTP, the
 dispatcher, a Ray Train TorchTrainer with 2 CPU workers (gloo) on the session's real local
 Ray, and SQLite or PostgreSQL. Also the ways such a job is interrupted: a training worker
-killed mid-run (the next attempt resumes from the checkpoint), a cancel mid-training, and
-the dispatcher process itself killed (a new dispatcher recovers the job)."""
+killed mid-run (the next attempt resumes from the checkpoint) and the dispatcher process
+itself killed (a new dispatcher recovers the job); a cancel is in test_dispatcher.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from api.app import create_app
 from api.client import Client
-from service import jobs, keys
+from service import keys
 from service.db import session_scope
 from service.dispatcher import checkpoint_root, run_dispatcher
 from service.settings import Settings
@@ -33,6 +33,7 @@ from tests.dispatch.kit import (
     audit_ok,
     events,
     free_cpus,
+    http_spec,
     job_row,
     make_settings,
     submit,
@@ -106,15 +107,7 @@ def test_http_request_runs_on_ray_train_with_two_workers(
         forget = c.upload_corpus(corpus_bytes(FORGET_SUBJECTS, 12))["id"]
         retain = c.upload_corpus(corpus_bytes(RETAIN_SUBJECTS, 12))["id"]
         job = c.submit(
-            {
-                "model": str(tiny_model_dir),
-                "forget": {"corpus_id": forget},
-                "retain": {"corpus_id": retain},
-                "algorithm": "gdiff",
-                "training": {"max_steps": steps, "batch_size": 4, "max_length": 16, "lr": 0.01},
-                "evaluation": {"batch_size": 8},
-                "distributed": TWO_WORKERS,
-            },
+            http_spec(tiny_model_dir, forget, retain, steps, **TWO_WORKERS),
             idempotency_key="ray-train-1",
         )
         assert job["state"] == "QUEUED"
@@ -204,43 +197,6 @@ def test_killed_training_worker_resumes_from_checkpoint_in_attempt_two(
     assert not (checkpoint_root(settings) / job_id).exists()
     audit_ok(db)
     wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
-
-
-@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
-@pytest.mark.parametrize("how", ["cooperative", "forced"])
-def test_cancel_mid_training_stops_every_worker_then_next_job_runs(
-    db, tmp_path, ray_cluster, tiny_model_dir, how, caplog
-):
-    """cooperative: every rank stops after the same step and the trainer shuts down;
-    forced: the grace period is too short for that, so the attempt's task is killed (and
-    with it the trainer) and the dispatcher frees the trainer's placement group itself.
-    Either way the 2 CPUs come back and the next 2-worker job runs."""
-    grace = {"cooperative": 120.0, "forced": 0.05}[how]
-    settings = make_settings(db, tmp_path, cancel_grace_s=grace)
-    long_job = submit(db, settings, tiny_model_dir, max_steps=100_000, distributed=TWO_WORKERS)
-    next_job = submit(db, settings, tiny_model_dir, max_steps=3, distributed=TWO_WORKERS)
-    with Dispatching(settings, max_jobs=2) as d:
-        wait_for(
-            lambda: any(e.kind == "step" and e.step >= 3 for e in events(db, long_job)),
-            300,
-            "training steps of the long job",
-        )
-        with session_scope(db.factory) as s:
-            assert jobs.request_cancel(s, long_job, "t1", "tester").state == "CANCELLING"
-        took = wait_for(lambda: job_row(db, long_job).state == "CANCELLED", 30, "CANCELLED")
-        assert took < 10.0, f"cancel took {took:.1f}s"
-        stats = d.join(300)
-    assert stats.finished == {"CANCELLED": 1, "SUCCEEDED": 1}
-    job = job_row(db, long_job)
-    assert (job.attempt, job.failure_class) == (1, None)
-    last = max(e.step for e in events(db, long_job) if e.kind == "step")
-    assert 3 <= last < 100_000
-    assert not (checkpoint_root(settings) / long_job).exists()
-    assert job_row(db, next_job).state == "SUCCEEDED"
-    audit_ok(db)
-    wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
-    forced = any("force-stopping" in r.getMessage() for r in caplog.records)
-    assert forced == (how == "forced")
 
 
 def _dispatcher_process(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
