@@ -1,6 +1,7 @@
 """The engine's commands of `moe-unlearn` (library mode, no server):
 
-    moe-unlearn run SPEC [--output-dir D] [--json]   unlearn as a job spec says
+    moe-unlearn run SPEC [--output-dir D] [--json]   unlearn as a job spec says (several
+                                                     workers: on a private local Ray Train)
     moe-unlearn world build [--seed S] [--topics N] [--facts-per-topic F] [--arch A]
     moe-unlearn patch apply|revert --model DIR --patch FILE --out DIR
 
@@ -15,9 +16,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:  # the engine is imported inside the commands (module docstring)
+    from workers.run import Reporter
+    from workers.spec import JobSpec
 
 world_app = typer.Typer(help="The built-in demo world.", no_args_is_help=True)
 patch_app = typer.Typer(help="Expert patches.", no_args_is_help=True)
@@ -153,7 +158,7 @@ def run(
         Console().print(f"outputs in {res['output_dir']}")
 
 
-def _run_on_ray_train(job: Any, out: Path, rep: Any) -> dict[str, Any]:
+def _run_on_ray_train(job: JobSpec, out: Path, rep: Reporter) -> dict[str, Any]:
     """Several workers or DeepSpeed: a private local Ray with one CPU per worker, a Ray
     Train run checkpointed under OUT/checkpoints (the same command resumes it after a
     crash: the run name is the spec's hash), all of it gone when the run ends."""

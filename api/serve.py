@@ -19,7 +19,7 @@ training uses and pass `replica_num_cpus`.
 
 Ray's files (session logs, sockets) go to `service.dispatcher.ray_temp_dir(settings)`:
 `settings.ray_temp_dir`, else `<data_dir>/ray` when that path is short enough for unix
-sockets, else a fresh `/tmp/moeu-ray-*` folder; Serve's access logs are under
+sockets, else `/tmp/moeu-ray-<hash of the data dir>`; Serve's access logs are under
 `<temp dir>/session_latest/logs/serve/`.
 
 The same deployment runs under `serve run` / a KubeRay RayService through `app_builder`

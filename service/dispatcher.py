@@ -457,13 +457,15 @@ class RayTaskExecutor:
 
 def ray_temp_dir(settings: Settings) -> Path:
     """Ray's temp folder: the setting, else <data_dir>/ray when short enough (Ray puts unix
-    sockets there: paths over ~107 bytes fail), else a fresh folder under /tmp."""
+    sockets there: paths over ~107 bytes fail), else /tmp/moeu-ray-<hash of the data dir>:
+    the same folder every time for one data dir, so restarts do not pile up folders."""
     if settings.ray_temp_dir is not None:
         return Path(settings.ray_temp_dir).expanduser().resolve()
     under_data = Path(settings.data_dir).expanduser().resolve() / "ray"
     if len(str(under_data)) <= 48:
         return under_data
-    return Path(tempfile.mkdtemp(prefix="moeu-ray-"))
+    digest = hashlib.sha256(str(under_data).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"moeu-ray-{digest}"
 
 
 def checkpoint_root(settings: Settings) -> Path:

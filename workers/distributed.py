@@ -41,7 +41,7 @@ ValueError -> user input, MemoryError -> out of memory, WorkerFailure -> infrast
 
 TEST-ONLY failure injection (workers/faults.py): with MOE_UNLEARN_FAIL_AT_STEP=k and
 MOE_UNLEARN_FAIL_MARKER=path set in the DRIVER's environment, the last rank kills its own
-process once k steps are done, once. Never set them in production.
+process after step k, the first time only. Never set them in production.
 """
 
 from __future__ import annotations
@@ -472,9 +472,7 @@ def _run_rank(cfg: dict[str, Any], rank: int, world: int, sink: Any) -> dict[str
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    pg = ray.util.get_current_placement_group()
-    # Who holds the CPUs: a caller that must kill this run can free them itself (Ray
-    # Train's own clean-up of a killed run needs Ray's dashboard, often off).
+    pg = ray.util.get_current_placement_group()  # announced: see the module docstring
     rep.event(
         TRAINER_STARTED, 0, {"num_workers": world, "placement_group": pg.id.hex() if pg else None}
     )
@@ -554,7 +552,7 @@ def _run_rank(cfg: dict[str, Any], rank: int, world: int, sink: Any) -> dict[str
             corpora,
             batch_size=tr.batch_size,
             max_bytes=tr.activation_cache_max_mb * 2**20,
-            spill_dir=tempfile.mkdtemp(prefix="moeu-cache-"),
+            spill_dir=None,  # the cache makes (and removes) its own temp folder
         )
         if cache is not None:
             cache_info = {

@@ -4,8 +4,8 @@ forward the settings without importing the engine).
 With MOE_UNLEARN_FAIL_AT_STEP=k and MOE_UNLEARN_FAIL_MARKER=path in the environment of the
 process that calls `run_job_distributed` (the dispatcher forwards both from its own
 environment into the attempt's Ray task), the last rank kills its own process (SIGKILL, as
-the kernel's OOM killer or a lost node would) once k steps are done, once: only if the
-marker file does not exist, which it creates first. The next attempt of the same job then
+the kernel's OOM killer or a lost node would) after step k, the first time only: when the
+marker file does not exist yet, which it creates first. The next attempt of the same job then
 resumes from its checkpoint and succeeds. Never set them in production.
 """
 
