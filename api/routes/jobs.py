@@ -9,14 +9,16 @@ before the endpoint returns (why: api/auth.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
@@ -140,17 +142,26 @@ def _event_dict(e: Any) -> dict[str, Any]:
     return EventOut.model_validate(e).model_dump(mode="json")
 
 
-def _sse(request: Request, job_id: str, since: int) -> Iterator[str]:
+async def _sse(request: Request, job_id: str, since: int) -> AsyncIterator[str]:
     """Server-sent events until the job is terminal and every event was sent. Each poll
-    reads the state *before* the events, so a terminal state implies all events are in."""
+    reads the state *before* the events, so a terminal state implies all events are in.
+
+    Async on purpose: a stream lives as long as its job, and a sync generator would hold
+    one of the threadpool's 40 threads the whole time (40 watchers would starve every
+    other endpoint). Only the short database poll runs on a thread; the wait between polls
+    is on the event loop."""
     factory = request.app.state.session_factory
+
+    def poll(after: int) -> tuple[str, list[dict[str, Any]]]:
+        with session_scope(factory) as s:
+            state = jobs.get_job(s, job_id).state
+            batch = jobs.list_events(s, job_id, since=after, limit=500)
+            return state, [_event_dict(e) for e in batch]
+
     last_sent = time.monotonic()
     yield "retry: 2000\n\n"
     while True:
-        with session_scope(factory) as s:
-            state = jobs.get_job(s, job_id).state
-            batch = jobs.list_events(s, job_id, since=since, limit=500)
-            events = [_event_dict(e) for e in batch]
+        state, events = await run_in_threadpool(poll, since)
         for ev in events:
             since = ev["id"]
             yield f"id: {ev['id']}\nevent: {ev['kind']}\ndata: {json.dumps(ev)}\n\n"
@@ -161,10 +172,12 @@ def _sse(request: Request, job_id: str, since: int) -> Iterator[str]:
             end = {"kind": "end", "job_state": state, "next_since": since}
             yield f"event: end\ndata: {json.dumps(end)}\n\n"
             return
+        if await request.is_disconnected():
+            return  # the client left: stop polling for it
         if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
             yield ": keep-alive\n\n"  # a comment line keeps proxies from closing the stream
             last_sent = time.monotonic()
-        time.sleep(SSE_POLL_SECONDS)
+        await asyncio.sleep(SSE_POLL_SECONDS)
 
 
 @router.get(

@@ -8,6 +8,7 @@ described in api/auth.py). Behaviour only: timings live in bench/api_load.py."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -148,3 +149,58 @@ def test_burst_beyond_pool_and_threads_is_answered(settings: Settings, api_keys:
                 assert aud.get("/v1/audit/verify").json()["ok"] is True
     finally:
         app.state.engine.dispose()
+
+
+def test_open_event_streams_beyond_the_thread_pool_do_not_starve_other_calls(
+    live_url: str, api_keys: Keys
+) -> None:
+    """60 clients follow a job that does not end (more than the 40 worker threads). Each
+    stream waits between polls on the event loop, not on a thread, so ordinary calls are
+    answered while the streams open. (A sync stream held a thread from one sent line to
+    the next, up to the 15 s keep-alive: once 40 streams were open, every other call and
+    the remaining streams waited for those 15 s.)"""
+    with httpx.Client(base_url=live_url, headers=Keys.h(api_keys.requester)) as c:
+        fid = upload(c, api_keys.requester, FORGET)
+        job_id = c.post("/v1/jobs", json=spec(fid)).json()["id"]
+    n, threads = 60, 40
+    opened: list[str] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def watch(_: int) -> None:
+        sse = {**Keys.h(api_keys.requester), "Accept": "text/event-stream"}
+        with httpx.Client(base_url=live_url, headers=sse, timeout=TIMEOUT_S) as c:
+            with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+                first = next(r.iter_lines())
+                with lock:
+                    opened.append(first)
+                done.wait(timeout=TIMEOUT_S)
+
+    def count() -> int:
+        with lock:
+            return len(opened)
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        watchers = [pool.submit(watch, i) for i in range(n)]
+        try:
+            _wait(lambda: count() >= threads, "40 open streams")
+            # Answered now, not after a stream's 15 s keep-alive frees a thread.
+            with httpx.Client(
+                base_url=live_url, headers=Keys.h(api_keys.requester), timeout=8.0
+            ) as c:
+                for _ in range(10):
+                    r = c.get(f"/v1/jobs/{job_id}")
+                    assert r.status_code == 200 and r.json()["state"] == "QUEUED"
+            _wait(lambda: count() == n, "all 60 streams open")
+        finally:
+            done.set()
+        for w in watchers:
+            w.result()
+    assert opened == ["retry: 2000"] * n
+
+
+def _wait(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from sqlalchemy import select
 
 from api.app import create_app
@@ -26,7 +25,7 @@ from service.db import session_scope
 from service.dispatcher import checkpoint_root, run_dispatcher
 from service.settings import Settings
 from service.tables import AuditEntry
-from tests.api.conftest import free_port
+from tests.api.conftest import serve_in_thread
 from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, Db, corpus_bytes
 from tests.dispatch.kit import (
     actions,
@@ -78,20 +77,10 @@ def served(db: Db, tmp_path: Path) -> Iterator[tuple[Settings, str]]:
     """The API app on the test's database, served by uvicorn on a loopback port."""
     settings = make_settings(db, tmp_path)
     app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started or not thread.is_alive(), 20, "uvicorn")
-    assert thread.is_alive()
     try:
-        yield settings, f"http://127.0.0.1:{server.config.port}"
+        with serve_in_thread(app) as url:
+            yield settings, url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         app.state.engine.dispose()
 
 
