@@ -139,14 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     if settings.migrate_on_start:
         db.upgrade(settings.database_url)
-    engine = db.make_engine(
-        settings.database_url,
-        echo=settings.db_echo,
-        busy_timeout_s=settings.sqlite_busy_timeout_s,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        pool_timeout_s=settings.db_pool_timeout_s,
-    )
+    engine = db.engine_for(settings)
     db.check_migrated(engine)
 
     @asynccontextmanager

@@ -68,9 +68,7 @@ def is_loopback(host: str) -> bool:
 def _engine(settings: Any) -> Any:
     from service import db
 
-    return db.make_engine(
-        settings.database_url, echo=settings.db_echo, busy_timeout_s=settings.sqlite_busy_timeout_s
-    )
+    return db.engine_for(settings)
 
 
 def _check_migrated(engine: Any) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.settings import Settings
 from service.tables import ALL_TABLES
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -75,6 +76,19 @@ def make_engine(
     kwargs["pool_pre_ping"] = True
     return create_engine(url, **kwargs)
 
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The engine every process of the service builds from its settings (API, dispatcher,
+    CLI): one place for the URL, SQLite's busy timeout and the pool limits."""
+    return make_engine(
+        settings.database_url,
+        echo=settings.db_echo,
+        busy_timeout_s=settings.sqlite_busy_timeout_s,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout_s=settings.db_pool_timeout_s,
+    )
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose loaded objects stay readable after commit (the API serialises them

@@ -71,7 +71,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs
 from service.audit import FORBIDDEN_KEYS, MAX_STRING
-from service.db import check_migrated, make_engine, make_session_factory, session_scope
+from service.db import check_migrated, engine_for, make_session_factory, session_scope
 from service.errors import IllegalTransition, LeaseLost
 from service.jobs import ExpertScore, ParamChange, Stage
 from service.settings import Settings, get_settings
@@ -1096,11 +1096,7 @@ def run_dispatcher(
     (installed after ray.init, which replaces the SIGTERM handler with sys.exit).
     Returns what it did (`DispatcherStats`)."""
     settings = settings or get_settings()
-    engine = make_engine(
-        settings.database_url,
-        echo=settings.db_echo,
-        busy_timeout_s=settings.sqlite_busy_timeout_s,
-    )
+    engine = engine_for(settings)
     owns_ray = False
     try:
         check_migrated(engine)

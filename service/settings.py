@@ -56,13 +56,13 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long SQLite waits for a write lock before failing."
     )
     db_pool_size: int = Field(
-        5, ge=1, description="Database connections the API keeps open (SQLAlchemy pool_size)."
+        5, ge=1, description="Database connections a process keeps open (SQLAlchemy pool_size)."
     )
     db_max_overflow: int = Field(
-        10, ge=0, description="Extra connections the API may open beyond db_pool_size."
+        10, ge=0, description="Extra connections a process may open beyond db_pool_size."
     )
     db_pool_timeout_s: float = Field(
-        30.0, gt=0, description="How long a request waits for a free pooled connection."
+        30.0, gt=0, description="How long a caller waits for a free pooled connection."
     )
     db_echo: bool = Field(False, description="Log every SQL statement (debugging).")
 
