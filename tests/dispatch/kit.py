@@ -99,6 +99,14 @@ def free_cpus() -> float:
     return ray.available_resources().get("CPU", 0.0)
 
 
+def audit_entry(db: Db, job_id: str, action: str) -> AuditEntry:
+    """The job's one audit entry with this action."""
+    with session_scope(db.factory) as s:
+        return s.execute(
+            select(AuditEntry).where(AuditEntry.job_id == job_id, AuditEntry.action == action)
+        ).scalar_one()
+
+
 def audit_ok(db: Db) -> None:
     with session_scope(db.factory) as s:
         v = audit.verify(s)

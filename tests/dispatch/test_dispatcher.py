@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from service import jobs
 from service.certificate import build_certificate
 from service.db import session_scope
 from service.dispatcher import checkpoint_root, run_dispatcher
 from service.storage import BlobStore
-from service.tables import AuditEntry
 from tests.dispatch.kit import (
     actions,
+    audit_entry,
     audit_ok,
     events,
     free_cpus,
@@ -270,12 +269,7 @@ def test_killed_worker_retried(db, tmp_path, ray_cluster, tiny_model_dir):
     assert (job.state, job.attempt) == ("SUCCEEDED", 2)
     acts = actions(db, job_id)
     assert "job_retrying" in acts and "lease_expired" not in acts
-    with session_scope(db.factory) as s:
-        retry = s.execute(
-            select(AuditEntry).where(
-                AuditEntry.job_id == job_id, AuditEntry.action == "job_retrying"
-            )
-        ).scalar_one()
+    retry = audit_entry(db, job_id, "job_retrying")
     assert retry.payload["failure_class"] == "infrastructure"
     assert max(e.step for e in events(db, job_id) if e.kind == "step" and e.attempt == 2) == 40
     audit_ok(db)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from api.app import create_app
 from api.client import Client
@@ -24,11 +23,11 @@ from service import keys
 from service.db import session_scope
 from service.dispatcher import checkpoint_root, run_dispatcher
 from service.settings import Settings
-from service.tables import AuditEntry
 from tests.api.conftest import serve_in_thread
 from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, Db, corpus_bytes
 from tests.dispatch.kit import (
     actions,
+    audit_entry,
     audit_ok,
     events,
     free_cpus,
@@ -175,12 +174,7 @@ def test_killed_training_worker_resumes_from_checkpoint_in_attempt_two(
     (resumed,) = [e for e in evs if e.kind == "resumed"]
     assert (resumed.attempt, resumed.payload["from_step"]) == (2, 4)
     assert [e.step for e in evs if e.kind == "step" and e.attempt == 2] == [5, 6, 7, 8]
-    with session_scope(db.factory) as s:
-        retry = s.execute(
-            select(AuditEntry).where(
-                AuditEntry.job_id == job_id, AuditEntry.action == "job_retrying"
-            )
-        ).scalar_one()
+    retry = audit_entry(db, job_id, "job_retrying")
     assert retry.payload["failure_class"] == "infrastructure"
     assert actions(db, job_id)[-1] == "job_succeeded"
     assert not (checkpoint_root(settings) / job_id).exists()
