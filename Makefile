@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.train_step
 	$(BIN)/python -m bench.attribution
 	$(BIN)/python -m bench.job_stages
+	$(BIN)/python -m bench.checkpoint_cost
 	$(BIN)/python -m bench.api_load
 	$(BIN)/python -m bench.quality
 
