@@ -77,7 +77,6 @@ def make_engine(
     return create_engine(url, **kwargs)
 
 
-
 def engine_for(settings: Settings) -> Engine:
     """The engine every process of the service builds from its settings (API, dispatcher,
     CLI): one place for the URL, SQLite's busy timeout and the pool limits."""
@@ -89,6 +88,7 @@ def engine_for(settings: Settings) -> Engine:
         max_overflow=settings.db_max_overflow,
         pool_timeout_s=settings.db_pool_timeout_s,
     )
+
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     """Sessions whose loaded objects stay readable after commit (the API serialises them

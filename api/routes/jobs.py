@@ -146,10 +146,10 @@ async def _sse(request: Request, job_id: str, since: int) -> AsyncIterator[str]:
     """Server-sent events until the job is terminal and every event was sent. Each poll
     reads the state *before* the events, so a terminal state implies all events are in.
 
-    Async on purpose: a stream lives as long as its job, and a sync generator would hold
-    one of the threadpool's 40 threads the whole time (40 watchers would starve every
-    other endpoint). Only the short database poll runs on a thread; the wait between polls
-    is on the event loop."""
+    Async on purpose: a stream lives as long as its job, and a sync generator holds one of
+    the threadpool's 40 threads from one sent line to the next (up to the keep-alive), so
+    40 quiet watchers starved every other endpoint. Only the short database poll runs on a
+    thread; the wait between polls is on the event loop."""
     factory = request.app.state.session_factory
 
     def poll(after: int) -> tuple[str, list[dict[str, Any]]]:
