@@ -1,0 +1,52 @@
+"""Fixtures of the client tests: the smallest demo world (2 topics x 4 facts; built in
+about a second, then cached like any demo world), its corpora as local files, and job
+specs that run on it in a few steps."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.client.kit import Service, service
+
+WORLD = "{seed: 0, topics: 2, facts_per_topic: 4, forget_topic: 0}"
+
+
+@pytest.fixture(scope="session")
+def job_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with forget.jsonl and retain.jsonl of the small world, `spec.yaml` (a
+    4-step GDiff + SEUF job without corpora: they come from --corpus), `spec-paths.yaml`
+    (the same naming its corpora by local path) and `spec-long.yaml` (10,000 steps and no
+    stop rule: a job that is still running when it is cancelled)."""
+    from workers.spec import WorldOptions
+    from workers.world import build_world
+
+    world = build_world(WorldOptions(seed=0, topics=2, facts_per_topic=4))
+    d = tmp_path_factory.mktemp("job")
+    shutil.copy(world.corpus_path("forget"), d / "forget.jsonl")
+    shutil.copy(world.corpus_path("retain"), d / "retain.jsonl")
+    common = (
+        f"model: demo\nworld: {WORLD}\nalgorithm: gdiff\nscope: seuf\n"
+        "evaluation: {backend: direct}\ndistributed: {num_workers: 1}\n"
+    )
+    (d / "spec.yaml").write_text(
+        common + "training: {max_steps: 4, batch_size: 8, lr: 0.003, stop: {eval_every: 2}}\n"
+    )
+    (d / "spec-paths.yaml").write_text(
+        (d / "spec.yaml").read_text()
+        + "forget: {path: forget.jsonl}\nretain: {path: retain.jsonl}\n"
+    )
+    (d / "spec-long.yaml").write_text(
+        common + "training: {max_steps: 10000, batch_size: 8, stop: {eval_every: 10000}}\n"
+    )
+    return d
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The API alone (no dispatcher: jobs stay QUEUED), on its own SQLite file."""
+    with service(tmp_path_factory.mktemp("bare"), dispatcher=False) as svc:
+        yield svc
