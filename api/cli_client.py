@@ -205,18 +205,16 @@ def submit(
             body, files, idempotency_key=idempotency_key, request_id=request_id
         )
         job = sub.job
-        con = _err()
         for name, info in sub.corpora.items():
             how = "uploaded" if info["uploaded"] else "already on the server"
-            con.print(f"{name} corpus {files[name]}: {how} (sha256 {info['id'][:16]}...)")
+            typer.echo(f"{name} corpus {files[name].name}: {how} ({info['id'][:16]}...)", err=True)
         if request_id and job.get("request_id") != request_id:  # type: ignore[misc]
-            con.print("[yellow]warning: this server does not record deletion requests[/]")
+            typer.echo("warning: this server does not record deletion requests", err=True)
         doc: dict[str, Any] = {"job": job, "corpora": sub.corpora}
+        typer.echo(f"submitted job {job['id']} ({job['state']})", err=True)
         if not wait:
-            con.print(f"submitted job {job['id']} ({job['state']})")
             _emit(doc) if as_json else typer.echo(job["id"])
             return
-        con.print(f"submitted job {job['id']}")
         final = _follow(c, job)
         code = _final_code(final)
         res = _result(c, final)

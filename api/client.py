@@ -486,7 +486,7 @@ class Client:
             if a["kind"] == "model" and not model:
                 continue
             name = Path(a["name"]).name  # the server's name, never a path of ours
-            if name in written or name in ("", ".", ".."):
+            if f"artifacts/{name}" in written or name in ("", ".", ".."):
                 name = f"{a['kind']}-{a['id']}-{name}"
             self.download(job_id, a["id"], out / "artifacts" / name)
             written[f"artifacts/{name}"] = a["sha256"]
