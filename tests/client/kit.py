@@ -124,21 +124,22 @@ def service(work: Path, *, dispatcher: bool) -> Iterator[Service]:
         log.close()
 
 
-class DroppingProxy:
-    """A loopback TCP proxy to `upstream_port`. The first `drops` answers that start with
-    `HTTP/1.1 202` are not forwarded: both sides of that connection are closed instead,
-    after the server has done the work (a dropped connection as a client sees it)."""
+class Proxy:
+    """A loopback TCP proxy to `upstream_port`; `answer(chunk, seen)` decides what of each
+    chunk from the server is forwarded (`seen`: the answer bytes of this connection so far,
+    the new chunk included) and whether to close the connection after it."""
 
-    def __init__(self, upstream_port: int, drops: int = 1) -> None:
+    def __init__(self, upstream_port: int) -> None:
         self.upstream = upstream_port
-        self.drops = drops
-        self.dropped = 0
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def answer(self, chunk: bytes, seen: bytes) -> tuple[bytes, bool]:
+        return chunk, False
 
     def _accept(self) -> None:
         while not self._closed:
@@ -150,19 +151,17 @@ class DroppingProxy:
             threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
 
-    def _drop_this(self, chunk: bytes) -> bool:
-        with self._lock:
-            if chunk.startswith(b"HTTP/1.1 202") and self.dropped < self.drops:
-                self.dropped += 1
-                return True
-        return False
-
     def _pump(self, src: socket.socket, dst: socket.socket, answers: bool) -> None:
+        seen = b""
         try:
             while chunk := src.recv(65536):
-                if answers and self._drop_this(chunk):
-                    break
+                close = False
+                if answers:
+                    seen += chunk
+                    chunk, close = self.answer(chunk, seen)
                 dst.sendall(chunk)
+                if close:
+                    break
         except OSError:
             pass
         for s in (src, dst):
@@ -175,3 +174,42 @@ class DroppingProxy:
     def close(self) -> None:
         self._closed = True
         self._listener.close()
+
+
+class DroppingProxy(Proxy):
+    """Does not forward the first `drops` answers that start with `HTTP/1.1 202`: it
+    closes their connection instead, after the server has done the work (a dropped
+    connection as a client sees it)."""
+
+    def __init__(self, upstream_port: int, drops: int = 1) -> None:
+        super().__init__(upstream_port)
+        self.drops = drops
+        self.dropped = 0
+
+    def answer(self, chunk: bytes, seen: bytes) -> tuple[bytes, bool]:
+        with self.lock:
+            if chunk.startswith(b"HTTP/1.1 202") and self.dropped < self.drops:
+                self.dropped += 1
+                return b"", True
+        return chunk, False
+
+
+class StreamCuttingProxy(Proxy):
+    """Cuts the first event stream right after its first event of `kind` (the server's
+    answer is forwarded up to that event's end, then the connection is closed)."""
+
+    def __init__(self, upstream_port: int, kind: str) -> None:
+        super().__init__(upstream_port)
+        self.marker = f"event: {kind}\n".encode()
+        self.cut = 0
+
+    def answer(self, chunk: bytes, seen: bytes) -> tuple[bytes, bool]:
+        with self.lock:
+            if self.cut or b"text/event-stream" not in seen or self.marker not in seen:
+                return chunk, False
+            end = seen.find(b"\n\n", seen.index(self.marker))
+            if end < 0:
+                return chunk, False
+            self.cut += 1
+            keep = len(chunk) - (len(seen) - (end + 2))  # this chunk up to the event's end
+            return chunk[: max(keep, 0)], True

@@ -49,9 +49,10 @@ def test_submit_wait_results_certificate_and_audit(svc: Service, job_files: Path
     assert r.returncode == 0, r.stderr
     files = json.loads(r.stdout)["files"]
     patch = out / "artifacts" / "expert_patch.safetensors"
-    assert files["artifacts/expert_patch.safetensors"] == hashlib.sha256(
-        patch.read_bytes()
-    ).hexdigest()
+    assert (
+        files["artifacts/expert_patch.safetensors"]
+        == hashlib.sha256(patch.read_bytes()).hexdigest()
+    )
     assert "artifacts/expert_map.json" in files and "expert_map.json" in files
     assert not any(n.endswith(".tar") for n in files)  # the model only with --model
     emap = json.loads((out / "expert_map.json").read_text())["items"]
