@@ -78,8 +78,9 @@ def _fail(code: int, msg: str) -> NoReturn:
 @contextmanager
 def _client(server: str | None, key: str | None, retries: int) -> Iterator[Client]:
     """A client whose failures become one line and the documented exit code."""
-    c = Client.from_env(server, key, retry=RetryPolicy(attempts=retries + 1))
+    c: Client | None = None
     try:
+        c = Client.from_env(server, key, retry=RetryPolicy(attempts=retries + 1))
         yield c
     except ApiClientError as e:
         _fail(3 if e.server_side else 2, str(e))
@@ -88,7 +89,8 @@ def _client(server: str | None, key: str | None, retries: int) -> Iterator[Clien
     except ClientError as e:
         _fail(2, str(e))
     finally:
-        c.close()
+        if c is not None:
+            c.close()
 
 
 def _emit(doc: Any) -> None:

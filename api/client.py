@@ -181,6 +181,12 @@ class Client:
         retry: RetryPolicy | None = None,
         http: httpx.Client | None = None,
     ) -> None:
+        if http is None:
+            url = httpx.URL(base_url)  # a typo must not be retried as "unreachable"
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ClientError(f"server {base_url!r} is not an http:// or https:// URL")
+        if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+            raise ClientError("the API key must be printable ASCII")
         self._own = http is None
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
         self.retry = retry or RetryPolicy()

@@ -47,6 +47,8 @@ def test_bad_spec_and_missing_file_exit_2_with_one_line(bare: Service, job_files
     assert r.returncode == 2 and "forget=FILE" in one_line_error(r)
     r = cli(bare, "jobs", "submit", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "spec file not found" in one_line_error(r)
+    r = run_cli("jobs", "list", "--server", "localhost:8000", "--key", "k")  # no scheme
+    assert r.returncode == 2 and "http://" in one_line_error(r)
     assert job_count(bare) == 0  # nothing was submitted
 
 
