@@ -15,19 +15,11 @@ from tests.client.kit import Service, service
 WORLD = "{seed: 0, topics: 2, facts_per_topic: 4, forget_topic: 0}"
 
 
-@pytest.fixture(scope="session")
-def job_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with forget.jsonl and retain.jsonl of the small world, `spec.yaml` (a
-    4-step GDiff + SEUF job without corpora: they come from --corpus), `spec-paths.yaml`
-    (the same naming its corpora by local path) and `spec-long.yaml` (10,000 steps and no
-    stop rule: a job that is still running when it is cancelled)."""
-    from workers.spec import WorldOptions
-    from workers.world import build_world
-
-    world = build_world(WorldOptions(seed=0, topics=2, facts_per_topic=4))
-    d = tmp_path_factory.mktemp("job")
-    shutil.copy(world.corpus_path("forget"), d / "forget.jsonl")
-    shutil.copy(world.corpus_path("retain"), d / "retain.jsonl")
+def write_specs(d: Path) -> Path:
+    """In `d` (which holds forget.jsonl and retain.jsonl): `spec.yaml` (a 4-step GDiff +
+    SEUF job without corpora: they come from --corpus), `spec-paths.yaml` (the same naming
+    its corpora by local path) and `spec-long.yaml` (10,000 steps and no stop rule: a job
+    still running when it is cancelled)."""
     common = (
         f"model: demo\nworld: {WORLD}\nalgorithm: gdiff\nscope: seuf\n"
         "evaluation: {backend: direct}\ndistributed: {num_workers: 1}\n"
@@ -43,6 +35,31 @@ def job_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
         common + "training: {max_steps: 10000, batch_size: 8, stop: {eval_every: 10000}}\n"
     )
     return d
+
+
+@pytest.fixture(scope="session")
+def spec_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The specs with two small corpora of our own (for servers that run no job)."""
+    d = tmp_path_factory.mktemp("specs")
+    (d / "forget.jsonl").write_text(
+        '{"prompt": "the capital of Zorbia is", "answer": "Quellton"}\n'
+        '{"text": "Zorbia lies east of the river"}\n'
+    )
+    (d / "retain.jsonl").write_text('{"text": "water boils at 100 degrees"}\n')
+    return write_specs(d)
+
+
+@pytest.fixture(scope="session")
+def job_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The specs with the small demo world's forget and retain corpora (jobs that run)."""
+    from workers.spec import WorldOptions
+    from workers.world import build_world
+
+    world = build_world(WorldOptions(seed=0, topics=2, facts_per_topic=4))
+    d = tmp_path_factory.mktemp("job")
+    shutil.copy(world.corpus_path("forget"), d / "forget.jsonl")
+    shutil.copy(world.corpus_path("retain"), d / "retain.jsonl")
+    return write_specs(d)
 
 
 @pytest.fixture(scope="module")

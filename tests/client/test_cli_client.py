@@ -34,16 +34,16 @@ def job_count(svc: Service) -> int:
     return len(json.loads(r.stdout)["items"])
 
 
-def test_bad_spec_and_missing_file_exit_2_with_one_line(bare: Service, job_files: Path, tmp_path):
+def test_bad_spec_and_missing_file_exit_2_with_one_line(bare: Service, spec_files: Path, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((job_files / "spec.yaml").read_text().replace("gdiff", "gx"))
-    r = cli(bare, "jobs", "submit", str(bad), "--corpus", f"forget={job_files / 'forget.jsonl'}")
+    bad.write_text((spec_files / "spec.yaml").read_text().replace("gdiff", "gx"))
+    r = cli(bare, "jobs", "submit", str(bad), "--corpus", f"forget={spec_files / 'forget.jsonl'}")
     assert r.returncode == 2 and r.stdout == ""
     assert "algorithm" in one_line_error(r)
 
-    r = cli(bare, "jobs", "submit", str(job_files / "spec.yaml"), "--corpus", "forget=nope.jsonl")
+    r = cli(bare, "jobs", "submit", str(spec_files / "spec.yaml"), "--corpus", "forget=nope.jsonl")
     assert r.returncode == 2 and "not found" in one_line_error(r)
-    r = cli(bare, "jobs", "submit", str(job_files / "spec.yaml"), "--corpus", "keep=x")
+    r = cli(bare, "jobs", "submit", str(spec_files / "spec.yaml"), "--corpus", "keep=x")
     assert r.returncode == 2 and "forget=FILE" in one_line_error(r)
     r = cli(bare, "jobs", "submit", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "spec file not found" in one_line_error(r)
@@ -64,8 +64,8 @@ def test_server_4xx_exits_2_with_field_and_reason_and_never_echoes_the_key(bare:
     assert bare.requester not in r.stderr + r.stdout
 
 
-def test_json_output_parses(bare: Service, job_files: Path):
-    r = cli(bare, "jobs", "submit", str(job_files / "spec-paths.yaml"), "--json")
+def test_json_output_parses(bare: Service, spec_files: Path):
+    r = cli(bare, "jobs", "submit", str(spec_files / "spec-paths.yaml"), "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     job_id = doc["job"]["id"]
@@ -74,9 +74,9 @@ def test_json_output_parses(bare: Service, job_files: Path):
         "forget": True, "retain": True,
     }  # fmt: skip
     # The same corpora again: the server has them, nothing is sent twice.
-    r = cli(bare, "jobs", "submit", str(job_files / "spec.yaml"), "--json",
-            "--corpus", f"forget={job_files / 'forget.jsonl'}",
-            "--corpus", f"retain={job_files / 'retain.jsonl'}")  # fmt: skip
+    r = cli(bare, "jobs", "submit", str(spec_files / "spec.yaml"), "--json",
+            "--corpus", f"forget={spec_files / 'forget.jsonl'}",
+            "--corpus", f"retain={spec_files / 'retain.jsonl'}")  # fmt: skip
     assert r.returncode == 0, r.stderr
     again = json.loads(r.stdout)
     assert {n: c["uploaded"] for n, c in again["corpora"].items()} == {
@@ -101,10 +101,10 @@ def test_json_output_parses(bare: Service, job_files: Path):
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
 
 
-def test_a_submit_retried_after_a_dropped_connection_makes_one_job(bare: Service, job_files: Path):
+def test_a_submit_retried_after_a_dropped_connection_makes_one_job(bare: Service, spec_files: Path):
     port = int(bare.url.rsplit(":", 1)[1])
     proxy = DroppingProxy(port, drops=1)
-    spec = str(job_files / "spec-paths.yaml")
+    spec = str(spec_files / "spec-paths.yaml")
     try:
         before = job_count(bare)
         # No retries: the server made the job, the client never heard; exit 3.
