@@ -71,8 +71,12 @@ def test_submit_wait_results_certificate_and_audit(svc: Service, job_files: Path
     assert r.returncode == 0 and "<html" in r.stdout.lower()
 
     r = run_cli("jobs", "events", job_id, "--json", env=env)
-    kinds = [e["kind"] for e in json.loads(r.stdout)["items"]]
-    assert kinds.count("step") == 4
+    polled = json.loads(r.stdout)["items"]
+    assert [e["kind"] for e in polled].count("step") == 4
+    r = run_cli("jobs", "events", job_id, "--follow", "--json", env=env)  # the SSE stream
+    assert json.loads(r.stdout)["items"] == polled
+    r = run_cli("jobs", "watch", job_id, "--json", env=env)
+    assert r.returncode == 0 and json.loads(r.stdout)["result"]["steps"] == 4
     audit_env = env | {"MOE_UNLEARN_KEY": svc.auditor}
     r = run_cli("audit", "verify", env=audit_env)
     assert r.returncode == 0 and r.stdout.startswith("audit chain: intact"), r.stderr
