@@ -38,6 +38,7 @@ from workers.spec import canonical_json
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 URL_ENV, KEY_ENV = "MOE_UNLEARN_URL", "MOE_UNLEARN_KEY"
 DEFAULT_URL = "http://127.0.0.1:8000"
+STREAM_LIFETIME_OK_S = 10.0  # a stream closed after this long was ended by policy, not broken
 
 
 class Job(TypedDict, total=False):
@@ -373,6 +374,7 @@ class Client:
             headers = {**self.headers}
             if last:
                 headers["Last-Event-ID"] = str(last)
+            opened = time.monotonic()
             try:
                 with connect_sse(
                     self.http, "GET", f"/v1/jobs/{job_id}/events",
@@ -400,11 +402,13 @@ class Client:
                     ) from e
                 time.sleep(self.retry.delay(failures, getattr(e, "retry_after", None)))
                 continue
-            # The server closed the stream before the end (a maximum stream lifetime):
-            # resume where it stopped.
-            failures += 1
+            # The server closed the stream before the end: resume where it stopped. A stream
+            # that lasted (a server's maximum stream lifetime) is no failure; one closed at
+            # once, again and again, is.
+            failures = 0 if time.monotonic() - opened > STREAM_LIFETIME_OK_S else failures + 1
             if failures >= self.retry.attempts:
                 raise ServerUnreachable(f"event stream of job {job_id} keeps closing early")
+            time.sleep(self.retry.delay(max(failures, 1)))
 
     def follow(self, job_id: str, on_event: Callable[[Event], None] | None = None) -> Job:
         """Stream the job's events to `on_event` until it ends; returns the final job."""
