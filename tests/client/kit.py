@@ -6,10 +6,12 @@ the connection carrying the first 202 answer (the server acted, the client never
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -85,7 +87,8 @@ def stop(proc: subprocess.Popen[bytes], name: str) -> None:
 def service(work: Path, *, dispatcher: bool) -> Iterator[Service]:
     """The API (uvicorn, loopback) and, if asked, the dispatcher, as child processes."""
     work.mkdir(parents=True, exist_ok=True)
-    env = base_env(work)
+    ray_tmp = tempfile.mkdtemp(prefix="mu-cli-", dir="/tmp")  # short: Ray's unix sockets
+    env = base_env(work) | {"MOE_UNLEARN_RAY_TEMP_DIR": ray_tmp}
     subprocess.run([*CLI, "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
 
     def key(role: str) -> str:
@@ -122,6 +125,7 @@ def service(work: Path, *, dispatcher: bool) -> Iterator[Service]:
         for p, name in reversed(procs):  # the dispatcher first: it hands its job back
             stop(p, name)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 class Proxy:
