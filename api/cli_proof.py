@@ -6,6 +6,7 @@
                                                       and write it out (repeat every S s)
     moe-unlearn audit verify [--against CKPT] [--key PUB]
                                                       exit 0 intact, 1 tampered
+    moe-unlearn requests check-due                    audit overdue deletion requests
 
 PUB is a public key: a PEM or base64 file, base64 of the raw key, or a fingerprint
 `SHA256:<hex>` (as `GET /v1/certificate-key` lists them). Nothing here imports torch.
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 import typer
 
 certificate_app = typer.Typer(help="Deletion certificates.", no_args_is_help=True)
+requests_app = typer.Typer(help="Deletion requests.", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit chain: signed checkpoints and verification.",
                         no_args_is_help=True)
 MAX_CERTIFICATE_BYTES = 16 * 1024 * 1024
@@ -175,6 +177,22 @@ def audit_verify(
     raise typer.Exit(1)
 
 
+@requests_app.command("check-due")
+def requests_check_due() -> None:
+    """Append `request_overdue` for every open request past its due date (once each);
+    prints how many were found."""
+    from service import db, requests
+
+    _, engine, factory = _session_factory()
+    try:
+        with db.session_scope(factory) as s:
+            found = requests.report_overdue(s, actor="cli:check-due")
+    finally:
+        engine.dispose()
+    typer.echo(f"{len(found)} request(s) newly overdue")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(certificate_app, name="certificate")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(requests_app, name="requests")

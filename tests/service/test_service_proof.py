@@ -248,3 +248,26 @@ def test_a_chain_written_before_macs_is_anchored_by_a_signed_checkpoint(db):
     with db.engine.begin() as c:
         c.execute(text("DELETE FROM audit_checkpoints"))
     assert verify(db).first_bad_seq == 1
+
+
+def test_check_due_audits_overdue_requests_once(db, cli_env, capsys):
+    from datetime import timedelta
+
+    from service import requests
+    from service.tables import utcnow
+
+    with session_scope(db.factory) as s:
+        late = requests.create_request(s, "acme", "case-1", actor="t",
+                                       received_at=utcnow() - timedelta(days=31))
+        requests.create_request(s, "acme", "case-2", actor="t")
+    capsys.readouterr()
+    assert main(["requests", "check-due"]) == 0
+    assert capsys.readouterr().out.startswith("1 request(s)")
+    assert main(["requests", "check-due"]) == 0
+    assert capsys.readouterr().out.startswith("0 request(s)")
+    with session_scope(db.factory) as s:
+        overdue = [e for e in audit.list_entries(s) if e.action == "request_overdue"]
+        assert [e.payload["request_id"] for e in overdue] == [late.id]
+        assert [r.reference for r in requests.list_requests(s, "acme", overdue=True)] == [
+            "case-1"]
+    assert verify(db).ok
