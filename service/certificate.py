@@ -38,7 +38,14 @@ from service.jobs import (
     list_artifacts,
 )
 from service.settings import Settings
-from service.tables import ApiKey, AuditEntry, Corpus, JobEvent
+from service.tables import (
+    ApiKey,
+    AuditEntry,
+    Corpus,
+    DeletionRequest,
+    DeletionRequestJob,
+    JobEvent,
+)
 from workers.spec import canonical_json
 
 SCHEMA = "moe-unlearn/deletion-certificate/v1"
@@ -75,6 +82,20 @@ def _corpus(session: Session, ref: dict[str, Any] | None) -> dict[str, Any] | No
     if ref.get("demo"):
         return {"source": "demo", "split": ref["demo"], "max_records": ref.get("max_records")}
     return {"source": "local_file", "max_records": ref.get("max_records")}
+
+
+def _deletion_request(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The deletion request the job served (its reference stays out: it may name a case;
+    so does its status, which changes: the certificate's facts do not)."""
+    req = session.execute(
+        select(DeletionRequest)
+        .join(DeletionRequestJob, DeletionRequestJob.request_id == DeletionRequest.id)
+        .where(DeletionRequestJob.job_id == job_id)
+    ).scalar_one_or_none()
+    if req is None:
+        return None
+    return {"id": req.id, "received_at": req.received_at.isoformat(),
+            "due_at": req.due_at.isoformat()}
 
 
 def build_certificate(
@@ -122,6 +143,7 @@ def build_certificate(
             "attempts": job.attempt,
             "spec_hash": job.spec_hash,
         },
+        "deletion_request": _deletion_request(session, job.id),
         "forget_corpus": _corpus(session, spec.get("forget")),
         "retain_corpus": _corpus(session, spec.get("retain")),
         "model": {"ref": spec.get("model"), "sha256": model_ev.get("sha256")},

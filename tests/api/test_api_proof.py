@@ -103,6 +103,9 @@ def test_requests_have_due_dates_and_group_jobs(client, api_keys, driver):
     r = client.post(f"/v1/requests/{req['id']}/close", json={}, headers=H(api_keys.requester))
     assert r.status_code == 409
     driver.run_to_success(job["id"])
+    cert = client.get(f"/v1/jobs/{job['id']}/certificate", headers=H(api_keys.auditor)).json()
+    assert cert["deletion_request"] == {"id": req["id"], "received_at": req["received_at"],
+                                        "due_at": req["due_at"]}
     r = client.post(f"/v1/requests/{req['id']}/close", json={}, headers=H(api_keys.requester))
     assert r.status_code == 200 and r.json()["status"] == "done"
     actions = [(e["action"], e["payload"].get("request_id")) for e in
