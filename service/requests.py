@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import audit, jobs, proof
@@ -79,7 +80,10 @@ def create_request(
         status=OPEN, created_by=created_by, created_at=now, overdue_reported=False,
     )
     session.add(req)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same reference won the race
+        raise InvalidArgument("reference", "a request with this reference already exists") from None
     audit.append(session, actor=actor, action="request_received", tenant=tenant, payload={
         "request_id": req.id, "reference_sha256": _sha(reference),
         "received_at": received.isoformat(), "due_at": req.due_at.isoformat(),
