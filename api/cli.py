@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from api import cli_client, cli_engine
+from api import cli_client, cli_engine, cli_proof
 
 app = typer.Typer(
     name="moe-unlearn",
@@ -45,6 +45,7 @@ app.add_typer(keys_app, name="keys")
 # imports torch only inside its commands.
 cli_engine.register(app)
 cli_client.register(app)  # jobs and audit on a remote server: api/cli_client.py
+cli_proof.register(app, cli_client.audit_app)  # certificate verify, audit export|verify (issue 15)
 
 
 class UserError(Exception):

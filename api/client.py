@@ -528,9 +528,11 @@ class Client:
                 return
             since = got["next_since"]
 
-    def audit_verify(self) -> dict[str, Any]:
-        """Recompute the hash chain: {ok, checked, first_bad_seq, reason, head_seq, ...}."""
-        return self.request_json("GET", "/v1/audit/verify")
+    def audit_verify(self, against: str | None = None) -> dict[str, Any]:
+        """Recompute the hash chain: {ok, checked, first_bad_seq, reason, head_seq, ...};
+        with `against` (a signed checkpoint's JSON), also check the chain still extends it."""
+        params = {"against": against} if against is not None else None
+        return self.request_json("GET", "/v1/audit/verify", params=params)
 
     def create_key(self, role: str, tenant: str) -> dict[str, Any]:
         return self.request_json("POST", "/v1/keys", json={"role": role, "tenant": tenant})

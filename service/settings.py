@@ -118,6 +118,30 @@ class Settings(BaseSettings):
         "artifact) when it is at most this big; its file index is always recorded.",
     )
 
+    # --- proof of deletion (service/signing.py, service/checkpoints.py, requests.py) ---
+    signing_key: Path | None = Field(
+        None,
+        description="PEM file of the Ed25519 key that signs certificates and audit "
+        "checkpoints. Unset: one is generated into keys_dir with a warning.",
+    )
+    audit_key: Path | None = Field(
+        None,
+        description="File holding the HMAC key (>= 32 bytes) of audit entries; keep it "
+        "where the database's writers cannot read it. Unset: generated into keys_dir.",
+    )
+    keys_dir: Path | None = Field(
+        None, description="Generated keys and the public-key history. Unset: <data_dir>/keys."
+    )
+    audit_checkpoint_dir: Path | None = Field(
+        None,
+        description="Where `moe-unlearn audit export` writes signed checkpoints of the audit "
+        "chain head (a place the database's writers cannot rewrite). Unset: "
+        "<data_dir>/audit-checkpoints.",
+    )
+    request_due_days: int = Field(
+        30, ge=1, le=366, description="Days from receipt to a deletion request's due date."
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
