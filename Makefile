@@ -3,9 +3,9 @@
 # requirements-dev.lock, then the project itself without dependencies.
 #
 # Which torch: `pip install torch==2.13.0` from pip's configured index. On the project's
-# machines that finds the CPU wheel (torch 2.13.0+cpu, ~200 MB installed); from plain PyPI
-# on Linux it is the CUDA build (torch ~900 MB plus ~3 GB of nvidia-* wheels). For CPU
-# elsewhere: make TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# machines that finds the CPU wheel (torch 2.13.0+cpu: 192 MB wheel, 754 MB installed); from
+# plain PyPI on Linux it is the CUDA build (torch plus nvidia-* wheels: several GB). For the
+# CPU build elsewhere: make TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
