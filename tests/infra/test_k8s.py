@@ -393,3 +393,29 @@ def test_checkov_finds_nothing_unjustified(docs, tmp_path) -> None:
 
 def render_extra(path: Path) -> list[dict[str, Any]]:
     return render(extra=[path])[-len(load_docs(path)):]
+
+
+# --- the GPU example job ----------------------------------------------------------------
+
+# Spec fields the GPU issue adds; dropped from the check only while JobSpec lacks them.
+GPU_ISSUE_FIELDS = {("distributed", "device"), ("training", "dtype")}
+
+
+def test_gpu_example_job_asks_for_gpus_the_cluster_can_give(docs) -> None:
+    from workers.spec import JobSpec
+
+    objs = {d["kind"]: d for d in load_docs(EXAMPLES[0])}
+    spec = json.loads(objs["ConfigMap"]["data"]["job.json"])
+    assert spec["distributed"]["device"] == "cuda" and spec["training"]["dtype"] == "bfloat16"
+    gpu = {g["groupName"]: g for g in by(docs, "RayCluster", "moe-unlearn")["spec"]["workerGroupSpecs"]}["gpu"]  # noqa: E501
+    assert spec["distributed"]["num_workers"] <= gpu["maxReplicas"]  # one GPU per pod
+    # the rest of the spec is valid today (the Job swaps in uploaded corpus ids)
+    fake = {"corpus_id": "0" * 64}
+    body = copy.deepcopy(spec) | {"forget": fake, "retain": fake}
+    for section, field in GPU_ISSUE_FIELDS:
+        model = JobSpec.model_fields[section].annotation
+        if field not in model.model_fields:  # type: ignore[union-attr]
+            del body[section][field]
+    JobSpec.model_validate(body)
+    script = objs["Job"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "upload_corpus" in script and "c.submit(spec)" in script
