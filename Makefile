@@ -1,6 +1,7 @@
 # `make test` and `make demo` work on a fresh machine: they create .venv and install
 # the project when it is missing or stale: torch first (pinned), then the exact versions of
-# requirements-dev.lock, then the project itself without dependencies.
+# requirements-dev.lock, then the project itself (editable; its dependencies are all met by
+# the lock, and one added without re-locking still installs: tests/infra flags that lock).
 #
 # Which torch: `pip install torch==2.13.0` from pip's configured index. On the project's
 # machines that finds the CPU wheel (torch 2.13.0+cpu: 192 MB wheel, 754 MB installed); from
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml requirements-dev.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -r requirements-dev.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -c 'import torch; print("make: torch", torch.__version__, "CUDA" if torch.version.cuda else "CPU")'
 	test -x $(TOOLS)/bin/checkov || ($(PY) -m venv $(TOOLS) && $(TOOLS)/bin/python -m pip install --quiet '$(CHECKOV)')
 	touch $(STAMP)

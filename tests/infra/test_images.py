@@ -89,6 +89,18 @@ def test_lock_leaves_torch_to_the_dockerfiles() -> None:
     assert "matplotlib" not in pins  # plotting is the `plot` extra, not the runtime
 
 
+def test_dev_lock_covers_every_extra() -> None:
+    lock = (ROOT / "requirements-dev.lock").read_text()
+    pins = {line.split("==", 1)[0] for line in lock.splitlines() if "==" in line and line[0] != " "}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for dep in (d for group in extras.values() for d in group):
+        name = re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower()
+        if name != "moe-unlearn":
+            assert name in pins, f"{name} is not in requirements-dev.lock: run infra/lock.sh"
+    assert "torch" not in pins
+
+
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
 def test_build_context_leaves_out_local_state(variant: str) -> None:
     ignore = Path(f"{DOCKERFILES[variant]}.dockerignore").read_text().split()
