@@ -20,7 +20,6 @@ unless MOE_UNLEARN_DEBUG=1.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import sys
 from typing import Annotated, Any
@@ -222,10 +221,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split()) or type(e).__name__
 
 
+def _debug_setting() -> bool:
+    # Settings first: a misspelt MOE_UNLEARN_* variable stops every command (exit 2).
+    from service.settings import get_settings
+
+    return get_settings().debug
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) the process exit code."""
     cmd = typer.main.get_command(app)
-    debug = os.environ.get("MOE_UNLEARN_DEBUG") == "1"
+    try:
+        debug = _debug_setting()
+    except ValueError as e:  # an unknown or invalid MOE_UNLEARN_* variable
+        print(f"moe-unlearn: error: {_one_line(e)}", file=sys.stderr)
+        return _exit(2, argv)
     try:
         rc = cmd.main(args=argv, prog_name="moe-unlearn", standalone_mode=False)
         code = rc if isinstance(rc, int) else 0
