@@ -153,3 +153,38 @@ def any_keys(session: Session) -> bool:
         select(func.count()).select_from(ApiKey).where(ApiKey.revoked.is_(False))
     ).scalar_one()
     return n > 0
+
+
+def audit_cross_tenant(session: Session, principal: Principal, kind: str, object_id: str) -> bool:
+    """If `object_id` (a job, corpus or key id) belongs to a tenant other than the caller's,
+    append a `cross_tenant_denied` audit entry under the owning tenant and return True. The
+    caller answers 404 either way (no existence oracle)."""
+    from service.tables import CorpusRecord, Job
+
+    owners: list[str] = []
+    if kind == "job":
+        row = session.get(Job, object_id) if len(object_id) <= 36 else None
+        owners = [row.tenant] if row is not None else []
+    elif kind == "key":
+        key = session.get(ApiKey, object_id) if len(object_id) <= 32 else None
+        owners = [key.tenant] if key is not None else []
+    elif kind == "corpus":
+        owners = list(
+            session.execute(
+                select(CorpusRecord.tenant).where(
+                    CorpusRecord.sha256 == object_id, CorpusRecord.deleted_at.is_(None)
+                )
+            ).scalars()
+        )
+    others = sorted({t for t in owners if t != principal.tenant})
+    if not others:
+        return False
+    for owner in others[:1]:
+        audit.append(
+            session,
+            actor=f"key:{principal.key_id}",
+            action="cross_tenant_denied",
+            tenant=owner,
+            payload={"kind": kind, "id": object_id[:64], "caller_tenant": principal.tenant},
+        )
+    return True

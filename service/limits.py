@@ -100,6 +100,10 @@ class StreamSlots:
         with self._lock:
             return self._open.get(tenant, 0)
 
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
 
 def check_queue(session: Session, tenant: str, settings: Settings) -> None:
     """Refuse a new job when the tenant already has `max_queued_jobs` unfinished ones."""

@@ -271,6 +271,8 @@ class CorpusUpload:
         lock: `service.corpora.register`, so a concurrent deletion cannot interleave)."""
         assert self.info is not None, "finish() first"
         dest = self.store.corpus_path(self.info.sha256)
+        if not self._tmp.exists() and dest.is_file():
+            return dest  # committed by an earlier try of the same transaction
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self._tmp, dest)
         return dest
