@@ -25,6 +25,46 @@ _TEXTS = {
     "503": "Database unavailable; see `Retry-After`.",
 }
 _NO_DB = {"/healthz"}
+# OpenAPI links: where an id a response returns is used next (clients and stateful
+# testers follow them).
+_JOB_READS = [
+    ("GetJob", "/v1/jobs/{job_id}", "get"),
+    ("CancelJob", "/v1/jobs/{job_id}/cancel", "post"),
+    ("JobEvents", "/v1/jobs/{job_id}/events", "get"),
+    ("ExpertMap", "/v1/jobs/{job_id}/expert-map", "get"),
+    ("Evaluations", "/v1/jobs/{job_id}/evaluations", "get"),
+    ("Artifacts", "/v1/jobs/{job_id}/artifacts", "get"),
+    ("Certificate", "/v1/jobs/{job_id}/certificate", "get"),
+]
+_LINKS: list[tuple[str, str, str, list[tuple[str, str, str]], str]] = [
+    ("/v1/jobs", "post", "202", _JOB_READS, "job_id"),
+    (
+        "/v1/corpora",
+        "post",
+        "201",
+        [("DeleteCorpus", "/v1/corpora/{corpus_id}", "delete")],
+        "corpus_id",
+    ),
+    ("/v1/keys", "post", "201", [("RevokeKey", "/v1/keys/{key_id}", "delete")], "key_id"),
+    ("/v1/models", "post", "201", [("RemoveModel", "/v1/models/{model_id}", "delete")], "model_id"),
+]
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    paths = schema.get("paths", {})
+    for path, method, status, targets, param in _LINKS:
+        response = paths.get(path, {}).get(method, {}).get("responses", {}).get(status)
+        if response is None:
+            continue
+        links = response.setdefault("links", {})
+        for name, target, target_method in targets:
+            op = paths.get(target, {}).get(target_method)
+            if op is None:
+                continue
+            links[name] = {
+                "operationId": op["operationId"],
+                "parameters": {param: "$response.body#/id"},
+            }
 
 
 def _add(op: dict[str, Any], code: str) -> None:
@@ -76,6 +116,7 @@ def document_statuses(app: FastAPI) -> None:
                     _add(op, "422")
                 if path not in _NO_DB:
                     _add(op, "503")
+        _add_links(schema)
         app.openapi_schema = schema
         return schema
 
