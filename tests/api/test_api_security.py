@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -19,7 +20,7 @@ from api.app import create_app
 from service import db, jobs, keys
 from service.settings import Settings
 from service.tables import ApiKey, AuditEntry, Corpus, CorpusRecord
-from tests.api.conftest import FORGET, RETAIN, Driver, Keys, spec, upload
+from tests.api.conftest import FORGET, RETAIN, Driver, Keys, serve_in_thread, spec, upload
 
 DEMO = {"model": "demo", "forget": {"demo": "forget"}, "algorithm": "npo"}
 
@@ -283,14 +284,14 @@ def test_jsonl_split_on_newline_only(client: TestClient, api_keys: Keys) -> None
 @pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity"])
 def test_non_finite_numbers_are_422(client: TestClient, api_keys: Keys, token: bytes) -> None:
     body = b'{"model": "demo", "forget": {"demo": "forget"}, "algorithm": "npo", '
-    body += b'"objective": {"beta": ' + token + b"}}"
+    body += b'"objective": {"simnpo_delta": ' + token + b"}}"
     r = client.post(
         "/v1/jobs",
         content=body,
         headers=Keys.h(api_keys.requester) | {"Content-Type": "application/json"},
     )
     assert r.status_code == 422, r.text
-    assert r.json()["errors"][0]["field"] == "objective.beta"
+    assert r.json()["errors"][0]["field"] == "objective.simnpo_delta"
 
 
 @pytest.mark.parametrize(
@@ -366,21 +367,22 @@ def test_per_key_rate_is_429_with_retry_after(tight: Any) -> None:
 
 
 def test_stream_limit_and_lifetime(tight: Any, api_keys: Keys) -> None:
-    # TestClient reads a stream to its end: a lifetime of 0 s ends it after one poll.
-    app, c = tight(max_streams_per_tenant=1, stream_max_s=0.0001)
+    app, c = tight(max_streams_per_tenant=1, stream_max_s=1.0)
     tenant = _tenant()
     _, key = new_key(app, "requester", tenant)
     h = Keys.h(key) | {"Accept": "text/event-stream"}
     job = c.post("/v1/jobs", json=DEMO, headers=Keys.h(key)).json()["id"]
-    r = c.get(f"/v1/jobs/{job}/events", headers=h)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    # A queued job's stream ends at its maximum lifetime with a resumable timeout event.
-    assert "event: timeout" in r.text and '"next_since": 0' in r.text
-    assert app.state.streams.count(tenant) == 0  # its slot was released
-    app.state.streams.acquire(tenant)  # one stream open: the next is refused
-    r = c.get(f"/v1/jobs/{job}/events", headers=h)
-    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-    app.state.streams.release(tenant)
+    # Real HTTP with a read timeout: a stream that never ends fails the test, not hangs it.
+    with serve_in_thread(app) as base, httpx.Client(base_url=base, timeout=10) as http:
+        r = http.get(f"/v1/jobs/{job}/events", headers=h)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        # A queued job's stream ends at its maximum lifetime with a resumable timeout event.
+        assert "event: timeout" in r.text and '"next_since": 0' in r.text
+        assert app.state.streams.count(tenant) == 0  # its slot was released
+        app.state.streams.acquire(tenant)  # one stream open: the next is refused
+        r = http.get(f"/v1/jobs/{job}/events", headers=h)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        app.state.streams.release(tenant)
 
 
 def test_stream_resumes_with_last_event_id(
@@ -516,3 +518,23 @@ def test_spec_corpus_summary_names_only_own_record(
     job = client.post("/v1/jobs", json=spec(fid), headers=Keys.h(api_keys.requester)).json()
     entry = [e for e in _audit(app, "job_submitted", "acme") if e.job_id == job["id"]][0]
     assert entry.payload["forget"] == {"corpus_id": fid, "size": len(RETAIN) + 33, "records": 3}
+
+
+def test_a_500_logs_its_reference_not_its_text(
+    tight: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, c = tight()
+
+    def boom() -> None:
+        raise RuntimeError("the launch code is 0000")
+
+    app.add_api_route("/boom", boom)
+    # Real uvicorn: it logs whatever exception escapes the app, with its text.
+    with caplog.at_level("DEBUG"), serve_in_thread(app) as base:
+        r = httpx.get(f"{base}/boom", timeout=10)
+    assert r.status_code == 500
+    reason = r.json()["errors"][0]["reason"]
+    ref = reason.removeprefix("internal error (ref ").removesuffix(")")
+    assert len(ref) == 12
+    assert ref in caplog.text and "RuntimeError" in caplog.text
+    assert "launch code" not in caplog.text and "Traceback" not in caplog.text

@@ -118,7 +118,8 @@ def test_open_stream_limit_over_http(tmp_path: Path) -> None:
     with server(tmp_path, MOE_UNLEARN_MAX_STREAMS_PER_TENANT="2") as (base, key, _proc):
         h = {"Authorization": f"Bearer {key}"}
         spec = {"model": "demo", "forget": {"demo": "forget"}, "algorithm": "npo"}
-        with httpx.Client(base_url=base, timeout=30) as c:
+        # A read timeout under the 15 s keep-alive: a stream that never ends fails the test.
+        with httpx.Client(base_url=base, timeout=10) as c:
             job = c.post("/v1/jobs", json=spec, headers=h).json()["id"]
             sh = h | {"Accept": "text/event-stream"}
             first = c.stream("GET", f"/v1/jobs/{job}/events", headers=sh)
