@@ -146,7 +146,7 @@ class Settings(BaseSettings):
         8, ge=1, description="Open event streams per tenant (per API process); more: 429."
     )
     stream_max_s: float = Field(
-        600.0, gt=0, description="Longest life of one event stream; reconnect with Last-Event-ID."
+        1800.0, gt=0, description="Longest life of one event stream; reconnect with Last-Event-ID."
     )
     rate_per_key: float = Field(
         20.0, gt=0, description="Sustained requests per second per API key (token bucket)."
