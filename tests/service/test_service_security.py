@@ -147,3 +147,34 @@ def test_cli_models_add_list_remove(env_db, capsys):
     assert main(["models", "remove", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "under the model root" in err and "already registered" in err
+
+
+def test_job_model_chains_to_the_unlearned_directory(db, tmp_path):
+    with session_scope(db.factory) as s:
+        first = jobs.submit_job(s, demo_spec(), "acme", "t").job.id
+    with session_scope(db.factory) as s:
+        jobs.claim_next(s, "w", 60)
+    out = tmp_path / "artifacts" / first / "attempt-1"
+    (out / "model").mkdir(parents=True)
+    (out / "expert_patch.safetensors").write_bytes(b"p")
+    with session_scope(db.factory) as s:
+        jobs.record_artifact(
+            s,
+            first,
+            "w",
+            kind="expert_patch",
+            name="expert_patch.safetensors",
+            location=str(out / "expert_patch.safetensors"),
+            sha256="0" * 64,
+            size=1,
+        )
+        jobs.finish_job(s, first, "w", "succeeded")
+    spec = demo_spec(model=f"job:{first}", forget={"path": "/x"}, retain={"path": "/y"})
+    with session_scope(db.factory) as s:
+        second = jobs.submit_job(s, spec, "acme", "t", allow_local_paths=True).job.id
+    with session_scope(db.factory) as s:
+        claimed = jobs.claim_next(s, "w2", 60)
+        assert claimed.id == second and claimed.spec["model"] == str(out / "model")
+    with session_scope(db.factory) as s:
+        # The stored spec keeps the client's name.
+        assert jobs.get_job(s, second).spec["model"] == f"job:{first}"
