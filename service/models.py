@@ -93,8 +93,8 @@ def register(
             raise InvalidModel("revision", "a hub model needs a revision (commit or tag)")
     else:
         assert path is not None
-        if len(path) > 512:
-            raise InvalidModel("path", "longer than 512 characters")
+        if len(path) > 512 or "\x00" in path:
+            raise InvalidModel("path", "must be at most 512 characters, without NUL")
         # Stored resolved (absolute): the runner loads it without the API's settings.
         stored_path = str(_inside_root(settings, path))
         revision = None
