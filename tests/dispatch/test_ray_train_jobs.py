@@ -34,6 +34,7 @@ from tests.dispatch.kit import (
     http_spec,
     job_row,
     make_settings,
+    register_tiny,
     submit,
     wait_for,
 )
@@ -87,6 +88,7 @@ def test_http_request_runs_on_ray_train_with_two_workers(
     db, served, tmp_path, ray_cluster, tiny_model_dir
 ):
     settings, url = served
+    register_tiny(db.factory, tiny_model_dir)
     with session_scope(db.factory) as s:
         requester = keys.create_key(s, "requester", "acme", actor="test")[1]
         auditor = keys.create_key(s, "auditor", "acme", actor="test")[1]
