@@ -114,7 +114,8 @@ def test_requests_have_due_dates_and_group_jobs(client, api_keys, driver):
         assert (a, req["id"]) in actions
     # Another tenant sees nothing; an unknown request refuses the job.
     assert client.get(f"/v1/requests/{req['id']}", headers=H(api_keys.other)).status_code == 404
-    r = client.post("/v1/jobs", params={"request_id": req["id"]}, json=spec(fid),
+    other_fid = upload(client, api_keys.other, FORGET)  # corpora are tenant-owned
+    r = client.post("/v1/jobs", params={"request_id": req["id"]}, json=spec(other_fid),
                     headers=H(api_keys.other))
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "request_id"
 

@@ -28,14 +28,14 @@ def test_misspelt_variable_is_refused_with_the_nearest_name(monkeypatch):
 
 def test_every_unknown_variable_is_named_and_no_value_is_echoed(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", "postgresql://u:secret-pw@h/db")
-    monkeypatch.setenv("MOE_UNLEARN_MODEL_DIR", "/data/models")  # read by nothing
+    monkeypatch.setenv("MOE_UNLEARN_MODELS_ROOT", "/data/models")  # read by nothing
     monkeypatch.setenv("moe_unlearn_data_dri", "/x")  # names are case-insensitive
     monkeypatch.setenv("MOE_UNLEARN_ZZZZZZ", "1")
     with pytest.raises(UnknownSettingError) as e:
         Settings()
     msg = str(e.value)
     assert "MOE_UNLEARN_DATA_DRI (did you mean MOE_UNLEARN_DATA_DIR?)" in msg
-    assert "MOE_UNLEARN_MODEL_DIR" in msg
+    assert "MOE_UNLEARN_MODELS_ROOT" in msg
     assert "MOE_UNLEARN_ZZZZZZ (no such setting)" in msg
     assert "secret-pw" not in msg
 
