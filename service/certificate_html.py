@@ -1,0 +1,200 @@
+"""The deletion certificate as a page a person can read, print and file (Jinja2 template
+`service/templates/certificate.html`). The same page answers
+`GET /v1/jobs/{id}/certificate?format=html` and the console's certificate link.
+
+`certificate_view(cert)` turns the certificate's JSON data into what the page shows: a
+headline (what was deleted, for whom, when, the outcome, forget accuracy before -> after,
+utility kept, robustness verdicts and signature status when the certificate carries them),
+scores with before and after side by side, and settings as key-value lists. Every value is
+escaped by the template (autoescape); nothing here reads the database.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+VERDICTS = ("pass", "fail", "not_run")
+
+
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["num"] = fmt_number
+    env.filters["plain"] = plain_value
+    return env
+
+
+def fmt_number(v: Any, digits: int = 3) -> str:
+    """A score for people: 0.912 rather than 0.91234567; '-' when missing."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e6 else f"{v:.4g}"
+    return str(v)
+
+
+def plain_value(v: Any) -> str:
+    """A setting value as text: lists joined by commas, None as 'default'."""
+    if v is None:
+        return "default"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, list | tuple):
+        return ", ".join(plain_value(x) for x in v) or "(none)"
+    return str(v)
+
+
+def flatten_settings(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested settings -> ('seuf.top_m', 1) pairs, in their given order."""
+    if isinstance(value, dict):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out.extend(flatten_settings(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return [(prefix or "value", value)]
+
+
+def score_rows(scores: dict[str, Any]) -> list[dict[str, Any]]:
+    """Before and after of each (task, metric) on one row, with the change."""
+    before = scores.get("before") or {}
+    after = scores.get("after") or {}
+    keys: list[tuple[str, str]] = []
+    for phase in (before, after):
+        for task, metrics in phase.items():
+            for metric in metrics:
+                if (task, metric) not in keys:
+                    keys.append((task, metric))
+    rows = []
+    for task, metric in keys:
+        b = (before.get(task) or {}).get(metric)
+        a = (after.get(task) or {}).get(metric)
+        change = a - b if isinstance(a, int | float) and isinstance(b, int | float) else None
+        rows.append({"task": task, "metric": metric, "before": b, "after": a, "change": change})
+    return rows
+
+
+def _headline_score(rows: list[dict[str, Any]], side: str) -> dict[str, Any] | None:
+    """The accuracy of the forget (or utility) side: task 'forget'/'utility' first, then any
+    task that starts with it; metric 'accuracy' first."""
+    candidates = [r for r in rows if r["task"].startswith(side)]
+    candidates.sort(key=lambda r: (r["task"] != side, r["metric"] != "accuracy", r["metric"]))
+    for r in candidates:
+        if "accuracy" in r["metric"] and "paraphrase" not in r["metric"]:
+            return r
+    return candidates[0] if candidates else None
+
+
+def robustness_checks(cert: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The robustness verdicts the certificate carries (a list of checks, or a mapping of
+    check name -> result); None when the certificate has none."""
+    raw = cert.get("robustness")
+    if raw is None:
+        return None
+    if isinstance(raw, dict) and isinstance(raw.get("checks"), list | dict):
+        raw = raw["checks"]
+    items: list[tuple[str, Any]]
+    if isinstance(raw, dict):
+        items = [(str(k), v) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        items = [(str(x.get("check") or x.get("name") or "check"), x) for x in raw
+                 if isinstance(x, dict)]
+    else:
+        return None
+    out = []
+    for name, result in items:
+        result = result if isinstance(result, dict) else {"verdict": result}
+        verdict = str(result.get("verdict", "not_run"))
+        details = {
+            k: v for k, v in result.items()
+            if k not in ("check", "name", "verdict", "reason", "threshold")
+            and not isinstance(v, dict | list)
+        }
+        out.append({
+            "name": name.replace("_", " "),
+            "verdict": verdict if verdict in VERDICTS else "not_run",
+            "reason": result.get("reason"),
+            "threshold": result.get("threshold"),
+            "details": details,
+        })
+    return out
+
+
+def signature_status(cert: dict[str, Any]) -> dict[str, Any]:
+    """What the page says about the signature: absent (signing not available), or the
+    algorithm, key id and fingerprint the certificate names."""
+    sig = cert.get("signature")
+    if not isinstance(sig, dict):
+        return {"signed": False}
+    return {
+        "signed": True,
+        "alg": sig.get("alg"),
+        "key_id": sig.get("key_id"),
+        "fingerprint": sig.get("fingerprint") or sig.get("key_fingerprint"),
+        "public_key": sig.get("public_key"),
+        "value": sig.get("value"),
+    }
+
+
+def corpus_rows(cert: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for role in ("forget", "retain"):
+        c = cert.get(f"{role}_corpus")
+        if not c:
+            continue
+        if c.get("source") == "demo":
+            what = f"the demo world's built-in {c.get('split')} split (no upload, so no hash)"
+        elif c.get("source") == "local_file":
+            what = "a file on the server (not hashed by the service)"
+        else:
+            what = f"uploaded corpus, {plain_value(c.get('format'))}"
+        rows.append({"role": role, "what": what, **c})
+    return rows
+
+
+def certificate_view(cert: dict[str, Any]) -> dict[str, Any]:
+    """Everything the template shows, derived from the certificate's JSON data."""
+    rows = score_rows(cert.get("scores") or {})
+    forget = cert.get("forget_corpus") or {}
+    if forget.get("sha256"):
+        deleted = f"an uploaded corpus of {plain_value(forget.get('records'))} records"
+    elif forget.get("source") == "demo":
+        deleted = "the demo world's forget topic"
+    else:
+        deleted = "a corpus read from a server file"
+    settings = [
+        {"name": name, "items": flatten_settings(value)}
+        for name, value in (cert.get("method") or {}).items()
+        if value is not None
+    ]
+    return {
+        "cert": cert,
+        "deleted": deleted,
+        "forget_score": _headline_score(rows, "forget"),
+        "utility_score": _headline_score(rows, "utility"),
+        "score_rows": rows,
+        "settings": settings,
+        "corpora": corpus_rows(cert),
+        "robustness": robustness_checks(cert),
+        "signature": signature_status(cert),
+        "overlap": sorted((cert.get("routing_overlap") or {}).items()),
+    }
+
+
+def render(cert: dict[str, Any]) -> str:
+    """The certificate page (self-contained: its style is inline, no script, no request)."""
+    return environment().get_template("certificate.html").render(**certificate_view(cert))
