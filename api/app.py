@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import console
 from api.errors import BodyTooLarge, install_error_handlers
 from api.routes import audit, corpora, health, jobs, keys
 from service import db
@@ -165,6 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for module in (health, corpora, jobs, audit, keys):
         app.include_router(module.router)
+    console.install(app)  # the web console (/console), outside the OpenAPI schema
 
     return app
 
