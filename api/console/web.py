@@ -42,7 +42,9 @@ HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on form
+    # posts, which same_origin() must refuse.
+    "Referrer-Policy": "same-origin",
 }
 
 
