@@ -11,6 +11,7 @@ escaped by the template (autoescape); nothing here reads the database.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ def environment() -> jinja2.Environment:
     )
     env.filters["num"] = fmt_number
     env.filters["plain"] = plain_value
+    env.filters["when"] = fmt_when
+    env.filters["label"] = lambda v: str(v).replace("_", " ")
     return env
 
 
@@ -69,6 +72,16 @@ def flatten_settings(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix or "value", value)]
 
 
+def settings_groups(method: dict[str, Any]) -> list[dict[str, Any]]:
+    """Settings as titled key-value lists: plain values (algorithm, scope) form the first
+    group, 'method'; each nested block (seuf, training...) its own, flattened."""
+    plain = [(k, v) for k, v in method.items() if v is not None and not isinstance(v, dict)]
+    groups = [{"name": "method", "items": plain}] if plain else []
+    groups += [{"name": k, "items": flatten_settings(v)} for k, v in method.items()
+               if isinstance(v, dict) and v]
+    return groups
+
+
 def score_rows(scores: dict[str, Any]) -> list[dict[str, Any]]:
     """Before and after of each (task, metric) on one row, with the change."""
     before = scores.get("before") or {}
@@ -88,15 +101,32 @@ def score_rows(scores: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _headline_score(rows: list[dict[str, Any]], side: str) -> dict[str, Any] | None:
-    """The accuracy of the forget (or utility) side: task 'forget'/'utility' first, then any
-    task that starts with it; metric 'accuracy' first."""
-    candidates = [r for r in rows if r["task"].startswith(side)]
-    candidates.sort(key=lambda r: (r["task"] != side, r["metric"] != "accuracy", r["metric"]))
+def _headline_score(
+    rows: list[dict[str, Any]], sides: tuple[str, ...], accuracy: bool
+) -> dict[str, Any] | None:
+    """The forget (or utility) score of the headline: with `accuracy`, an accuracy metric
+    only (task named exactly like a side first, metric 'accuracy' first); else any metric
+    of those tasks (shown without a better/worse direction)."""
+    candidates = [r for r in rows if r["task"].startswith(sides)]
+    candidates.sort(key=lambda r: (r["task"] not in sides, r["metric"] != "accuracy", r["metric"]))
     for r in candidates:
-        if "accuracy" in r["metric"] and "paraphrase" not in r["metric"]:
+        is_acc = "accuracy" in r["metric"] and "paraphrase" not in r["metric"]
+        if is_acc or not accuracy:
             return r
-    return candidates[0] if candidates else None
+    return None
+
+
+def fmt_when(v: Any) -> str:
+    """An ISO timestamp for people: 2026-12-05 18:44:56 UTC (the JSON keeps the exact one)."""
+    if v is None:
+        return "-"
+    try:
+        d = v if isinstance(v, datetime) else datetime.fromisoformat(str(v))
+    except ValueError:
+        return str(v)
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=UTC)
+    return d.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def robustness_checks(cert: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -176,16 +206,14 @@ def certificate_view(cert: dict[str, Any]) -> dict[str, Any]:
         deleted = "the demo world's forget topic"
     else:
         deleted = "a corpus read from a server file"
-    settings = [
-        {"name": name, "items": flatten_settings(value)}
-        for name, value in (cert.get("method") or {}).items()
-        if value is not None
-    ]
+    settings = settings_groups(cert.get("method") or {})
     return {
         "cert": cert,
         "deleted": deleted,
-        "forget_score": _headline_score(rows, "forget"),
-        "utility_score": _headline_score(rows, "utility"),
+        "forget_score": _headline_score(rows, ("forget",), True),
+        "forget_other": _headline_score(rows, ("forget",), False),
+        "utility_score": _headline_score(rows, ("utility", "retain"), True),
+        "utility_other": _headline_score(rows, ("utility", "retain"), False),
         "score_rows": rows,
         "settings": settings,
         "corpora": corpus_rows(cert),

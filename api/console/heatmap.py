@@ -13,7 +13,7 @@ from html import escape
 # outline of a selected expert stands out on any cell).
 RAMP = ((253, 231, 37), (94, 201, 98), (33, 145, 140), (59, 82, 139), (68, 1, 84))
 OUTLINE = "#d6006f"
-CELL = 26
+CELL = 32
 LEFT = 64
 TOP = 30
 MAX_CELLS = 65_536  # a bigger map is drawn as a table only (the page stays small)

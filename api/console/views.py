@@ -235,12 +235,10 @@ def param_changes(session: Session, job_id: str) -> list[dict[str, Any]]:
 
 
 def settings_groups(job: Job) -> list[dict[str, Any]]:
-    from service.certificate_html import flatten_settings
+    from service.certificate_html import settings_groups
 
     keys = ("algorithm", "scope", "seuf", "objective", "training", "evaluation", "distributed")
     spec = job.spec or {}
-    return [
-        {"name": k, "items": flatten_settings(spec[k])} for k in keys if spec.get(k) is not None
-    ]
+    return settings_groups({k: spec.get(k) for k in keys})
 
 
