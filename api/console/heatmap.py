@@ -14,6 +14,7 @@ from html import escape
 RAMP = ((253, 231, 37), (94, 201, 98), (33, 145, 140), (59, 82, 139), (68, 1, 84))
 OUTLINE = "#d6006f"
 CELL = 32
+MIN_WIDTH = 480
 LEFT = 64
 TOP = 30
 MAX_CELLS = 65_536  # a bigger map is drawn as a table only (the page stays small)
@@ -48,11 +49,14 @@ def svg(cells: Sequence[Cell], method: str | None) -> str | None:
     span = hi - lo or 1.0
     width = LEFT + max(n_exp * CELL, 120) + 10
     height = TOP + len(layers) * CELL + 44
+    # Small maps are drawn at least MIN_WIDTH px wide (scaled up; CSS scales down to fit).
+    shown_w = max(width, MIN_WIDTH)
+    shown_h = round(height * shown_w / width)
     selected = [c for c in cells if c.selected]
     sel_text = ", ".join(f"layer {c.layer} expert {c.expert}" for c in selected) or "none"
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-        f'width="{width}" height="{height}" role="img" aria-labelledby="hm-title hm-desc" '
+        f'width="{shown_w}" height="{shown_h}" role="img" aria-labelledby="hm-title hm-desc" '
         'class="heatmap">',
         f'<title id="hm-title">Expert attribution ({escape(method or "unknown")}): '
         f"{len(layers)} layers by {n_exp} experts</title>",
