@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo bench lint clean
+.PHONY: venv test test-fast demo demo-console bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moe-unlearn world build
 	$(BIN)/python -m api.demo
+
+# The demo, then the API and dispatcher stay up for the web console (Ctrl-C stops them).
+demo-console: $(STAMP)
+	$(BIN)/moe-unlearn world build
+	$(BIN)/python -m api.demo --keep
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_step

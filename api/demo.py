@@ -108,6 +108,7 @@ class Embedded:
     requester_key: str
     auditor_key: str
     work: Path
+    processes: tuple[subprocess.Popen, ...] = ()  # the API and the dispatcher
 
 
 @contextmanager
@@ -147,7 +148,7 @@ def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError(f"the API did not start; see {log.name}") from None
                 time.sleep(0.3)
-        yield Embedded(base, requester, auditor, work)
+        yield Embedded(base, requester, auditor, work, (server, dispatcher))
     finally:
         _stop(dispatcher, "dispatcher")
         _stop(server, "server")
@@ -228,15 +229,25 @@ def main(argv: list[str] | None = None) -> int:
 def keep_serving(console: Any, svc: Embedded, job_id: str) -> int:
     """Leave the API and dispatcher up for the console until Ctrl-C (the caller's `with`
     then stops them)."""
-    console.print(f"\n[bold]web console[/bold]: {svc.base_url}/console/jobs/{job_id}")
-    console.print(f"sign in with this auditor key: {svc.auditor_key}")
-    console.print("the API and dispatcher keep running; Ctrl-C stops them")
+    console.print(f"\n[bold]web console[/bold]: {svc.base_url}/console/jobs/{job_id}",
+                  soft_wrap=True)
+    console.print(f"sign in with this auditor key: {svc.auditor_key}", soft_wrap=True)
+    console.print("the API and dispatcher keep running; Ctrl-C stops them", soft_wrap=True)
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Also when started in the background (SIGINT ignored) or stopped by SIGTERM.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        while True:
-            time.sleep(1)
+        while all(p.poll() is None for p in svc.processes):
+            time.sleep(0.5)
     except KeyboardInterrupt:
         console.print("stopping the API and dispatcher")
-    return 0
+        return 0
+    console.print(f"[red]the API or the dispatcher stopped; see {svc.work / 'processes.log'}[/red]")
+    return 1
 
 
 if __name__ == "__main__":
