@@ -27,7 +27,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=True,
-        undefined=jinja2.StrictUndefined,
+        undefined=jinja2.ChainableUndefined,  # optional fields may be absent
         trim_blocks=True,
         lstrip_blocks=True,
     )
@@ -99,6 +99,19 @@ def score_rows(scores: dict[str, Any]) -> list[dict[str, Any]]:
         change = a - b if isinstance(a, int | float) and isinstance(b, int | float) else None
         rows.append({"task": task, "metric": metric, "before": b, "after": a, "change": change})
     return rows
+
+
+MAIN_TASKS = ("forget", "utility", "retain")
+SIDE_METRICS = ("topic",)  # the forget topic's index: a label, not a score
+
+
+def split_scores(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(forget / utility / retain measures, everything else: per topic, lm-eval tasks,
+    counts); all rows are main when none is a forget, utility or retain measure."""
+    main = [r for r in rows if r["task"] in MAIN_TASKS and r["metric"] not in SIDE_METRICS]
+    if not main:
+        return rows, []
+    return main, [r for r in rows if r not in main]
 
 
 def _headline_score(
@@ -214,7 +227,8 @@ def certificate_view(cert: dict[str, Any]) -> dict[str, Any]:
         "forget_other": _headline_score(rows, ("forget",), False),
         "utility_score": _headline_score(rows, ("utility", "retain"), True),
         "utility_other": _headline_score(rows, ("utility", "retain"), False),
-        "score_rows": rows,
+        "score_rows": split_scores(rows)[0],
+        "other_rows": split_scores(rows)[1],
         "settings": settings,
         "corpora": corpus_rows(cert),
         "robustness": robustness_checks(cert),

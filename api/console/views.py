@@ -163,6 +163,8 @@ def progress(session: Session, job: Job) -> Progress:
     p.last_event_id = session.execute(
         select(func.coalesce(func.max(JobEvent.id), 0)).where(JobEvent.job_id == job.id)
     ).scalar_one()
+    if job.state == jobs.State.SUCCEEDED.value and p.step:
+        p.max_steps = p.step  # stopped early by its target, or at the budget: all done
     order = [s.value for s in jobs.STAGE_ORDER]
     current = order.index(job.stage) if job.stage in order else -1
     done_all = job.state == jobs.State.SUCCEEDED.value
@@ -178,15 +180,18 @@ def progress(session: Session, job: Job) -> Progress:
     return p
 
 
-def scores(session: Session, job_id: str) -> list[dict[str, Any]]:
-    from service.certificate_html import score_rows
+def scores(
+    session: Session, job_id: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the forget / utility / retain rows, the per-topic and other rows)."""
+    from service.certificate_html import score_rows, split_scores
 
     nested: dict[str, dict[str, dict[str, float]]] = {"before": {}, "after": {}}
     for ev in jobs.get_evaluations(session, job_id):
         if ev.metric == "routing_overlap":
             continue
         nested.setdefault(ev.phase, {}).setdefault(ev.task, {})[ev.metric] = ev.value
-    return score_rows(nested)
+    return split_scores(score_rows(nested))
 
 
 def _diagnostics(session: Session, job_id: str, settings: Any) -> list[dict[str, Any]] | None:

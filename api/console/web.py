@@ -9,7 +9,6 @@ read is scoped to the viewer's tenant; another tenant's job is "not found", as i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -69,7 +68,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,
-        undefined=jinja2.StrictUndefined,
+        undefined=jinja2.ChainableUndefined,  # optional fields may be absent
         trim_blocks=True,
         lstrip_blocks=True,
     )
@@ -200,12 +199,3 @@ class FilterError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
-
-
-def handle_filters(
-    request: Request, viewer: Viewer, build: Callable[[], HTMLResponse]
-) -> HTMLResponse:
-    try:
-        return build()
-    except FilterError as e:
-        return error_page(request, viewer, 400, "Bad filter", e.reason, field=e.field)

@@ -3,6 +3,7 @@ revocation), roles and tenancy exactly as the API's, filters, and what the pages
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from collections.abc import Iterator
@@ -306,3 +307,16 @@ def test_certificate_page_shows_signature_and_verdicts_when_present(world: World
     # The headline: forget accuracy before -> after, utility kept.
     assert "0.920 &rarr; 0.250" in page and "0.810 &rarr; 0.790" in page
     assert json.dumps(cert)  # still plain JSON data
+
+
+def test_certificate_of_demo_corpora_names_them_without_empty_hashes(world: World) -> None:
+    from service import certificate
+
+    with session_scope(world.factory) as s:
+        cert = certificate.build_certificate(s, world.job, "acme")
+    cert["forget_corpus"] = {"source": "demo", "split": "forget", "max_records": None}
+    cert["retain_corpus"] = {"source": "demo", "split": "retain", "max_records": 50}
+    page = html.unescape(certificate.render_html(cert))
+    assert "the demo world's built-in forget split (no upload, so no hash)" in page
+    assert "at most 50" in page and "the demo world's forget topic" in page
+    assert not re.search(r'<dd class="hash">\s*</dd>', page)
