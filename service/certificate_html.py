@@ -45,6 +45,8 @@ def fmt_number(v: Any, digits: int = 3) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
+        if v.is_integer() and abs(v) >= 10:
+            return str(int(v))  # a count (questions, tokens), not a score
         return f"{v:.{digits}f}" if abs(v) < 1e6 else f"{v:.4g}"
     return str(v)
 
