@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,17 @@ def test_watch_a_running_job_progress_and_cancel_it(
     with Client(service.base, service.requester) as c:
         spec = http_spec(service.model_dir, service.forget_id, service.retain_id, 100_000)
         job = c.submit(spec)["id"]
+        # Open the page once it trains: a change of stage reloads the page (new results).
+        deadline = time.monotonic() + 240
+        while c.get(job)["stage"] != "unlearning":
+            assert time.monotonic() < deadline, c.get(job)
+            time.sleep(0.3)
     page = new_page(browser)
     sign_in(page, service.base, service.requester)
     page.goto(f"{service.base}/console/jobs/{job}")
+    assert page.locator("#scores").count() == 1  # the scores before, recorded by now
     page.evaluate("() => { window.__sameDocument = true; }")
     bar = "document.getElementById('progress')"
-    page.wait_for_function(f"() => {bar}.value >= 2", timeout=240_000)
     first = page.evaluate(f"() => {bar}.value")
     page.wait_for_function(f"() => {bar}.value > {first}", timeout=120_000)
     # It changed in place (server-sent events), not by reloading the page.

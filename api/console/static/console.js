@@ -1,6 +1,7 @@
 // Follows a running job: server-sent events from /console/jobs/{id}/progress update the
-// progress bar, the state and the stage timeline; at the end the page reloads to show the
-// results. Without JavaScript the page refreshes itself (a <noscript> meta refresh).
+// progress bar, the state and the stage timeline in place; when the stage changes or the job
+// ends the page reloads to show what the server recorded (scores before, the expert map,
+// results). Without JavaScript the page refreshes itself (a <noscript> meta refresh).
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -29,7 +30,12 @@
       li.querySelector(".status").textContent = s.status;
     });
   }
-  source.addEventListener("progress", function (e) { show(JSON.parse(e.data)); });
+  var stage = live.dataset.stage || "";
+  source.addEventListener("progress", function (e) {
+    var d = JSON.parse(e.data);
+    show(d);
+    if (d.stage && d.stage !== stage) { source.close(); window.location.reload(); }
+  });
   source.addEventListener("end", function (e) {
     source.close();
     var d = JSON.parse(e.data);
