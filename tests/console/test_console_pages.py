@@ -137,6 +137,18 @@ def test_revoking_the_key_ends_its_sessions(world: World) -> None:
         assert s.execute(select(func.count()).select_from(ConsoleSession)).scalar_one() == 0
 
 
+def test_ending_a_keys_sessions_at_once(world: World) -> None:
+    from api.console import sessions
+
+    first, second = client(world), client(world)
+    sign_in(first, world.auditor)
+    sign_in(second, world.auditor)
+    with session_scope(world.factory) as s:
+        assert sessions.end_sessions_of_key(s, world.auditor_id) == 2
+    for c in (first, second):
+        assert c.get("/console/jobs", follow_redirects=False).status_code == 303
+
+
 def test_sign_out_needs_the_form_token_and_ends_the_session(world: World) -> None:
     c = client(world)
     sign_in(c, world.auditor)
