@@ -299,7 +299,10 @@ async def _progress_stream(request: Request, job_id: str, token: str | None) -> 
             viewer = sessions.resolve(s, token)  # a session that ended ends the stream
             if viewer is None:
                 return None
-            job = jobs.get_job(s, job_id, viewer.tenant)
+            try:
+                job = jobs.get_job(s, job_id, viewer.tenant)
+            except NotFound:  # deleted meanwhile
+                return None
             p = views.progress(s, job)
             return {
                 "state": job.state, "stage": job.stage, "step": p.step,
@@ -314,7 +317,7 @@ async def _progress_stream(request: Request, job_id: str, token: str | None) -> 
     yield "retry: 3000\n\n"
     while True:
         data = await run_in_threadpool(poll)
-        if data is None:
+        if data is None:  # signed out (or the job is gone): the page goes to the sign-in
             yield "event: end\ndata: {\"signed_out\": true}\n\n"
             return
         text = json.dumps(data)

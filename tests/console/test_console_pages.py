@@ -332,3 +332,41 @@ def test_certificate_of_demo_corpora_names_them_without_empty_hashes(world: Worl
     assert "the demo world's built-in forget split (no upload, so no hash)" in page
     assert "at most 50" in page and "the demo world's forget topic" in page
     assert not re.search(r'<dd class="hash">\s*</dd>', page)
+
+
+def test_requests_and_checkpoints_render_when_the_service_has_them(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shapes the design names (issue 15): service.requests.list_requests(session,
+    tenant) and service.audit.list_checkpoints(session); rows as dicts."""
+    import sys
+    import types
+    from datetime import UTC, datetime, timedelta
+
+    from service import audit
+
+    now = datetime.now(UTC)
+    rows = [
+        {"id": "r_late", "reference": "DSAR-1", "received_at": now - timedelta(days=40),
+         "due_at": now - timedelta(days=10), "status": "open", "job_ids": [world.job]},
+        {"id": "r_soon", "reference": "DSAR-2", "received_at": now, "due_at": now +
+         timedelta(days=30), "status": "open", "job_ids": []},
+        {"id": "r_done", "reference": "DSAR-0", "received_at": now - timedelta(days=90),
+         "due_at": now - timedelta(days=60), "status": "done", "job_ids": []},
+    ]
+    fake = types.ModuleType("service.requests")
+    fake.list_requests = lambda session, tenant: [r for r in rows if tenant == "acme"]
+    monkeypatch.setitem(sys.modules, "service.requests", fake)
+    monkeypatch.setattr(audit, "list_checkpoints", lambda session: [
+        {"seq": 7, "hash": "ab" * 32, "ts": now.isoformat(), "key_id": "ak_1"}], raising=False)
+    c = client(world)
+    sign_in(c, world.auditor)
+    page = c.get("/console/requests").text
+    order = re.findall(r"<code>(r_\w+)</code>", page)
+    assert order == ["r_late", "r_done", "r_soon"]  # overdue first, then by due date
+    assert page.count("overdue</span>") == 1 and f"/console/jobs/{world.job}" in page
+    audit_page = c.get("/console/audit").text
+    assert "ab" * 32 in audit_page and "ak_1" in audit_page
+    other = client(world)
+    sign_in(other, world.other)
+    assert "No deletion requests in tenant globex" in other.get("/console/requests").text
