@@ -145,51 +145,61 @@ def fmt_when(v: Any) -> str:
 
 
 def robustness_checks(cert: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The robustness verdicts the certificate carries (a list of checks, or a mapping of
-    check name -> result); None when the certificate has none."""
+    """The robustness verdicts the certificate carries (`service.proof`: a list of
+    {check, verdict, threshold, metrics, reason}); None when it carries none."""
     raw = cert.get("robustness")
-    if raw is None:
-        return None
-    if isinstance(raw, dict) and isinstance(raw.get("checks"), list | dict):
-        raw = raw["checks"]
-    items: list[tuple[str, Any]]
-    if isinstance(raw, dict):
-        items = [(str(k), v) for k, v in raw.items()]
-    elif isinstance(raw, list):
-        items = [(str(x.get("check") or x.get("name") or "check"), x) for x in raw
-                 if isinstance(x, dict)]
-    else:
+    if not isinstance(raw, list):
         return None
     out = []
-    for name, result in items:
-        result = result if isinstance(result, dict) else {"verdict": result}
-        verdict = str(result.get("verdict", "not_run"))
-        details = {
-            k: v for k, v in result.items()
-            if k not in ("check", "name", "verdict", "reason", "threshold")
-            and not isinstance(v, dict | list)
-        }
+    for x in raw:
+        if not isinstance(x, dict):
+            continue
+        verdict = str(x.get("verdict", "not_run"))
+        metrics = x.get("metrics") if isinstance(x.get("metrics"), dict) else {}
         out.append({
-            "name": name.replace("_", " "),
+            "name": str(x.get("check") or "check").replace("_", " "),
             "verdict": verdict if verdict in VERDICTS else "not_run",
-            "reason": result.get("reason"),
-            "threshold": result.get("threshold"),
-            "details": details,
+            "reason": x.get("reason"),
+            "threshold": x.get("threshold"),
+            "details": {str(k): v for k, v in metrics.items() if isinstance(v, int | float)},
         })
     return out
 
 
+def fingerprint_of(public_key: Any) -> str | None:
+    """The fingerprint of a certificate's or checkpoint's public key, as the service's
+    signing module computes it (None without signing, or for a malformed key)."""
+    try:
+        from service import signing
+    except ImportError:
+        return None
+    fp = getattr(signing, "fingerprint_of_b64", None)
+    return fp(str(public_key or "")) if fp else None
+
+
 def signature_status(cert: dict[str, Any]) -> dict[str, Any]:
-    """What the page says about the signature: absent (signing not available), or the
-    algorithm, key id and fingerprint the certificate names."""
+    """What the page says about the signature: absent (signing not available), or valid /
+    not valid as the service's own offline check (`moe-unlearn certificate verify`) finds,
+    with the algorithm, key id and fingerprint."""
     sig = cert.get("signature")
     if not isinstance(sig, dict):
         return {"signed": False}
+    valid: bool | None = None
+    reason: str | None = None
+    try:
+        from service import signing
+
+        check = signing.verify_document(cert)
+        valid, reason = bool(check.valid), check.reason
+    except (ImportError, AttributeError):
+        pass  # no verifier here: show what the certificate states
     return {
         "signed": True,
+        "valid": valid,
+        "reason": reason,
         "alg": sig.get("alg"),
         "key_id": sig.get("key_id"),
-        "fingerprint": sig.get("fingerprint") or sig.get("key_fingerprint"),
+        "fingerprint": fingerprint_of(sig.get("public_key")),
         "public_key": sig.get("public_key"),
         "value": sig.get("value"),
     }

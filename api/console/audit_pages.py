@@ -70,4 +70,5 @@ def requests_page(request: Request) -> Response:
         if not isinstance(viewer, Viewer):
             return viewer
         items = extras.deletion_requests(s, viewer.tenant)
+        s.commit()  # the due-date check's audit entries, as GET /v1/requests records them
     return web.render(request, "requests.html", viewer, items=items)

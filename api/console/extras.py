@@ -1,10 +1,14 @@
-"""Features other parts of the service may or may not have yet: deletion requests with due
-dates, exported audit checkpoints, the deletion request a job serves. Each reader returns
-None when the feature is absent, and the page then says "not available" instead of failing.
+"""What the console reads from the proof-of-deletion parts of the service (issue 15):
+deletion requests with due dates, the request a job serves, exported audit checkpoints.
+Each reader returns None where the service has no such part, and the page then says
+"not available" instead of failing.
 
-They look for the shapes the design names (service/requests.py with `list_requests`,
-service/audit.py with `list_checkpoints`, a `request_id` on jobs); rows become plain dicts
-here, so the templates depend on field names only.
+The parts are looked up by the names issue 15 gave them: `service.requests`
+(`list_requests(session, tenant, *, overdue, limit)`, `request_to_dict(session, row)`,
+`report_overdue(session)`), `service.checkpoints.list_checkpoints(session, limit)` (signed
+checkpoint documents: seq, entry_hash, time, kind, signature) and the table
+`DeletionRequestJob(request_id, job_id)`. Rows become plain dicts here, so the templates
+depend on field names only.
 """
 
 from __future__ import annotations
@@ -12,14 +16,24 @@ from __future__ import annotations
 import importlib
 import logging
 from datetime import UTC, datetime
+from types import ModuleType
 from typing import Any
 
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
+from service import tables
 from service.tables import Job
 
 MAX_ROWS = 500
 log = logging.getLogger(__name__)
+
+
+def _module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def _as_dict(row: Any) -> dict[str, Any]:
@@ -43,39 +57,68 @@ def _when(v: Any) -> datetime | None:
     return None
 
 
+def _request_jobs_table() -> Any:
+    return getattr(tables, "DeletionRequestJob", None)
+
+
 def job_request_filter_available() -> bool:
-    return hasattr(Job, "request_id")
+    return _request_jobs_table() is not None
+
+
+def filter_jobs_by_request(stmt: Select[Any], request_id: str) -> Select[Any] | None:
+    """`stmt` restricted to the jobs of one deletion request; None without requests."""
+    link = _request_jobs_table()
+    if link is None:
+        return None
+    return stmt.where(Job.id.in_(select(link.job_id).where(link.request_id == request_id)))
+
+
+def request_of_job(session: Session, job_id: str) -> str | None:
+    link = _request_jobs_table()
+    if link is None:
+        return None
+    return session.execute(
+        select(link.request_id).where(link.job_id == job_id)
+    ).scalar_one_or_none()
 
 
 def deletion_requests(session: Session, tenant: str) -> list[dict[str, Any]] | None:
     """The tenant's deletion requests, overdue first, then by due date; None if the service
-    has no deletion requests."""
-    try:
-        mod = importlib.import_module("service.requests")
-    except ImportError:
-        return None
-    lister = getattr(mod, "list_requests", None)
-    if lister is None:
+    has no deletion requests. Runs the due-date check first, as GET /v1/requests does (it
+    records `request_overdue` in the audit trail once per request); the caller commits."""
+    mod = _module("service.requests")
+    if mod is None or not hasattr(mod, "list_requests"):
         return None
     try:
-        rows = [_as_dict(r) for r in list(lister(session, tenant))[:MAX_ROWS]]
+        if hasattr(mod, "report_overdue"):
+            mod.report_overdue(session)
+        rows = list(mod.list_requests(session, tenant, limit=MAX_ROWS))[:MAX_ROWS]
+        to_dict = getattr(mod, "request_to_dict", None)
+        dicts = [to_dict(session, r) if to_dict else _as_dict(r) for r in rows]
     except TypeError as e:  # another shape than this page knows: say "not available"
         log.warning("deletion requests not shown: %s", e)
         return None
     now = datetime.now(UTC)
     out = []
-    for r in rows:
-        due = _when(r.get("due_at") or r.get("due_date") or r.get("due"))
+    for r in dicts:
+        due = _when(r.get("due_at"))
         status = str(r.get("status") or "open")
-        closed = status.lower() in ("done", "closed", "completed", "rejected")
+        overdue = r["overdue"] if "overdue" in r else bool(due and due < now and status == "open")
+        jobs = [
+            {"id": j.get("job_id"), "state": j.get("state")} if isinstance(j, dict)
+            else {"id": str(j), "state": None}
+            for j in (r.get("jobs") or [])
+        ]
         out.append({
             "id": r.get("id"),
-            "reference": r.get("reference") or r.get("subject") or "",
-            "received": _when(r.get("received_at") or r.get("received") or r.get("created_at")),
+            "reference": r.get("reference") or "",
+            "subject": r.get("subject"),
+            "received": _when(r.get("received_at")),
             "due": due,
+            "extended": bool(r.get("extended")),
             "status": status,
-            "overdue": bool(due and due < now and not closed),
-            "jobs": r.get("job_ids") or r.get("jobs") or [],
+            "overdue": bool(overdue),
+            "jobs": jobs,
         })
     far = datetime.max.replace(tzinfo=UTC)
     out.sort(key=lambda r: (not r["overdue"], r["due"] or far))
@@ -83,25 +126,27 @@ def deletion_requests(session: Session, tenant: str) -> list[dict[str, Any]] | N
 
 
 def audit_checkpoints(session: Session) -> list[dict[str, Any]] | None:
-    """Exported, signed checkpoints of the audit chain head; None if the service has none."""
-    from service import audit
-
-    lister = getattr(audit, "list_checkpoints", None)
-    if lister is None:
+    """Stored signed checkpoints of the audit chain head, newest first; None if the service
+    has none."""
+    mod = _module("service.checkpoints")
+    if mod is None or not hasattr(mod, "list_checkpoints"):
         return None
     try:
-        rows = list(lister(session))[:MAX_ROWS]
+        docs = list(mod.list_checkpoints(session, MAX_ROWS))[:MAX_ROWS]
     except TypeError as e:
         log.warning("audit checkpoints not shown: %s", e)
         return None
+    from service.certificate_html import fingerprint_of
+
     out = []
-    for r in rows:
-        d = _as_dict(r)
+    for d in (_as_dict(x) for x in docs):
+        sig = d.get("signature") if isinstance(d.get("signature"), dict) else {}
         out.append({
-            "seq": d.get("seq") or d.get("head_seq"),
-            "hash": d.get("hash") or d.get("head_hash") or d.get("entry_hash"),
-            "time": d.get("ts") or d.get("time") or d.get("created_at"),
-            "key_id": d.get("key_id"),
-            "location": d.get("location") or d.get("exported_to"),
+            "seq": d.get("seq"),
+            "hash": d.get("entry_hash"),
+            "time": d.get("time"),
+            "kind": d.get("kind"),
+            "key_id": sig.get("key_id"),
+            "fingerprint": fingerprint_of(sig.get("public_key")),
         })
     return out

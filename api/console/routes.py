@@ -201,6 +201,7 @@ def job_page(request: Request, job_id: str) -> Response:
             "robustness": robustness_checks(cert) if cert else None,
             "signature": signature_status(cert) if cert else None,
             "verification": cert["verification"] if cert else None,
+            "request_id": extras.request_of_job(s, job.id),
             "can_cancel": viewer.role in web.WRITE_JOBS and not info["terminal"]
             and job.state != jobs.State.CANCELLING.value,
         }

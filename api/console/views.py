@@ -95,9 +95,12 @@ def list_jobs(session: Session, tenant: str, f: JobFilters) -> tuple[list[dict[s
     if f.until:
         stmt = stmt.where(Job.created_at < datetime.combine(f.until, time(), UTC) + timedelta(1))
     if f.request:
-        if not hasattr(Job, "request_id"):
+        from api.console import extras
+
+        narrowed = extras.filter_jobs_by_request(stmt, f.request)
+        if narrowed is None:
             raise FilterError("request", "deletion requests are not available on this service")
-        stmt = stmt.where(Job.request_id == f.request)
+        stmt = narrowed
     rows = list(
         session.execute(
             stmt.order_by(Job.created_at.desc(), Job.id.desc())
@@ -121,7 +124,6 @@ def summary(job: Job) -> dict[str, Any]:
         "created_at": job.created_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-        "request_id": getattr(job, "request_id", None),
         "requester": job.requester,
         "attempt": job.attempt,
         "max_steps": int(((spec.get("training") or {}).get("max_steps")) or 0),

@@ -30,6 +30,15 @@ from tests.service.conftest import (  # noqa: F401
 )
 
 
+def has_verifier() -> bool:
+    """Whether the service can check signatures (issue 15's service.signing)."""
+    try:
+        from service import signing
+    except ImportError:
+        return False
+    return hasattr(signing, "verify_document")
+
+
 @dataclass
 class World:
     app: object
@@ -223,8 +232,21 @@ def test_job_page_shows_the_results(world: World) -> None:
     assert "layer 1, expert 3: 0.42 (selected)" in page
     assert '<table id="diagnostics">' in page and "0.80" in page
     assert "d" * 64 in page and "c" * 64 in page  # changed parameter, full hashes
-    assert "Not available: this service runs no robustness checks" in page
-    assert "not signed" in page and "intact" in page
+    assert "intact" in page
+    # Signatures and robustness checks come from issue 15's part of the service: shown when
+    # the certificate carries them, "not available" otherwise.
+    from service import certificate
+
+    with session_scope(world.factory) as s:
+        cert = certificate.build_certificate(s, world.job, "acme")
+    if cert.get("robustness"):
+        assert '<table id="robustness">' in page and "router restored" in page
+    else:
+        assert "Not available: this service runs no robustness checks" in page
+    if cert.get("signature"):
+        assert "signed, verified" in page
+    else:
+        assert "not signed" in page
     assert FORGET_TEXT not in page
     cert = c.get(f"/console/jobs/{world.job}/certificate?format=json")
     assert cert.headers["content-disposition"].startswith("attachment")
@@ -304,18 +326,29 @@ def test_certificate_page_shows_signature_and_verdicts_when_present(world: World
     with session_scope(world.factory) as s:
         cert = certificate.build_certificate(s, world.job, "acme")
     plain = certificate.render_html(cert)
-    assert "not signed" in plain and "not available: this service's certificates" in plain
+    assert ("signed, verified" if cert.get("signature") else "not signed") in plain
+    assert ("router restored" if cert.get("robustness") else
+            "not available: this service's certificates") in plain
+    # The shapes of issue 15 (service.signing, service.proof); this signature is made up.
     cert["signature"] = {"alg": "Ed25519", "key_id": "sk_1", "public_key": "AAAA",
-                         "value": "c2ln", "fingerprint": "SHA256:abc"}
+                         "value": "c2ln"}
     cert["robustness"] = [
-        {"check": "router_restored", "verdict": "pass", "threshold": 0.1, "forget": 0.26},
-        {"check": "relearning", "verdict": "fail", "reason": "recovered 0.6 of the original"},
-        {"check": "quantisation", "verdict": "not_run", "reason": "no library"},
+        {"check": "router_restored", "verdict": "pass", "threshold": "forget <= 0.35",
+         "metrics": {"forget_accuracy_restored": 0.26}, "reason": None},
+        {"check": "relearning", "verdict": "fail", "threshold": "recovery <= 0.5",
+         "metrics": {"recovery": 0.6}, "reason": "recovered 0.6 of the original"},
+        {"check": "quantization", "verdict": "not_run", "threshold": None, "metrics": {},
+         "reason": "no library"},
     ]
     page = certificate.render_html(cert)
-    assert "SHA256:abc" in page and '<span class="badge signed">signed</span>' in page
+    assert "key <code>sk_1</code>" in page
+    if not has_verifier():  # no verifier: as stated
+        assert '<span class="badge signed">signed</span>' in page
+    else:  # the service's verifier rejects the made-up signature
+        assert "signature does not verify" in page
     assert "router restored: pass" in page and "relearning: fail" in page
-    assert "quantisation: not run" in page and "recovered 0.6 of the original" in page
+    assert "quantization: not run" in page and "recovered 0.6 of the original" in page
+    assert "forget &lt;= 0.35" in page and "recovery 0.600" in page
     # The headline: forget accuracy before -> after, utility kept.
     assert "0.920 &rarr; 0.250" in page and "0.810 &rarr; 0.790" in page
     assert json.dumps(cert)  # still plain JSON data
@@ -337,36 +370,48 @@ def test_certificate_of_demo_corpora_names_them_without_empty_hashes(world: Worl
 def test_requests_and_checkpoints_render_when_the_service_has_them(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The shapes the design names (issue 15): service.requests.list_requests(session,
-    tenant) and service.audit.list_checkpoints(session); rows as dicts."""
+    """With the shapes issue 15 gave them (service.requests, service.checkpoints: here
+    stand-ins with those signatures, for a branch that has not merged them)."""
     import sys
     import types
     from datetime import UTC, datetime, timedelta
 
-    from service import audit
-
     now = datetime.now(UTC)
     rows = [
-        {"id": "r_late", "reference": "DSAR-1", "received_at": now - timedelta(days=40),
-         "due_at": now - timedelta(days=10), "status": "open", "job_ids": [world.job]},
-        {"id": "r_soon", "reference": "DSAR-2", "received_at": now, "due_at": now +
-         timedelta(days=30), "status": "open", "job_ids": []},
-        {"id": "r_done", "reference": "DSAR-0", "received_at": now - timedelta(days=90),
-         "due_at": now - timedelta(days=60), "status": "done", "job_ids": []},
+        {"id": "r_late", "reference": "DSAR-1", "subject": None, "status": "open",
+         "received_at": (now - timedelta(days=40)).isoformat(), "extended": False,
+         "due_at": (now - timedelta(days=10)).isoformat(), "overdue": True,
+         "jobs": [{"job_id": world.job, "state": "SUCCEEDED", "failed_checks": []}]},
+        {"id": "r_soon", "reference": "DSAR-2", "subject": "s-9", "status": "open",
+         "received_at": now.isoformat(), "due_at": (now + timedelta(days=30)).isoformat(),
+         "extended": True, "overdue": False, "jobs": []},
+        {"id": "r_done", "reference": "DSAR-0", "subject": None, "status": "done",
+         "received_at": (now - timedelta(days=90)).isoformat(), "extended": False,
+         "due_at": (now - timedelta(days=60)).isoformat(), "overdue": False, "jobs": []},
     ]
-    fake = types.ModuleType("service.requests")
-    fake.list_requests = lambda session, tenant: [r for r in rows if tenant == "acme"]
-    monkeypatch.setitem(sys.modules, "service.requests", fake)
-    monkeypatch.setattr(audit, "list_checkpoints", lambda session: [
-        {"seq": 7, "hash": "ab" * 32, "ts": now.isoformat(), "key_id": "ak_1"}], raising=False)
+    checked: list[object] = []
+    requests_mod = types.ModuleType("service.requests")
+    requests_mod.report_overdue = lambda session, *, actor="x": checked.append(session) or []
+    requests_mod.list_requests = (
+        lambda session, tenant, *, overdue=False, limit=100: rows if tenant == "acme" else []
+    )
+    requests_mod.request_to_dict = lambda session, req: req
+    checkpoints_mod = types.ModuleType("service.checkpoints")
+    checkpoints_mod.list_checkpoints = lambda session, limit=100: [
+        {"schema": "x", "kind": "export", "seq": 7, "entry_hash": "ab" * 32,
+         "time": now.isoformat(), "signature": {"key_id": "ak_1", "public_key": "?"}}]
+    monkeypatch.setitem(sys.modules, "service.requests", requests_mod)
+    monkeypatch.setitem(sys.modules, "service.checkpoints", checkpoints_mod)
     c = client(world)
     sign_in(c, world.auditor)
     page = c.get("/console/requests").text
+    assert checked  # the due-date check ran, as GET /v1/requests runs it
     order = re.findall(r"<code>(r_\w+)</code>", page)
     assert order == ["r_late", "r_done", "r_soon"]  # overdue first, then by due date
     assert page.count("overdue</span>") == 1 and f"/console/jobs/{world.job}" in page
+    assert "(extended)" in page and "subject s-9" in page
     audit_page = c.get("/console/audit").text
-    assert "ab" * 32 in audit_page and "ak_1" in audit_page
+    assert "ab" * 32 in audit_page and "ak_1" in audit_page and "export" in audit_page
     other = client(world)
     sign_in(other, world.other)
     assert "No deletion requests in tenant globex" in other.get("/console/requests").text
