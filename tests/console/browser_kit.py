@@ -2,9 +2,9 @@
 child processes for the whole session, a finished job on the tiny MoE model, and headless
 Chromium (Debian's `chromium`, driven by Playwright for Python; nothing is downloaded).
 
-Chromium is found at $MOE_UNLEARN_CHROMIUM or as `chromium` on the PATH (`.ci/run` installs
+Chromium is found at $CHROMIUM_PATH or as `chromium` on the PATH (`.ci/run` installs
 it); a missing one fails the tests with the command to run. Screenshots go to
-$MOE_UNLEARN_CONSOLE_SCREENSHOTS (default: a folder of the test session, printed)."""
+$CONSOLE_SCREENSHOTS_DIR (default: a folder of the test session, printed)."""
 
 from __future__ import annotations
 
@@ -121,10 +121,10 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    exe = os.environ.get("MOE_UNLEARN_CHROMIUM") or shutil.which("chromium")
+    exe = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium")
     if not exe:
         pytest.fail("no chromium: `apt-get install -y chromium` (Debian), or set "
-                    "MOE_UNLEARN_CHROMIUM to a Chromium executable", pytrace=False)
+                    "CHROMIUM_PATH to a Chromium executable", pytrace=False)
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, headless=True, args=["--no-sandbox"])
         try:
@@ -135,7 +135,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    where = os.environ.get("MOE_UNLEARN_CONSOLE_SCREENSHOTS")
+    where = os.environ.get("CONSOLE_SCREENSHOTS_DIR")
     path = Path(where) if where else tmp_path_factory.mktemp("console-screenshots")
     path.mkdir(parents=True, exist_ok=True)
     print(f"console screenshots: {path}")
