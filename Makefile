@@ -21,7 +21,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo bench lint lock clean
+.PHONY: venv test test-fast demo demo-console bench lint lock clean
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,11 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moe-unlearn world build
 	$(BIN)/python -m api.demo
+
+# The demo, then the API and dispatcher stay up for the web console (Ctrl-C stops them).
+demo-console: $(STAMP)
+	$(BIN)/moe-unlearn world build
+	$(BIN)/python -m api.demo --keep
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.train_step

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import console
 from api.errors import BodyTooLarge, install_error_handlers
 from api.openapi import document_statuses
 from api.routes import audit, corpora, health, jobs, keys, models, proof, requests
@@ -218,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(proof.router)  # issue 15: certificate key, audit checkpoints
     app.include_router(requests.router)  # issue 15: deletion requests
     document_statuses(app)
+    console.install(app)  # the web console (/console), outside the OpenAPI schema
 
     return app
 

@@ -7,7 +7,9 @@
     verification, and where the certificate and the expert-map heatmap are.
 
 Both child processes are stopped (SIGTERM, then SIGKILL by PID) whatever happens, so the
-demo leaves no processes behind. Usage: python -m api.demo [--spec FILE] [--keep DIR]
+demo leaves no processes behind. With --keep (`make demo-console`) they stay up after the
+job: the demo prints the console page of its job and an auditor key to sign in with, and
+stops them on Ctrl-C. Usage: python -m api.demo [--spec FILE] [--dir DIR] [--keep]
 [--workers 1|2] (default 2: the job runs on Ray Train, as the service runs big jobs).
 """
 
@@ -57,27 +59,19 @@ def _stop(proc: subprocess.Popen, name: str) -> None:
 
 
 def heatmap(expert_map: dict[str, Any], path: Path) -> Path:
-    """The expert map as a layers x experts heatmap, selected experts boxed."""
-    import matplotlib
+    """The expert map as a layers x experts SVG heatmap (the console's), selected outlined."""
+    from api.console.heatmap import Cell, svg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = expert_map["scores"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(scores[0]), 1.0 + 0.5 * len(scores)))
-    im = ax.imshow(scores, cmap="magma", aspect="auto")
-    ax.set_yticks(range(len(scores)), [f"layer {layer}" for layer in expert_map["layers"]])
-    ax.set_xticks(range(len(scores[0])))
-    ax.set_xlabel("routed expert")
-    ax.set_title(f"expert attribution ({expert_map['method']})")
-    for sel in expert_map.get("selected", []):
-        layer, expert = (sel["layer"], sel["expert"]) if isinstance(sel, dict) else sel[:2]
-        row = expert_map["layers"].index(layer)
-        ax.add_patch(plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, ec="cyan", lw=2))
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    selected = {
+        (s["layer"], s["expert"]) if isinstance(s, dict) else tuple(s[:2])
+        for s in expert_map.get("selected", [])
+    }
+    cells = [
+        Cell(layer, e, float(score), (layer, e) in selected)
+        for layer, row in zip(expert_map["layers"], expert_map["scores"], strict=True)
+        for e, score in enumerate(row)
+    ]
+    path.write_text(svg(cells, expert_map.get("method")) or "")
     return path
 
 
@@ -114,6 +108,7 @@ class Embedded:
     requester_key: str
     auditor_key: str
     work: Path
+    processes: tuple[subprocess.Popen, ...] = ()  # the API and the dispatcher
 
 
 @contextmanager
@@ -153,7 +148,7 @@ def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError(f"the API did not start; see {log.name}") from None
                 time.sleep(0.3)
-        yield Embedded(base, requester, auditor, work)
+        yield Embedded(base, requester, auditor, work, (server, dispatcher))
     finally:
         _stop(dispatcher, "dispatcher")
         _stop(server, "server")
@@ -163,7 +158,12 @@ def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the database/blobs here")
+    ap.add_argument("--dir", type=Path, default=None, help="keep the database/blobs here")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the API and dispatcher running after the job (the console); Ctrl-C stops",
+    )
     ap.add_argument(
         "--workers",
         type=int,
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     console = Console()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
+    work = args.dir or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]moe-unlearn demo[/bold] (state in {work})")
     with embedded_service(work) as svc:
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 headers=client.headers,
             )
             (work / "certificate.html").write_text(page.text)
-            png = heatmap(emap, work / "expert_map.png")
+            png = heatmap(emap, work / "expert_map.svg")
             console.print(f"certificate: {cert_json} and {work / 'certificate.html'}")
             from service.signing import verify_document  # issue 15: signed certificates
 
@@ -227,7 +227,35 @@ def main(argv: list[str] | None = None) -> int:
                           f"verify {cert_json}`")
             console.print(f"robustness: {verdicts}")
             console.print(f"expert-map heatmap: {png}")
+        if args.keep:
+            return keep_serving(console, svc, job["id"])
+        console.print("to browse this job in the web console: make demo-console "
+                      "(python -m api.demo --keep)")
     return 0
+
+
+def keep_serving(console: Any, svc: Embedded, job_id: str) -> int:
+    """Leave the API and dispatcher up for the console until Ctrl-C (the caller's `with`
+    then stops them)."""
+    console.print(f"\n[bold]web console[/bold]: {svc.base_url}/console/jobs/{job_id}",
+                  soft_wrap=True)
+    console.print(f"sign in with this auditor key: {svc.auditor_key}", soft_wrap=True)
+    console.print("the API and dispatcher keep running; Ctrl-C stops them", soft_wrap=True)
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Also when started in the background (SIGINT ignored) or stopped by SIGTERM.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while all(p.poll() is None for p in svc.processes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping the API and dispatcher")
+        return 0
+    console.print(f"[red]the API or the dispatcher stopped; see {svc.work / 'processes.log'}[/red]")
+    return 1
 
 
 if __name__ == "__main__":

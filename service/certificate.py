@@ -19,7 +19,6 @@ the metric `routing_overlap` of any task is reported as the routing overlap).
 from __future__ import annotations
 
 import hashlib
-import html
 from typing import Any
 
 from sqlalchemy import select
@@ -192,76 +191,9 @@ def build_certificate(
     return signing.sign_document(body, settings)
 
 
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict | list):
-        return f"<code>{html.escape(canonical_json(v))}</code>"
-    return html.escape("" if v is None else str(v))
-
-
-def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    if not rows:
-        return "<p><em>none recorded</em></p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def render_html(cert: dict[str, Any]) -> str:
-    """A self-contained HTML page of the certificate (every value escaped)."""
-    req = cert["request"]
-    sig = cert.get("signature") or {}
-    fp = signing.fingerprint_of_b64(str(sig.get("public_key", "")))
-    score_rows = [
-        {"phase": phase, "task": task, "metric": metric, "value": value}
-        for phase, tasks in cert["scores"].items()
-        for task, metrics in tasks.items()
-        for metric, value in metrics.items()
-    ]
-    overlap_rows = [{"task/phase": k, "overlap": v} for k, v in cert["routing_overlap"].items()]
-    corpora = [
-        {"role": role, **(cert[f"{role}_corpus"] or {})}
-        for role in ("forget", "retain")
-        if cert.get(f"{role}_corpus")
-    ]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Deletion certificate {_cell(cert['job_id'])}</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #999;"
-        "padding:.2em .5em;text-align:left}code{font-size:.85em;word-break:break-all}</style>",
-        "</head><body>",
-        f"<h1>Deletion certificate</h1><p>Job <code>{_cell(cert['job_id'])}</code>: "
-        f"<strong>{_cell(cert['outcome'])}</strong></p>",
-        "<h2>Request</h2>",
-        _table([req], list(req)),
-        "<h2>Data (by hash; the text is never shown)</h2>",
-        _table(corpora, ["role", "source", "sha256", "size_bytes", "records", "format", "split"]),
-        "<h2>Model</h2>",
-        _table([cert["model"]], ["ref", "sha256"]),
-        "<h2>Method and settings</h2>",
-        _table([cert["method"]], list(cert["method"])),
-        "<h2>Selected experts</h2>",
-        _table(cert["experts"]["selected"], ["layer", "expert", "score", "rank"]),
-        "<h2>Parameters changed</h2>",
-        _table(cert["parameters_changed"], ["name", "slice", "sha256_before", "sha256_after"]),
-        "<h2>Scores before and after</h2>",
-        _table(score_rows, ["phase", "task", "metric", "value"]),
-        "<h2>Routing overlap</h2>",
-        _table(overlap_rows, ["task/phase", "overlap"]),
-        "<h2>Robustness checks</h2>",
-        _table(cert.get("robustness", []), ["check", "verdict", "threshold", "metrics", "reason"]),
-        "<h2>Audit entries</h2>",
-        f"<p>Audit chain verified now: {_cell(cert['verification']['chain_ok'])} "
-        f"({_cell(cert['verification']['checked_entries'])} entries; head "
-        f"<code>{_cell(cert['verification']['chain_head_hash'])}</code>)</p>",
-        _table(cert["audit"]["entries"], ["seq", "action", "ts", "entry_hash"]),
-        f"<p>Certificate SHA-256: <code>{_cell(cert['certificate_sha256'])}</code></p>",
-        f"<p>Signed ({_cell(sig.get('alg'))}) by key <code>{_cell(fp)}</code>; check with "
-        "<code>moe-unlearn certificate verify certificate.json --key PUB</code></p>",
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    """A self-contained HTML page of the certificate (every value escaped): the template
+    in service/templates/certificate.html, shared by the API and the console."""
+    from service.certificate_html import render
+
+    return render(cert)

@@ -314,4 +314,21 @@ class DeletionRequestJob(Base):
     added_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+# --- web console (issue 17; migration 0004) ------------------------------------------------
+
+
+class ConsoleSession(Base):
+    """A signed-in console session (issue 17). Only the SHA-256 of the cookie's token is
+    stored, as for keys; the session acts as its API key and ends when the key is revoked."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+
+
 ALL_TABLES: tuple[str, ...] = tuple(sorted(Base.metadata.tables))
