@@ -24,9 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# Events every runner emits (names the service and the tests rely on).
-RANK_STARTED = "rank_started"  # payload {rank, pid}: from every rank once it runs
-RANK_STOPPED = "rank_stopped"  # payload {rank, step}: from every rank when cancelled
+from workers.events import RANK_STARTED, RANK_STOPPED  # re-exported: every runner emits them
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.engine._tiny_dir import make_tiny_model_dir
-from workers.distributed import WorkerFailure, run_job_distributed
+from workers.runners.ray_train import WorkerFailure, run_job_distributed
 from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV
 from workers.run import JobCancelled, run_job
 from workers.spec import JobSpec
@@ -111,13 +111,13 @@ def test_ddp_job_matches_single_process_attribution_and_changes_only_the_slice(
 ):
     res, out, rec = ddp
     ref, ref_out = single
-    assert res["steps"] == STEPS and res["stopped_by"] == "max_steps"
-    info = res["distributed"]
-    assert (info["num_workers"], info["backend"], info["zero_stage"]) == (2, "ddp", None)
-    assert info["resumed_from_step"] == 0
+    assert res.steps == STEPS and res.stopped_by == "max_steps"
+    info = res.distributed
+    assert (info.num_workers, info.backend, info.zero_stage) == (2, "ddp", None)
+    assert info.resumed_from_step == 0
     # DDP: every rank holds the whole model (+ the trainable copies of the slices).
-    slice_elements = res["trainable_parameters"] - 8 * 32  # minus the router [8, 32]
-    assert info["rank0_param_elements"] == res["total_parameters"] + slice_elements
+    slice_elements = res.trainable_parameters - 8 * 32  # minus the router [8, 32]
+    assert info.rank0_param_elements == res.total_parameters + slice_elements
     # Sharded attribution (2 ranks, all_reduce of the sums) == single-process attribution.
     emap = json.loads((out / "expert_map.json").read_text())
     emap_ref = json.loads((ref_out / "expert_map.json").read_text())
@@ -137,14 +137,14 @@ def test_ddp_job_matches_single_process_attribution_and_changes_only_the_slice(
             torch.tensor(emap_ref[key], dtype=torch.float64),
             rtol=0, atol=1e-7, msg=key,
         )
-    assert res["selected"] == ref["selected"] and len(res["selected"]) == 1
-    (sel,) = res["selected"]
+    assert res.selected == ref.selected and len(res.selected) == 1
+    (sel,) = res.selected
     base = AutoModelForCausalLM.from_pretrained(model_dir / "model").state_dict()
     _assert_only_selected_changed(base, _state(out), sel["layer"], sel["expert"])
-    assert res["after"]["forget_nll"] > res["before"]["forget_nll"]
+    assert res.after["forget_nll"] > res.before["forget_nll"]
     # rank 0 evaluated the same model the same way (float32 round-off: thread counts differ)
-    assert res["before"] == pytest.approx(ref["before"], rel=1e-6)
-    assert res["trainable_parameters"] == ref["trainable_parameters"]
+    assert res.before == pytest.approx(ref.before, rel=1e-6)
+    assert res.trainable_parameters == ref.trainable_parameters
     # Progress reached the reporter through the sink actor, in order.
     stages = [n for k, n, _ in rec.items if k == "stage"]
     assert stages == [
@@ -166,14 +166,14 @@ def test_deepspeed_zero_matches_ddp(stage, ddp, model_dir, tmp_path):
         out,
         f"job-zero{stage}",
     )
-    assert res["distributed"]["zero_stage"] == stage
-    held = res["distributed"]["rank0_param_elements"]
+    assert res.distributed.zero_stage == stage
+    held = res.distributed.rank0_param_elements
     if stage == 3:  # really sharded: rank 0 held about half of the (unwired) model
-        assert held < 0.6 * res["total_parameters"]
+        assert held < 0.6 * res.total_parameters
     else:
-        assert held >= res["total_parameters"]
-    assert res["selected"] == res_ddp["selected"]
-    (sel,) = res["selected"]
+        assert held >= res.total_parameters
+    assert res.selected == res_ddp.selected
+    (sel,) = res.selected
     base = AutoModelForCausalLM.from_pretrained(model_dir / "model").state_dict()
     new = _state(out)
     _assert_only_selected_changed(base, new, sel["layer"], sel["expert"])
@@ -181,9 +181,9 @@ def test_deepspeed_zero_matches_ddp(stage, ddp, model_dir, tmp_path):
     ref = _state(out_ddp)
     for name in new:
         torch.testing.assert_close(new[name], ref[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert res["after"]["forget_nll"] == pytest.approx(res_ddp["after"]["forget_nll"], rel=1e-4)
-    assert [(c["name"], c["expert"]) for c in res["changed"]] == [
-        (c["name"], c["expert"]) for c in res_ddp["changed"]
+    assert res.after["forget_nll"] == pytest.approx(res_ddp.after["forget_nll"], rel=1e-4)
+    assert [(c["name"], c["expert"]) for c in res.changed] == [
+        (c["name"], c["expert"]) for c in res_ddp.changed
     ]
 
 
@@ -201,14 +201,14 @@ def test_injected_worker_failure_resumes_from_checkpoint(ddp, model_dir, tmp_pat
     # The dispatcher's next attempt: same run name and storage -> resumes at step 3.
     rec = Recorder()
     res = _run("resumed attempt", spec, tmp_path / "a2", "job-f", rec)
-    assert res["distributed"]["resumed_from_step"] == 3
+    assert res.distributed.resumed_from_step == 3
     assert ("event", "resumed", 3) in rec.items
     assert [s for k, n, s in rec.items if k == "event" and n == "step"] == [4, 5, 6]
-    assert res["steps"] == STEPS and res["selected"] == res_ddp["selected"]
+    assert res.steps == STEPS and res.selected == res_ddp.selected
     new, ref = _state(tmp_path / "a2"), _state(out_ddp)
     for name in new:
         torch.testing.assert_close(new[name], ref[name], rtol=0, atol=1e-6, msg=name)
-    assert res["after"]["forget_nll"] == pytest.approx(res_ddp["after"]["forget_nll"], rel=1e-6)
+    assert res.after["forget_nll"] == pytest.approx(res_ddp.after["forget_nll"], rel=1e-6)
 
 
 def test_cancel_stops_every_rank_and_frees_the_cpus(ray_session, model_dir, tmp_path):
@@ -260,9 +260,9 @@ def test_ddp_with_the_activation_cache_skips_the_frozen_layers(ray_session, mode
         | {"seuf": {"selection": "manual", "experts": [{"layer": 2, "expert": 3}]}}
     )
     res = _run("ddp, activation cache", spec, tmp_path / "out", "job-cache")
-    assert res["activation_cache"]["layer"] == 2
-    assert res["activation_cache"]["hits"] == 2 * STEPS
-    assert res["activation_cache"]["misses"] == 0
+    assert res.activation_cache["layer"] == 2
+    assert res.activation_cache["hits"] == 2 * STEPS
+    assert res.activation_cache["misses"] == 0
     base = AutoModelForCausalLM.from_pretrained(model_dir / "model").state_dict()
     _assert_only_selected_changed(base, _state(tmp_path / "out"), 2, 3)
-    assert res["after"]["forget_nll"] > res["before"]["forget_nll"]
+    assert res.after["forget_nll"] > res.before["forget_nll"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.engine._moe_hand import make_batch
-from workers.attribution import attribute
-from workers.distributed import attribute_sharded, budget_prefix, shard_rows
+from workers.attribution import attribute, budget_prefix
+from workers.runners.ray_train import shard_rows
 from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
 
@@ -25,7 +25,7 @@ def _with_loss_mask(b: dict, seed: int) -> dict:
 
 
 def _sharded(model, forget, retain, world: int, **kw) -> list:
-    """Run attribute_sharded on `world` threads (each with its own copy of the model, as
+    """Run sharded attribution on `world` threads (each with its own copy of the model, as
     each rank has) with a summing all-reduce."""
     copies = [copy.deepcopy(model) for _ in range(world)]
     barrier = threading.Barrier(world)
@@ -43,9 +43,9 @@ def _sharded(model, forget, retain, world: int, **kw) -> list:
             return t
 
         try:
-            out[r] = attribute_sharded(
-                copies[r], get_adapter(copies[r]), forget, retain, rank=r, world=world,
-                all_reduce_sum=all_reduce_sum, **kw,
+            out[r] = attribute(
+                copies[r], get_adapter(copies[r]), forget, retain_batches=retain,
+                at_loss_positions=True, shard=(r, world), reduce=all_reduce_sum, **kw,
             )
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -69,7 +69,7 @@ def test_sharded_attribution_equals_single_process(method, world):
     forget = [_with_loss_mask(make_batch([9, 5, 7], 9, seed=s), s) for s in range(5)]
     retain = [_with_loss_mask(make_batch([6, 8], 8, seed=10 + s), s) for s in range(3)]
     budget = 60  # cuts the forget batches after the 4th (tokens 21, 42, 63 ...)
-    assert len(budget_prefix(forget, budget)) == 3
+    assert len(list(budget_prefix(forget, budget))) == 3
     with torch.no_grad():
         ref = attribute(model, adapter, forget, retain_batches=retain, method=method,
                         token_budget=budget, at_loss_positions=True)  # fmt: skip
