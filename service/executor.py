@@ -7,7 +7,7 @@ messages and holds the stop flag. The task runs one of two runners, by
 `spec.distributed.uses_ray_train`:
 - one worker: `workers.run.run_job` in the task itself, which holds the CPUs;
 - several workers or DeepSpeed: the task (0 CPUs) drives a Ray Train `TorchTrainer`
-  through `workers.distributed.run_job_distributed`, whose workers take the CPUs. Its run
+  through `workers.runners.ray_train.run_job_distributed`, whose workers take the CPUs. Its run
   name is the job id and its storage `<checkpoint_dir>/<job id>`, so a retried attempt
   resumes from the last checkpoint; the dispatcher drops the folder when the job ends.
 Why a task and not an actor: a task holds its CPUs exactly while it runs and gives them
@@ -121,7 +121,7 @@ def _attempt_main(spec_data: dict[str, Any], plan: AttemptPlan, channel: Any) ->
 
         try:
             if ray_train:
-                from workers.distributed import run_job_distributed
+                from workers.runners.ray_train import run_job_distributed
 
                 # The trainer's workers hold the CPUs; this task only drives them.
                 result = run_job_distributed(

@@ -76,7 +76,7 @@ def classify(err: BaseException) -> AttemptOutcome:
     ray_error = _types(("ray.exceptions", "RayError"))
     # A Ray Train run that failed: a dead worker shows up as whatever its peers saw.
     train_failure = _types(
-        ("ray.train", "TrainingFailedError"), ("workers.distributed", "WorkerFailure")
+        ("ray.train", "TrainingFailedError"), ("workers.runners.ray_train", "WorkerFailure")
     )
     oom = (
         MemoryError,
