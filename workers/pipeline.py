@@ -64,10 +64,11 @@ class _Progress:
         self.runner, self.reporter, self.should_stop = runner, reporter, should_stop
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
+        self.solo = False  # after training rank 0 works alone: nobody to agree with
 
     def stop_requested(self) -> bool:
         asked = self.runner.is_main and self.should_stop is not None and self.should_stop()
-        return bool(self.runner.agree([int(asked)])[0])
+        return bool(asked if self.solo else self.runner.agree([int(asked)])[0])
 
     def stage(self, name: str) -> None:
         if name != "done" and self.stop_requested():
@@ -231,6 +232,7 @@ def run_pipeline(
     final_scope = runner.finish_training(job, scope, pairs)  # ZeRO-3: a fresh, whole model
     if final_scope is None:
         return None  # not rank 0: its part is done
+    prog.solo = True
     final_scope.bake()
     model, adapter = job.model, job.adapter
     model.eval()

@@ -32,7 +32,7 @@ from workers.data import Batch
 from workers.moe.base import MoEAdapter
 from workers.objectives import Batches, Objective, run_forward, sequence_nll
 from workers.routing import TopKSnapshot, routing_overlap
-from workers.runners.base import LocalRunner, Runner
+from workers.runners.base import LocalRunner, Runner, Training
 from workers.scope import TrainableScope
 from workers.spec import TrainingOptions
 
@@ -178,12 +178,12 @@ def train(
     torch.manual_seed(options.seed)
     opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     sched = make_scheduler(opt, options)
-    engine = run.engine(model, scope, params, opt, options)
+    engine = run.engine(Training(model, scope, named, opt, options))
     restored = resume
     if restored is not None:
         opt.load_state_dict(restored["optimizer"])
     else:
-        restored = run.restore(engine, named)
+        restored = run.restore(engine)
         if restored is not None and restored.get("meta") != (checkpoint_meta or {}):
             raise RuntimeError(
                 f"the checkpoint was written for {restored.get('meta')}, "
@@ -274,7 +274,7 @@ def train(
             break
         every = run.checkpoint_every
         if every and step % every == 0 and step < options.max_steps:
-            run.save(engine, named, {**state_at(step)(), "meta": checkpoint_meta or {}})
+            run.save(engine, {**state_at(step)(), "meta": checkpoint_meta or {}})
     model.eval()
     return TrainResult(step, stopped_by, history, metrics, overlap, state_at(step)(), start)
 

@@ -15,9 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.engine._tiny_dir import make_tiny_model_dir
-from workers.runners.ray_train import WorkerFailure, run_job_distributed
 from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV
 from workers.run import JobCancelled, run_job
+from workers.runners.ray_train import WorkerFailure, run_job_distributed
 from workers.spec import JobSpec
 
 pytestmark = pytest.mark.slow
@@ -58,12 +58,14 @@ def _spec(d: Path, **dist: Any) -> JobSpec:
 class Recorder:
     def __init__(self) -> None:
         self.items: list[tuple[str, Any, int]] = []
+        self.payloads: dict[str, list[dict]] = {}
 
     def stage(self, name: str) -> None:
         self.items.append(("stage", name, 0))
 
     def event(self, kind: str, step: int, payload: dict) -> None:
         self.items.append(("event", kind, step))
+        self.payloads.setdefault(kind, []).append(payload)
 
 
 def _run(tag: str, spec: JobSpec, out: Path, run_name: str, rec: Recorder | None = None) -> dict:
@@ -129,13 +131,16 @@ def test_ddp_job_matches_single_process_attribution_and_changes_only_the_slice(
     torch.testing.assert_close(
         torch.tensor(emap["forget_frequency"], dtype=torch.float64),
         torch.tensor(emap_ref["forget_frequency"], dtype=torch.float64),
-        rtol=0, atol=1e-12,
+        rtol=0,
+        atol=1e-12,
     )
     for key in ("scores", "forget_mass", "retain_mass"):
         torch.testing.assert_close(
             torch.tensor(emap[key], dtype=torch.float64),
             torch.tensor(emap_ref[key], dtype=torch.float64),
-            rtol=0, atol=1e-7, msg=key,
+            rtol=0,
+            atol=1e-7,
+            msg=key,
         )
     assert res.selected == ref.selected and len(res.selected) == 1
     (sel,) = res.selected
@@ -148,12 +153,39 @@ def test_ddp_job_matches_single_process_attribution_and_changes_only_the_slice(
     # Progress reached the reporter through the sink actor, in order.
     stages = [n for k, n, _ in rec.items if k == "stage"]
     assert stages == [
-        "loading", "evaluating_before", "attribution", "unlearning", "evaluating_after",
+        "loading",
+        "evaluating_before",
+        "attribution",
+        "unlearning",
+        "evaluating_after",
         "packaging",
     ]
-    assert [s for k, n, s in rec.items if k == "event" and n == "step"] == list(
-        range(1, STEPS + 1)
-    )
+    assert [s for k, n, s in rec.items if k == "event" and n == "step"] == list(range(1, STEPS + 1))
+    # Every rank announced itself (its rank and the PID a test may SIGKILL).
+    started = rec.payloads["rank_started"]
+    assert sorted(p["rank"] for p in started) == [0, 1]
+    assert len({p["pid"] for p in started}) == 2 and os.getpid() not in {p["pid"] for p in started}
+
+
+def test_one_process_and_two_ray_train_workers_train_the_same_weights(ddp, single):
+    """The one pipeline on both runners: the same selected expert, the same final weights.
+    Tolerance: every record of the tiny corpus has the same number of tokens and loss
+    positions, so the mean of the two ranks' 4-row losses (what DDP's gradient all-reduce
+    averages) is mathematically the 8-row loss of one process; what remains is float32
+    summation order (two half batches + an all-reduce vs one batch; one intra-op thread on
+    the workers, several here), as in the ZeRO-vs-DDP comparison."""
+    res, out, _ = ddp
+    ref, ref_out = single
+    assert res.selected == ref.selected and len(ref.selected) == 1
+    assert (res.steps, res.stopped_by) == (ref.steps, ref.stopped_by) == (STEPS, "max_steps")
+    new, want = _state(out), _state(ref_out)
+    assert new.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(new[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert res.after["forget_nll"] == pytest.approx(ref.after["forget_nll"], rel=1e-4)
+    assert [(c["name"], c["expert"]) for c in res.changed] == [
+        (c["name"], c["expert"]) for c in ref.changed
+    ]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -235,6 +267,10 @@ def test_cancel_stops_every_rank_and_frees_the_cpus(ray_session, model_dir, tmp_
     assert 1 <= e.value.step < 500
     steps = [s for k, n, s in rec.items if k == "event" and n == "step"]
     assert steps == list(range(1, e.value.step + 1))
+    # Every rank reports where it stopped, and all stopped after the same step.
+    stopped = rec.payloads["rank_stopped"]
+    assert sorted(p["rank"] for p in stopped) == [0, 1]
+    assert {p["step"] for p in stopped} == {e.value.step}
     assert not (tmp_path / "out" / "result.json").exists()
     deadline = time.time() + 30
     while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:

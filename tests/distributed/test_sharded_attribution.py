@@ -13,9 +13,9 @@ import torch
 
 from tests.engine._moe_hand import make_batch
 from workers.attribution import attribute, budget_prefix
-from workers.runners.ray_train import shard_rows
 from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
+from workers.runners.ray_train import shard_rows
 
 
 def _with_loss_mask(b: dict, seed: int) -> dict:
@@ -44,8 +44,14 @@ def _sharded(model, forget, retain, world: int, **kw) -> list:
 
         try:
             out[r] = attribute(
-                copies[r], get_adapter(copies[r]), forget, retain_batches=retain,
-                at_loss_positions=True, shard=(r, world), reduce=all_reduce_sum, **kw,
+                copies[r],
+                get_adapter(copies[r]),
+                forget,
+                retain_batches=retain,
+                at_loss_positions=True,
+                shard=(r, world),
+                reduce=all_reduce_sum,
+                **kw,
             )
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -77,14 +83,19 @@ def test_sharded_attribution_equals_single_process(method, world):
     for emap in maps:
         assert emap.method == ref.method and emap.positions == "loss"
         assert (emap.tokens, emap.sequences, emap.retain_tokens) == (
-            ref.tokens, ref.sequences, ref.retain_tokens
+            ref.tokens,
+            ref.sequences,
+            ref.retain_tokens,
         )
         for key in ("scores", "forget_mass", "forget_frequency", "retain_mass"):
             torch.testing.assert_close(
                 torch.tensor(getattr(emap, key), dtype=torch.float64),
                 torch.tensor(getattr(ref, key), dtype=torch.float64),
-                rtol=0, atol=1e-12, msg=key,
+                rtol=0,
+                atol=1e-12,
+                msg=key,
             )
+
         # The same ranking; pairs whose scores tie mathematically (frequencies are often
         # equal fractions) may swap, since float64 summation order decides such ties.
         def key(ranking: list) -> list:

@@ -45,8 +45,12 @@ def test_seuf_job_changes_only_the_selected_expert_and_router(model_dir, tmp_pat
     (sel,) = res.selected
     assert res.steps == 8 and res.stopped_by == "max_steps"
     assert [k for k, _ in events if k.startswith("stage:")] == [
-        "stage:loading", "stage:evaluating_before", "stage:attribution", "stage:unlearning",
-        "stage:evaluating_after", "stage:packaging",
+        "stage:loading",
+        "stage:evaluating_before",
+        "stage:attribution",
+        "stage:unlearning",
+        "stage:evaluating_after",
+        "stage:packaging",
     ]
     assert [s for k, s in events if k == "step"] == list(range(1, 9))
     # Gradient ascent on the forget data with a retain term: the forget NLL rises.
@@ -66,9 +70,13 @@ def test_seuf_job_changes_only_the_selected_expert_and_router(model_dir, tmp_pat
             assert not torch.equal(t, new[name])
         else:
             assert torch.equal(t, new[name]), f"{name} changed"
-    assert res.trainable_parameters == sum(
-        base[prefix + n][expert].numel() for n in ("experts.gate_up_proj", "experts.down_proj")
-    ) + base[prefix + "gate.weight"].numel()
+    assert (
+        res.trainable_parameters
+        == sum(
+            base[prefix + n][expert].numel() for n in ("experts.gate_up_proj", "experts.down_proj")
+        )
+        + base[prefix + "gate.weight"].numel()
+    )
 
     # The patch turns the base model into the unlearned one.
     state = {k: v.clone() for k, v in base.items()}
@@ -115,8 +123,11 @@ def test_activation_cache_gives_the_same_job(model_dir, tmp_path):
     manual = {"selection": "manual", "experts": [{"layer": 2, "expert": 3}]}
     results = {}
     for on in (True, False):
-        spec = _spec(model_dir, seuf=manual, training={
-            "max_steps": 6, "batch_size": 8, "lr": 3e-3, "activation_cache": on})
+        spec = _spec(
+            model_dir,
+            seuf=manual,
+            training={"max_steps": 6, "batch_size": 8, "lr": 3e-3, "activation_cache": on},
+        )
         results[on] = run_job(spec, tmp_path / f"cache-{on}")
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "cache-True" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "cache-False" / "model").state_dict()
@@ -127,4 +138,5 @@ def test_activation_cache_gives_the_same_job(model_dir, tmp_path):
     assert cache["layer"] == 2 and cache["hits"] >= 6 and cache["misses"] == 0
     assert results[False].activation_cache is None
     assert results[True].after["forget_nll"] == pytest.approx(
-        results[False].after["forget_nll"], rel=1e-4)
+        results[False].after["forget_nll"], rel=1e-4
+    )

@@ -1,5 +1,6 @@
-"""What differs between runners, as one small strategy object (`Runner`), and the plain
-one-process runner (`LocalRunner`).
+"""What differs between runners, as one small strategy object: `Runner`, whose defaults are
+the one-process runner (`LocalRunner`); a Ray Train rank overrides them
+(workers/runners/ray_train.py).
 
 The one pipeline (workers/pipeline.py) and the one training loop (workers/train.py) ask
 the runner, never `if distributed:`, for:
@@ -9,10 +10,10 @@ the runner, never `if distributed:`, for:
     agree(flags)               the maximum of int flags over ranks (stop rules: every rank
                                stops after the same step)
     shard(source)              this rank's rows of every global batch
-    engine(...)                plain model, DDP, or a DeepSpeed engine (`Engine`)
+    engine(training)           plain model, DDP, or a DeepSpeed engine (`Engine`)
     restore / save             the checkpoint hook (Ray Train: ray.train.report)
     finish_training(...)       the trained model as a plain module on rank 0 (ZeRO-3:
-                               gathered into a fresh copy)
+                               gathered into a fresh copy); None on the other ranks
     info(...)                  DistributedInfo for the result (None in one process)
 """
 
@@ -32,12 +33,29 @@ if TYPE_CHECKING:
     from workers.train import BatchSource
 
 
+@dataclass
+class Training:
+    """What the training loop hands its runner: the model, its scope, the trainable tensors
+    by name, the optimizer over them, and the options."""
+
+    model: nn.Module
+    scope: TrainableScope
+    named: list[tuple[str, nn.Parameter]]
+    opt: torch.optim.Optimizer
+    options: TrainingOptions
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named]
+
+
 class Engine(Protocol):
     """What the training loop steps: `module` runs the forward (the model, its DDP wrapper
     or a DeepSpeed engine); `step` does backward, clipping and the optimizer step and
     returns the gradient norm before clipping."""
 
     module: nn.Module
+    training: Training
 
     def step(self, loss: torch.Tensor) -> float: ...
 
@@ -48,76 +66,30 @@ class PlainEngine:
     (its backward all-reduces the gradients)."""
 
     module: nn.Module
-    params: list[nn.Parameter]
-    opt: torch.optim.Optimizer
-    grad_clip: float
+    training: Training
 
     def step(self, loss: torch.Tensor) -> float:
-        self.opt.zero_grad(set_to_none=True)
+        t = self.training
+        t.opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        self.opt.step()
+        clip = t.options.grad_clip if t.options.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
+        t.opt.step()
         return grad_norm
 
 
-class Runner(Protocol):
-    rank: int
-    world: int
-
-    @property
-    def is_main(self) -> bool: ...
-
-    def barrier(self) -> None: ...
-
-    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor: ...
-
-    def agree(self, flags: list[int]) -> list[int]: ...
-
-    def shard(self, source: BatchSource) -> BatchSource: ...
-
-    def engine(
-        self,
-        model: nn.Module,
-        scope: TrainableScope,
-        params: list[nn.Parameter],
-        opt: torch.optim.Optimizer,
-        options: TrainingOptions,
-    ) -> Engine: ...
-
-    def restore(self, engine: Engine, named: list[tuple[str, nn.Parameter]]) -> dict | None:
-        """State of the last checkpoint of this run (trainable tensors and optimizer already
-        loaded): {"step", "scheduler"?, "rng"?, "meta"}; None to start fresh."""
-        ...
-
-    @property
-    def checkpoint_every(self) -> int: ...  # 0: never
-
-    def save(
-        self, engine: Engine, named: list[tuple[str, nn.Parameter]], state: dict[str, Any]
-    ) -> None: ...
-
-    @property
-    def supports_activation_cache(self) -> bool: ...
-
-    def finish_training(
-        self, job: LoadedJob, scope: TrainableScope, pairs: list[tuple[int, int]]
-    ) -> TrainableScope | None:
-        """After training, on every rank: the scope to bake on rank 0 (job.model may be
-        replaced), None on the other ranks."""
-        ...
-
-    def info(self, resumed_from: int) -> DistributedInfo | None: ...
-
-
-class LocalRunner:
-    """One process, one rank: the model itself, no checkpoints, nothing to reduce."""
+class Runner:
+    """The strategy; its defaults are one process, one rank: the model itself, no
+    checkpoints, nothing to reduce."""
 
     rank = 0
     world = 1
-    is_main = True
-    checkpoint_every = 0
+    checkpoint_every = 0  # steps between checkpoints; 0: never
     supports_activation_cache = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def barrier(self) -> None:
         pass
@@ -131,23 +103,16 @@ class LocalRunner:
     def shard(self, source: BatchSource) -> BatchSource:
         return source
 
-    def engine(
-        self,
-        model: nn.Module,
-        scope: TrainableScope,
-        params: list[nn.Parameter],
-        opt: torch.optim.Optimizer,
-        options: TrainingOptions,
-    ) -> Engine:
-        return PlainEngine(model, params, opt, options.grad_clip)
+    def engine(self, training: Training) -> Engine:
+        return PlainEngine(training.model, training)
 
-    def restore(self, engine: Engine, named: list[tuple[str, nn.Parameter]]) -> dict | None:
+    def restore(self, engine: Engine) -> dict[str, Any] | None:
+        """State of the last checkpoint of this run (trainable tensors and optimizer already
+        loaded): {"step", "scheduler", "rng", "meta"}; None to start fresh."""
         return None
 
-    def save(
-        self, engine: Engine, named: list[tuple[str, nn.Parameter]], state: dict[str, Any]
-    ) -> None:
-        raise RuntimeError("the one-process runner writes no checkpoints")
+    def save(self, engine: Engine, state: dict[str, Any]) -> None:
+        raise RuntimeError("this runner writes no checkpoints")
 
     def finish_training(
         self, job: LoadedJob, scope: TrainableScope, pairs: list[tuple[int, int]]
@@ -158,4 +123,8 @@ class LocalRunner:
         return None
 
 
-__all__ = ["Engine", "LocalRunner", "PlainEngine", "Runner"]
+class LocalRunner(Runner):
+    """One process (the service's one-worker jobs, `moe-unlearn run`, library use)."""
+
+
+__all__ = ["Engine", "LocalRunner", "PlainEngine", "Runner", "Training"]

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from workers.runners.base import Training
 from workers.scope import TrainableScope
-from workers.spec import TrainingOptions
 
 DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 CHECKPOINT_TAG = "ckpt"
@@ -42,6 +42,7 @@ class DeepSpeedEngine:
     config)."""
 
     module: Any
+    training: Training
 
     def step(self, loss: torch.Tensor) -> float:
         self.module.backward(loss)
@@ -68,28 +69,21 @@ class DeepSpeedEngine:
         return dict(client)
 
 
-def make_engine(
-    model: nn.Module,
-    scope: TrainableScope,
-    opt: torch.optim.Optimizer,
-    options: TrainingOptions,
-    stage: int,
-    world: int,
-) -> DeepSpeedEngine:
+def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
     import deepspeed
 
     from workers.scope import deepspeed_config_for
 
     if stage == 3:
-        model.enable_input_require_grads()  # frozen base: backward fails without it
+        t.model.enable_input_require_grads()  # frozen base: backward fails without it
+    opts = t.options
     cfg = deepspeed_config_for(
-        scope,
-        deepspeed_config(stage, max(1, options.batch_size // world), world, options.grad_clip),
+        t.scope, deepspeed_config(stage, max(1, opts.batch_size // world), world, opts.grad_clip)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=cfg, dist_init_required=False
+        model=t.model, optimizer=t.opt, config=cfg, dist_init_required=False
     )
-    return DeepSpeedEngine(engine)
+    return DeepSpeedEngine(engine, t)
 
 
 def gathered(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from workers import faults
 from workers.data import Batch, BatchStream
@@ -46,12 +45,11 @@ from workers.events import TRAINER_STARTED
 from workers.job import CorpusResolver, JobCancelled, LoadedJob, Reporter, SilentReporter
 from workers.progress import ChannelReporter, JobEvent, RunOutcome, StageStarted, start_channel
 from workers.results import DistributedInfo, JobResult
-from workers.runners.base import Engine, PlainEngine
+from workers.runners.base import Engine, PlainEngine, Runner, Training
 from workers.spec import DistributedOptions, JobSpec
 
 if TYPE_CHECKING:
     from workers.scope import TrainableScope
-    from workers.spec import TrainingOptions
     from workers.train import BatchSource
 
 DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/moe-unlearn/torch_extensions"
@@ -96,7 +94,7 @@ class ShardedStream:
 # --------------------------------------------------------------------------- strategy
 
 
-class RayTrainRunner:
+class RayTrainRunner(Runner):
     """The workers/runners/base.py Runner of one Ray Train rank."""
 
     def __init__(self, rank: int, world: int, options: DistributedOptions) -> None:
@@ -107,10 +105,6 @@ class RayTrainRunner:
         # ZeRO-3 gathers each layer's shards as its forward runs: skipping layers is untested.
         self.supports_activation_cache = self.zero_stage != 3
         self._local_numel = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -134,50 +128,44 @@ class RayTrainRunner:
         assert isinstance(source, BatchStream), "Ray Train shards a BatchStream"
         return ShardedStream(source, self.rank, self.world)
 
-    def engine(
-        self,
-        model: nn.Module,
-        scope: TrainableScope,
-        params: list[nn.Parameter],
-        opt: torch.optim.Optimizer,
-        options: TrainingOptions,
-    ) -> Engine:
+    def engine(self, training: Training) -> Engine:
+        model = training.model
         engine: Engine
         if self.zero_stage:
             from workers.runners.deepspeed import make_engine
 
-            engine = make_engine(model, scope, opt, options, self.zero_stage, self.world)
+            engine = make_engine(training, self.zero_stage, self.world)
         else:
             from torch.nn.parallel import DistributedDataParallel
 
             # gloo; frozen tensors are not synced
-            engine = PlainEngine(DistributedDataParallel(model), params, opt, options.grad_clip)
+            engine = PlainEngine(DistributedDataParallel(model), training)
         # Parameter elements this rank holds (ZeRO-3: its shards, about 1/world of the model).
         self._local_numel = sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
         return engine
 
-    def save(
-        self, engine: Engine, named: list[tuple[str, nn.Parameter]], state: dict[str, Any]
-    ) -> None:
+    def save(self, engine: Engine, state: dict[str, Any]) -> None:
         """ray.train.report with a checkpoint, on every rank (it is a barrier)."""
         import ray.train
 
+        step = int(state["step"])
         with tempfile.TemporaryDirectory(prefix="moeu-ckpt-") as d:
             folder = Path(d)
             has = self.rank == 0
             if isinstance(engine, PlainEngine):
                 if self.rank == 0:
+                    named = engine.training.named
                     trainable = {n: p.detach().clone() for n, p in named}
                     torch.save({**state, "trainable": trainable}, folder / "state.pt")
             else:
                 client = {k: v for k, v in state.items() if k != "optimizer"}
                 engine.save(folder, client, self.rank)  # type: ignore[attr-defined]
                 has = True
-            faults.checkpoint_seam(self.rank, int(state["step"]))
+            faults.checkpoint_seam(self.rank, step)
             ckpt = ray.train.Checkpoint.from_directory(d) if has else None
-            ray.train.report({"step": int(state["step"])}, checkpoint=ckpt)
+            ray.train.report({"step": step}, checkpoint=ckpt)
 
-    def restore(self, engine: Engine, named: list[tuple[str, nn.Parameter]]) -> dict | None:
+    def restore(self, engine: Engine) -> dict[str, Any] | None:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
@@ -188,9 +176,9 @@ class RayTrainRunner:
                 return engine.load(Path(d))  # type: ignore[attr-defined]
             state = torch.load(Path(d) / "state.pt", weights_only=False)
             with torch.no_grad():
-                for n, p in named:
+                for n, p in engine.training.named:
                     p.copy_(state["trainable"][n])
-            engine.opt.load_state_dict(state["optimizer"])
+            engine.training.opt.load_state_dict(state["optimizer"])
             return state
 
     def finish_training(
