@@ -370,6 +370,7 @@ class Dispatcher:
                 outcome = a.handle.outcome() if a.handle.done() else AttemptOutcome("cancelled")
             except Exception:  # noqa: BLE001
                 outcome = AttemptOutcome("cancelled")
+            self._write_progress(a, a.handle.drain(final=True))  # e.g. where each rank stopped
             a.handle.release()
             if outcome.status == "succeeded":
                 a.stop_reason = None  # it finished anyway: keep the work

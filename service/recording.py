@@ -34,6 +34,7 @@ from service import jobs
 from service.audit import FORBIDDEN_KEYS, MAX_STRING
 from service.errors import IllegalTransition
 from service.jobs import ExpertScore, ParamChange, Stage
+from workers.events import RANK_STARTED, RANK_STOPPED
 from workers.progress import AttemptStarted, JobEvent, Message, StageStarted
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ STAGE_MAP: dict[str, Stage] = {
     "packaging": Stage.PACKAGING,
 }
 ATTEMPT_STARTED_KIND = "attempt_started"
+PER_RANK = frozenset({RANK_STARTED, RANK_STOPPED})
 # What the `result` event keeps of the engine's result.
 RESULT_SUMMARY = (
     "unlearned_model_sha256",
@@ -78,7 +80,7 @@ def record_progress(
             return stage
     if isinstance(m, JobEvent):
         payload = safe_payload(m.payload)
-        jobs.record_event(s, job_id, owner, m.step, m.kind[:64], payload)
+        jobs.record_event(s, job_id, owner, m.step, stored_kind(m), payload)
         if m.kind == "evaluation" and payload.get("phase") == "before":
             scores = {k: v for k, v in payload.items() if k != "phase"}
             jobs.record_evaluations(s, job_id, owner, "before", flatten_scores(scores))
@@ -86,6 +88,16 @@ def record_progress(
         info = safe_payload(dataclasses.asdict(m))
         jobs.record_event(s, job_id, owner, 0, ATTEMPT_STARTED_KIND, info)
     return stage
+
+
+def stored_kind(m: JobEvent) -> str:
+    """The kind an event is stored under. Events are unique per (attempt, step, kind), so a
+    per-rank event (rank_started, rank_stopped: one from every rank) carries its rank in
+    the kind: `rank_stopped[1]`."""
+    rank = m.payload.get("rank")
+    if m.kind in PER_RANK and isinstance(rank, int) and not isinstance(rank, bool):
+        return f"{m.kind}[{rank}]"[:64]
+    return m.kind[:64]
 
 
 def as_mapping(result: Any) -> dict[str, Any]:
@@ -315,4 +327,5 @@ __all__ = [
     "record_progress",
     "record_success",
     "safe_payload",
+    "stored_kind",
 ]

@@ -8,7 +8,14 @@ import pytest
 
 from service.audit import check_payload
 from service.failures import classify
-from service.recording import expert_scores, flatten_scores, param_changes, safe_payload
+from service.recording import (
+    expert_scores,
+    flatten_scores,
+    param_changes,
+    safe_payload,
+    stored_kind,
+)
+from workers.progress import JobEvent
 
 
 def test_flatten_scores_splits_names_and_nests_tasks():
@@ -147,9 +154,8 @@ def test_classify_by_type_through_every_wrapper():
     assert _class(WorkerGroupError("w", {1: ValueError("no token")})) == "user_input"
     assert classify(WorkerGroupError("w", {1: ValueError("no token")})).message == "no token"
     assert _class(WorkerGroupError("w", {0: MemoryError()})) == "out_of_memory"
-    assert _class(WorkerGroupError("w", {0: RuntimeError("gloo: peer gone")})) == (
-        "infrastructure"
-    )
+    peer_gone = WorkerGroupError("w", {0: RuntimeError("gloo: peer gone")})
+    assert _class(peer_gone) == "infrastructure"
     assert _class(ControllerError(rex.ActorDiedError())) == "infrastructure"
     # `raise ... from`: the cause counts.
     try:
@@ -159,3 +165,12 @@ def test_classify_by_type_through_every_wrapper():
             raise RuntimeError("wrapped") from inner
     except RuntimeError as e:
         assert _class(e) == "user_input"
+
+
+def test_per_rank_events_are_stored_under_their_rank():
+    # Events are unique per (attempt, step, kind): two ranks' rank_stopped at one step
+    # would otherwise keep only the first.
+    kinds = [stored_kind(JobEvent("rank_stopped", 7, {"rank": r, "step": 7})) for r in (0, 1)]
+    assert kinds == ["rank_stopped[0]", "rank_stopped[1]"]
+    assert stored_kind(JobEvent("step", 7, {"rank": 1, "loss": 0.5})) == "step"
+    assert stored_kind(JobEvent("rank_started", 0, {"rank": True})) == "rank_started"
