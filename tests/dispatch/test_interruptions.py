@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow
 CKPT_EVERY = 5
 STEPS = 60  # long enough that a kill noticed a few steps late still lands mid-run
 DIST = {"num_workers": 2, "backend": "ddp", "checkpoint_every": CKPT_EVERY}
-SEAM_HOLD_S = 3.0  # the killed rank sits in the seam: the kill lands mid-checkpoint
+SEAM_HOLD_S = 2.0  # the killed rank sits in the seam: the kill lands mid-checkpoint
 # Wide enough never to expire on a loaded 2-core machine while heartbeats run.
 LEASE_S = 60
 
