@@ -155,6 +155,88 @@ def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
         log.close()
 
 
+@dataclass
+class DemoResult:
+    """What the demo did: the job, its result.json and expert map, the audit check, the
+    certificate's signature and robustness verdicts, and the files it wrote (certificate as
+    JSON and HTML, expert-map heatmap)."""
+
+    job: dict[str, Any]
+    result: dict[str, Any]
+    expert_map: dict[str, Any]
+    audit: dict[str, Any]
+    certificate: Path
+    certificate_html: Path
+    heatmap: Path
+    signature_valid: bool = False
+    robustness: dict[str, str] | None = None  # check -> verdict
+    exit_code: int = 0
+
+
+def run_demo(
+    spec: dict[str, Any], work: Path, console: Any, spec_name: str = "", keep: bool = False
+) -> DemoResult:
+    """Submit `spec` to a fresh embedded service in `work` over HTTP and follow it to the end;
+    print (to `console`, a rich Console) and return what it did. The job's runner follows
+    spec.distributed.num_workers (2: Ray Train). With `keep`, the API and dispatcher stay up
+    for the web console until Ctrl-C."""
+    workers = int(spec.get("distributed", {}).get("num_workers", 1))
+    with embedded_service(work) as svc:
+        base = svc.base_url
+        with Client(base, svc.requester_key) as client, Client(base, svc.auditor_key) as audit:
+            job = client.submit(spec, idempotency_key="demo")
+            runner = f"Ray Train, {workers} CPU workers (DDP)" if workers > 1 else "one process"
+            console.print(f"submitted job {job['id']} over HTTP ({spec_name}; {runner})")
+            max_steps = int(spec.get("training", {}).get("max_steps", 100))
+            job = follow(client, job["id"], max_steps)
+            if job["state"] != "SUCCEEDED":
+                console.print(f"[red]job {job['state']}: {job.get('failure_message')}[/red]")
+                return DemoResult(job, {}, {}, {}, Path(), Path(), Path(), exit_code=1)
+            arts = {a["kind"]: a for a in client.artifacts(job["id"])}
+            res = json.loads(client.download(job["id"], arts["result"]["id"],
+                                             work / "result.json").read_text())
+            emap = json.loads(client.download(job["id"], arts["expert_map"]["id"],
+                                              work / "expert_map.json").read_text())
+            from api.cli_engine import before_after_table
+
+            console.print(before_after_table(res))
+            for s in res["selected"]:
+                console.print(
+                    f"selected expert: layer {s['layer']} expert {s['expert']} "
+                    f"(score {s['score']:.3f}, {emap['method']} attribution)"
+                )
+            verify = audit.audit_verify()
+            state = "intact" if verify["ok"] else f"BROKEN at entry {verify['first_bad_seq']}"
+            console.print(f"audit chain: {state} ({verify['checked']} entries checked)")
+            cert = client.certificate(job["id"])
+            cert_json = work / "certificate.json"
+            cert_json.write_text(json.dumps(cert, indent=1))
+            page = client.http.get(
+                f"{base}/v1/jobs/{job['id']}/certificate", params={"format": "html"},
+                headers=client.headers,
+            )
+            cert_html = work / "certificate.html"
+            cert_html.write_text(page.text)
+            svg = heatmap(emap, work / "expert_map.svg")
+            console.print(f"certificate: {cert_json} and {cert_html}")
+            from service.signing import verify_document  # issue 15: signed certificates
+
+            sig = verify_document(cert)
+            verdicts = {c["check"]: c["verdict"] for c in cert.get("robustness") or []}
+            console.print(f"certificate signature: {'valid' if sig.valid else 'INVALID'} "
+                          f"({sig.fingerprint}); check it with `moe-unlearn certificate "
+                          f"verify {cert_json}`")
+            console.print("robustness: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
+            console.print(f"expert-map heatmap: {svg}")
+        done = DemoResult(job, res, emap, verify, cert_json, cert_html, svg, sig.valid, verdicts)
+        if keep:
+            done.exit_code = keep_serving(console, svc, job["id"])
+            return done
+        console.print("to browse this job in the web console: make demo-console "
+                      "(python -m api.demo --keep)")
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
@@ -181,57 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.dir or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]moe-unlearn demo[/bold] (state in {work})")
-    with embedded_service(work) as svc:
-        base = svc.base_url
-        with Client(base, svc.requester_key) as client, Client(base, svc.auditor_key) as audit:
-            job = client.submit(spec, idempotency_key="demo")
-            runner = "Ray Train, 2 CPU workers (DDP)" if args.workers > 1 else "one process"
-            console.print(f"submitted job {job['id']} over HTTP ({args.spec.name}; {runner})")
-            max_steps = int(spec.get("training", {}).get("max_steps", 100))
-            job = follow(client, job["id"], max_steps)
-            if job["state"] != "SUCCEEDED":
-                console.print(f"[red]job {job['state']}: {job.get('failure_message')}[/red]")
-                return 1
-            arts = {a["kind"]: a for a in client.artifacts(job["id"])}
-            res = json.loads(client.download(job["id"], arts["result"]["id"],
-                                             work / "result.json").read_text())
-            emap = json.loads(client.download(job["id"], arts["expert_map"]["id"],
-                                              work / "expert_map.json").read_text())
-            from api.cli_engine import before_after_table
-
-            console.print(before_after_table(res))
-            for s in res["selected"]:
-                console.print(
-                    f"selected expert: layer {s['layer']} expert {s['expert']} "
-                    f"(score {s['score']:.3f}, {emap['method']} attribution)"
-                )
-            verify = audit.audit_verify()
-            state = "intact" if verify["ok"] else f"BROKEN at entry {verify['first_bad_seq']}"
-            console.print(f"audit chain: {state} ({verify['checked']} entries checked)")
-            cert = client.certificate(job["id"])
-            cert_json = work / "certificate.json"
-            cert_json.write_text(json.dumps(cert, indent=1))
-            page = client.http.get(
-                f"{base}/v1/jobs/{job['id']}/certificate", params={"format": "html"},
-                headers=client.headers,
-            )
-            (work / "certificate.html").write_text(page.text)
-            png = heatmap(emap, work / "expert_map.svg")
-            console.print(f"certificate: {cert_json} and {work / 'certificate.html'}")
-            from service.signing import verify_document  # issue 15: signed certificates
-
-            sig = verify_document(cert)
-            verdicts = ", ".join(f"{c['check']} {c['verdict']}" for c in cert["robustness"])
-            console.print(f"certificate signature: {'valid' if sig.valid else 'INVALID'} "
-                          f"({sig.fingerprint}); check it with `moe-unlearn certificate "
-                          f"verify {cert_json}`")
-            console.print(f"robustness: {verdicts}")
-            console.print(f"expert-map heatmap: {png}")
-        if args.keep:
-            return keep_serving(console, svc, job["id"])
-        console.print("to browse this job in the web console: make demo-console "
-                      "(python -m api.demo --keep)")
-    return 0
+    return run_demo(spec, work, console, args.spec.name, keep=args.keep).exit_code
 
 
 def keep_serving(console: Any, svc: Embedded, job_id: str) -> int:

@@ -76,7 +76,7 @@ def test_deepspeed_config_loader_refuses_unknown_stage_and_validator_bites() -> 
 
 
 def test_runner_takes_the_packaged_config() -> None:
-    from workers.distributed import deepspeed_config
+    from workers.runners.deepspeed import deepspeed_config
 
     cfg = deepspeed_config(3, micro_batch=2, world=4, grad_clip=0.5)
     assert cfg["zero_optimization"] == {**load_deepspeed_config(3)["zero_optimization"]}
