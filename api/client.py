@@ -261,15 +261,18 @@ class Client:
         return self.request(method, path, **kw).json()
 
     # -- corpora and jobs -----------------------------------------------------------
-    def upload_corpus(self, data: bytes, *, format: str = "auto") -> Corpus:
+    def upload_corpus(
+        self, data: bytes, *, format: str = "auto", retention_days: int = 0
+    ) -> Corpus:
         """Upload a forget/retain corpus (JSONL or text); returns {id, size, records, format}.
-        Uploading the same bytes again returns the same id."""
+        Uploading the same bytes again returns the same id. The server deletes it when the
+        last job that uses it ends, unless `retention_days` asks to keep it that long."""
         ctype = "text/plain" if format == "text" else "application/x-ndjson"
         return self.request_json(
             "POST",
             "/v1/corpora",
             content=data,
-            params={"format": format},
+            params={"format": format, "retention_days": retention_days},
             headers={"Content-Type": ctype},
         )
 

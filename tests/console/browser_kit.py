@@ -26,7 +26,7 @@ import pytest
 from api.client import Client
 from tests.api.conftest import free_port
 from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, corpus_bytes
-from tests.dispatch.kit import http_spec
+from tests.dispatch.kit import TINY_MODEL, http_spec
 
 CLI = [sys.executable, "-m", "api.cli"]
 AXE = Path(__file__).resolve().parent / "vendor" / "axe.min.js"
@@ -79,8 +79,11 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
         "MOE_UNLEARN_DISPATCHER_POLL_S": "0.2",
         "MOE_UNLEARN_HEARTBEAT_S": "0.5",
         "MOE_UNLEARN_CANCEL_GRACE_S": "5",
+        "MOE_UNLEARN_MODEL_DIR": str(tiny_model_dir.parent),  # the model root
     }
     _cli(env, "db", "upgrade")
+    # A remote client names a registered model, never a path (issue 14).
+    _cli(env, "models", "add", TINY_MODEL, "--path", str(tiny_model_dir))
     requester = _cli(env, "keys", "create", "--role", "requester", "--tenant", "acme")
     auditor = _cli(env, "keys", "create", "--role", "auditor", "--tenant", "acme")
     other = _cli(env, "keys", "create", "--role", "requester", "--tenant", "globex")
@@ -103,8 +106,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
                 assert time.monotonic() < deadline, "the API did not start"
                 time.sleep(0.3)
         with Client(base, requester) as c:
-            forget = c.upload_corpus(corpus_bytes(FORGET_SUBJECTS, 12))["id"]
-            retain = c.upload_corpus(corpus_bytes(RETAIN_SUBJECTS, 12))["id"]
+            # Kept after the first job ends: later tests submit more jobs on them.
+            forget = c.upload_corpus(corpus_bytes(FORGET_SUBJECTS, 12), retention_days=1)["id"]
+            retain = c.upload_corpus(corpus_bytes(RETAIN_SUBJECTS, 12), retention_days=1)["id"]
             job = c.submit(http_spec(tiny_model_dir, forget, retain, 4))
             final = c.wait(job["id"], timeout=400, interval=0.5)
             assert final["state"] == "SUCCEEDED", (final, log.read_text()[-3000:])
