@@ -199,9 +199,8 @@ class Dispatcher:
 
     def _corpus_paths(self, spec: JobSpec) -> dict[str, str]:
         paths: dict[str, str] = {}
-        for name in ("forget", "retain"):
-            ref = getattr(spec, name)
-            if ref is None or ref.corpus_id is None:
+        for name, ref in spec.corpus_refs():  # forget, retain, a robustness holdout
+            if ref.corpus_id is None:
                 continue
             p = self.store.corpus_path(ref.corpus_id)
             if not p.is_file():

@@ -5,9 +5,10 @@ never touch the database.
   AttemptStarted) -> a stage change or an event row (and the "before" evaluation rows as
   soon as they are known).
 - `record_success`: the outputs of a finished attempt -> the model's identity, a `result`
-  event, the expert map, the evaluations before and after, the changed parameters and
-  every artifact with its SHA-256, then SUCCEEDED; all in one transaction, with every file
-  read and hashed before it (the job's row lock is held briefly).
+  event, the expert map, the evaluations before and after, the robustness checks
+  (service.proof), the changed parameters and every artifact with its SHA-256, then
+  SUCCEEDED; all in one transaction, with every file read and hashed before it (the job's
+  row lock is held briefly).
 
 Outputs live in the blob store: `<data_dir>/artifacts/<job_id>/attempt-<n>/` (the model
 directory, expert_patch.safetensors, expert_map.json, spec.json, result.json, and the
@@ -30,7 +31,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service import jobs
+from service import jobs, proof
 from service.audit import FORBIDDEN_KEYS, MAX_STRING
 from service.errors import IllegalTransition
 from service.jobs import ExpertScore, ParamChange, Stage
@@ -47,6 +48,7 @@ STAGE_MAP: dict[str, Stage] = {
     "attribution": Stage.ATTRIBUTION,
     "unlearning": Stage.UNLEARNING,
     "evaluating_after": Stage.EVALUATING_AFTER,
+    "robustness": Stage.EVALUATING_AFTER,  # the checks run on the evaluated model
     "packaging": Stage.PACKAGING,
 }
 ATTEMPT_STARTED_KIND = "attempt_started"
@@ -158,6 +160,9 @@ def record_success(
     before = flatten_scores(result.get("before") or {})
     jobs.record_evaluations(s, job_id, owner, "before", before)
     jobs.record_evaluations(s, job_id, owner, "after", flatten_scores(after))
+    robustness = result.get("robustness")
+    if isinstance(robustness, list):  # evaluations with phase robustness (issue 15)
+        proof.record_robustness(s, job_id, owner, [c for c in robustness if isinstance(c, dict)])
     jobs.record_param_changes(s, job_id, owner, param_changes(result.get("changed") or []))
     for kind, p, sha, size in out.artifacts:
         jobs.record_artifact(

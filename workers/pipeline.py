@@ -1,6 +1,7 @@
 """The ONE job pipeline, run by the one-process runner and by every Ray Train rank:
 
     load -> evaluate before -> attribute -> select -> scope -> unlearn -> evaluate after
+    -> robustness checks (workers/robustness_stage.py; rank 0)
     -> package (unlearned model, expert patch, expert map, spec.json, result.json)
 
 What differs per runner is the `Runner` strategy (workers/runners/base.py): rank 0 loads
@@ -50,6 +51,7 @@ STAGES = (
     "attribution",
     "unlearning",
     "evaluating_after",
+    "robustness",
     "packaging",
 )
 
@@ -247,6 +249,12 @@ def run_pipeline(
         else None
     )
 
+    prog.stage("robustness")  # after the scores: every check leaves the model as it was
+    from workers.robustness_stage import robustness_stage
+
+    # recorded with the result (service.proof), not as a progress event
+    robustness = robustness_stage(job, before_state, spec.scope, pairs, corpus_resolver)
+
     prog.stage("packaging")
     state = model.state_dict()
     after_state = {n: state[n].detach().clone() for n in before_state}
@@ -284,6 +292,7 @@ def run_pipeline(
         timings_s=prog.close(),
         output_dir=str(out_dir.resolve()),
         distributed=runner.info(result.resumed_from),
+        robustness=robustness,
     )
     res.write(out_dir)
     return res
