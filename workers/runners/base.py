@@ -19,6 +19,7 @@ the runner, never `if distributed:`, for:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,6 +60,10 @@ class Engine(Protocol):
 
     def step(self, loss: torch.Tensor) -> float: ...
 
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """A copy of the optimizer's state (None: the engine checkpoints its own)."""
+        ...
+
 
 @dataclass
 class PlainEngine:
@@ -76,6 +81,9 @@ class PlainEngine:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
         t.opt.step()
         return grad_norm
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        return copy.deepcopy(self.training.opt.state_dict())
 
 
 class Runner:
