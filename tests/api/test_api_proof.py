@@ -187,6 +187,13 @@ def test_a_failed_robustness_check_blocks_closing_without_an_override(app, clien
     verdicts = {c["check"]: c["verdict"] for c in cert["robustness"]}
     assert verdicts == {"router_restored": "fail", "relearning": "pass",
                         "quantization": "not_run", "membership_inference": "not_run"}
+    rob = client.get(f"/v1/jobs/{job['id']}/robustness", headers=H(api_keys.requester)).json()
+    assert rob["failed"] == ["router_restored"]
+    assert [c["check"] for c in rob["checks"]] == list(verdicts)
+    assert rob["checks"][0]["metrics"] == {"forget_acc": 0.8, "recovery": 0.9}
+    assert rob["checks"][2]["reason"] == "not requested by the job's spec (evaluation.robustness)"
+    assert client.get(f"/v1/jobs/{job['id']}/robustness",
+                      headers=H(api_keys.other)).status_code == 404  # another tenant's job
     r = client.post(f"/v1/requests/{req['id']}/close", json={}, headers=H(api_keys.requester))
     assert r.status_code == 409 and "override" in r.json()["message"]
     r = client.post(f"/v1/requests/{req['id']}/close",
@@ -198,3 +205,31 @@ def test_a_failed_robustness_check_blocks_closing_without_an_override(app, clien
                  and e["payload"]["request_id"] == req["id"]]
     assert len(overrides) == 1
     assert overrides[0]["payload"]["failed"] == {job["id"]: ["router_restored"]}
+
+
+def test_a_membership_holdout_must_be_an_uploaded_corpus(client, api_keys):
+    fid = upload(client, api_keys.requester, FORGET)
+    missing = "f" * 64
+    for holdout, field in [
+        ({"corpus_id": missing}, "evaluation.robustness[0].holdout.corpus_id"),
+        ({"path": "/etc/passwd"}, "evaluation.robustness[0].holdout.path"),
+    ]:
+        body = spec(fid, evaluation={"robustness": [
+            {"check": "membership_inference", "holdout": holdout}]})
+        r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester))
+        assert r.status_code == 422, (holdout, r.text)
+        assert r.json()["errors"][0]["field"].startswith(field), (holdout, r.json())
+    body = spec(fid, model="org/some-moe", evaluation={"robustness": [
+        {"check": "membership_inference", "holdout": {"demo": "untrained"}}]})
+    r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester))
+    assert r.status_code == 422 and "demo" in r.text  # demo splits only with model demo
+    hid = upload(client, api_keys.requester, b'{"prompt": "P?", "answer": "B."}\n')
+    body = spec(fid, evaluation={"robustness": [
+        {"check": "membership_inference", "holdout": {"corpus_id": hid}}]})
+    r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester))
+    assert r.status_code == 202, r.text
+    events = client.get("/v1/audit/events", params={"limit": 1000},
+                        headers=H(api_keys.auditor)).json()["items"]
+    submitted = [e for e in events if e["action"] == "job_submitted"
+                 and e["job_id"] == r.json()["id"]]
+    assert submitted[0]["payload"]["holdout"]["corpus_id"] == hid
