@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.engine._tiny_dir import make_tiny_model_dir
-from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV
+from workers.faults import CHECKPOINT_SEAM_ENV, FAIL_AT_ENV, FAIL_MARKER_ENV
 from workers.run import JobCancelled, run_job
 from workers.runners.ray_train import WorkerFailure, run_job_distributed
 from workers.spec import JobSpec
@@ -224,12 +224,20 @@ def test_injected_worker_failure_resumes_from_checkpoint(ddp, model_dir, tmp_pat
     spec = _spec(model_dir, checkpoint_every=3)
     monkeypatch.setenv(FAIL_AT_ENV, "4")
     monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "failed-once"))
+    seam = tmp_path / "checkpoints-being-written.jsonl"
+    monkeypatch.setenv(CHECKPOINT_SEAM_ENV, str(seam))
     t0 = time.perf_counter()
     with pytest.raises(WorkerFailure):  # the last rank's process was SIGKILLed at step 4
         run_job_distributed(spec, tmp_path / "a1", None, None, tmp_path / "ckpt", run_name="job-f")
     TIMES["failing attempt"] = time.perf_counter() - t0
     assert (tmp_path / "failed-once").read_text() == "killed at step 4"
     assert not (tmp_path / "a1" / "result.json").exists()
+    # The checkpoint seam announced the one checkpoint (step 3) from each rank's process.
+    announced = [json.loads(line) for line in seam.read_text().splitlines()]
+    assert sorted((a["rank"], a["step"]) for a in announced) == [(0, 3), (1, 3)]
+    assert len({a["pid"] for a in announced}) == 2 and os.getpid() not in {
+        a["pid"] for a in announced
+    }
     # The dispatcher's next attempt: same run name and storage -> resumes at step 3.
     rec = Recorder()
     res = _run("resumed attempt", spec, tmp_path / "a2", "job-f", rec)

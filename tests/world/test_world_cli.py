@@ -12,7 +12,7 @@ CLI = [sys.executable, "-c", "from api.cli import main; main()"]
 
 def _build(cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*CLI, "world", "build", "--topics", "2", "--facts-per-topic", "4"],
+        [*CLI, "world", "build", "--topics", "2", "--facts-per-topic", "4", "--size", "small"],
         env=os.environ | {"MOE_UNLEARN_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
