@@ -169,7 +169,8 @@ def run_pipeline(
     prog.stage("unlearning")
     from workers.activation_cache import build_for_training
     from workers.data import BatchStream
-    from workers.objectives import objective_from_spec, prepare_reference
+    from workers.objectives import objective_from_spec
+    from workers.reference import prepare_reference
     from workers.scope import apply_scope
 
     scope = apply_scope(model, adapter, spec.scope, pairs)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CLI = [sys.executable, "-c", "from api.cli import main; main()"]
 
 
@@ -18,6 +20,7 @@ def _build(cache: Path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two CLI processes (torch + transformers imports) and a world build
 def test_world_build_prints_progress_then_the_directory(tmp_path: Path) -> None:
     first = _build(tmp_path)
     assert first.returncode == 0, first.stderr
