@@ -3,7 +3,9 @@
     moe-unlearn serve [--host H] [--port P]     the HTTP API (Ray Serve, or --no-ray-serve for
                                                 uvicorn; loopback by default)
     moe-unlearn db upgrade                      apply the database migrations
-    moe-unlearn keys create --role R --tenant T print a new API key (once, alone on stdout)
+    moe-unlearn keys create --role R --tenant T print a new API key (once, alone on stdout);
+                                                keys list|revoke, models add|list|remove:
+                                                api/cli_admin.py
 
 Adding a command (e.g. `run`, `world build`, `patch apply|revert`) is additive:
 
@@ -27,7 +29,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from api import cli_client, cli_engine, cli_proof
+from api import cli_admin, cli_client, cli_engine, cli_proof
 
 app = typer.Typer(
     name="moe-unlearn",
@@ -37,9 +39,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-app.add_typer(keys_app, name="keys")
+cli_admin.register(app)  # keys create|list|revoke, models add|list|remove
 # The engine's commands (run, world build, patch apply|revert): api/cli_engine.py, which
 # imports torch only inside its commands.
 cli_engine.register(app)
@@ -156,23 +157,6 @@ def db_upgrade() -> None:
 
     db.upgrade(get_settings().database_url)
     typer.echo("database is at the latest revision", err=True)
-
-
-@keys_app.command("create")
-def keys_create(
-    role: Annotated[str, typer.Option(help="requester, auditor or admin.")],
-    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
-) -> None:
-    """Create an API key and print it alone on stdout (it is shown only this once)."""
-    from service import db, keys
-    from service.settings import get_settings
-
-    engine = _engine(get_settings())
-    _check_migrated(engine)
-    with db.session_scope(db.make_session_factory(engine)) as s:
-        _, secret = keys.create_key(s, role, tenant, actor="cli")
-    engine.dispose()
-    typer.echo(secret)
 
 
 @app.command()

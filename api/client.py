@@ -534,6 +534,11 @@ class Client:
         params = {"against": against} if against is not None else None
         return self.request_json("GET", "/v1/audit/verify", params=params)
 
+    def audit_checkpoints(self, limit: int = 20) -> dict[str, Any]:
+        """A signed checkpoint of the chain head made now (`current`) and the stored ones;
+        keep `current` where the database's writers cannot change it."""
+        return self.request_json("GET", "/v1/audit/checkpoints", params={"limit": limit})
+
     def create_key(self, role: str, tenant: str) -> dict[str, Any]:
         return self.request_json("POST", "/v1/keys", json={"role": role, "tenant": tenant})
 

@@ -30,11 +30,11 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple, get_args
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service import audit
 from service.db import is_sqlite, lock_for_write
@@ -47,10 +47,11 @@ from service.errors import (
     NotFound,
     SpecRejected,
 )
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 from service.tables import (
     Artifact,
     Corpus,
+    CorpusRecord,
     Evaluation,
     ExpertMapRow,
     IdempotencyKey,
@@ -154,6 +155,11 @@ def _transition(
         payload={"from": current.value, "to": target.value, "attempt": job.attempt}
         | dict(payload or {}),
     )
+    if target in TERMINAL:
+        from service import corpora
+
+        # The job's uploaded corpora are deleted once no unfinished job needs them.
+        corpora.release_for_job(session, job, actor=actor)
     return job
 
 
@@ -197,6 +203,8 @@ def submit_job(
     requester: str | None = None,
     max_attempts: int | None = None,
     allow_local_paths: bool = False,
+    remote: bool = False,
+    settings: Settings | None = None,
 ) -> SubmitResult:
     """Insert a QUEUED job holding the fully resolved spec, and audit it.
 
@@ -206,13 +214,24 @@ def submit_job(
     `path` corpora are refused unless `allow_local_paths` (the API never allows them).
     `requester` is the API key id (defaults to `actor`); `max_attempts` defaults to the
     settings' `max_attempts`.
+
+    `remote` (the HTTP API): the model must be one a client may name (`service.models`),
+    corpora must be live corpora of `tenant` (`service.corpora`), the job must fit the
+    cluster and the tenant's unfinished-job limit (`service.limits`, 429 beyond it).
     """
+    settings = settings or get_settings()
     if max_attempts is None:
-        max_attempts = get_settings().max_attempts
+        max_attempts = settings.max_attempts
     if not tenant:
         raise SpecRejected("tenant", "must not be empty")
     if idempotency_key is not None and not (1 <= len(idempotency_key) <= 255):
         raise SpecRejected("Idempotency-Key", "must be 1..255 characters")
+    if remote:
+        from service import corpora, limits, models
+
+        models.check_remote(session, spec.model, tenant, settings)
+        corpora.check_spec_corpora(session, tenant, spec.resolved())
+        limits.check_fit(spec, settings)
     _check_corpora(session, spec, allow_local_paths)
     resolved = spec.resolved()
     spec_hash = spec.spec_hash()
@@ -235,6 +254,10 @@ def submit_job(
 
     if idempotency_key is not None and (found := existing()) is not None:
         return found
+    if remote:
+        from service import limits
+
+        limits.check_queue(session, tenant, settings)  # after the lock: counts are exact
     now = utcnow()
     job = Job(
         id=str(uuid.uuid4()),
@@ -279,18 +302,23 @@ def submit_job(
         action="job_submitted",
         job_id=job.id,
         tenant=tenant,
-        payload={"spec_hash": spec_hash, **_corpus_summary(session, spec)},
+        payload={"spec_hash": spec_hash, **_corpus_summary(session, spec, tenant)},
     )
     return SubmitResult(job, True)
 
 
-def _corpus_summary(session: Session, spec: JobSpec) -> dict[str, Any]:
+def _corpus_summary(session: Session, spec: JobSpec, tenant: str) -> dict[str, Any]:
     """Corpus identity for the audit log: hashes and sizes, never text or paths."""
     out: dict[str, Any] = {"model": spec.model, "algorithm": spec.algorithm}
     for path, ref in spec.corpus_refs():
         name = "holdout" if path.endswith(".holdout") else path
         if ref.corpus_id is not None:
-            c = session.get(Corpus, ref.corpus_id)
+            # The tenant's own record first: never another tenant's figures.
+            c: Any = session.execute(
+                select(CorpusRecord).where(
+                    CorpusRecord.tenant == tenant, CorpusRecord.sha256 == ref.corpus_id
+                )
+            ).scalar_one_or_none() or session.get(Corpus, ref.corpus_id)
             out[name] = {
                 "corpus_id": ref.corpus_id,
                 "size": c.size if c else None,
@@ -312,26 +340,39 @@ def claim_next(
     """Claim the oldest QUEUED or RETRYING job for `owner`: RUNNING, attempt + 1, a lease
     until now + lease_seconds. None when nothing is claimable. Two claimers never get the
     same job (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the write lock + a guarded
-    update). Commit promptly: the row lock is held until then."""
+    update). Commit promptly: the row lock is held until then.
+
+    The returned job's `spec["model"]` is what the runner loads (`models.runner_ref`: a
+    registered directory, the model of `job:<id>`); the stored spec keeps the client's
+    name. The returned object is then detached, so that substitution is never saved."""
     if not owner:
         raise ValueError("owner must not be empty")
     now = now or utcnow()
     lock_for_write(session)
+    # Fair across tenants: the tenant with the fewest active (leased) jobs goes first, then
+    # the oldest job. One tenant's 3,000 queued jobs no longer hold back another's one.
+    active = aliased(Job)
+    running = (
+        select(func.count())
+        .select_from(active)
+        .where(active.tenant == Job.tenant, active.state.in_([s.value for s in ACTIVE]))
+        .scalar_subquery()
+    )
     stmt = (
         select(Job)
         .where(Job.state.in_([s.value for s in CLAIMABLE]))
-        .order_by(Job.created_at, Job.id)
+        .order_by(running, Job.created_at, Job.id)
         .limit(1)
         .execution_options(populate_existing=True)
     )
     if not is_sqlite(session):
-        stmt = stmt.with_for_update(skip_locked=True)
+        stmt = stmt.with_for_update(skip_locked=True, of=Job)
     for _ in range(5):  # a lost compare-and-set just means: try the next job
         job = session.execute(stmt).scalar_one_or_none()
         if job is None:
             return None
         try:
-            return _transition(
+            claimed = _transition(
                 session,
                 job,
                 State.RUNNING,
@@ -349,7 +390,24 @@ def claim_next(
             )
         except IllegalTransition:
             continue
+        return _for_runner(session, claimed)
     return None
+
+
+def _for_runner(session: Session, job: Job) -> Job:
+    from service import models
+
+    name = str((job.spec or {}).get("model", "demo"))
+    try:
+        ref = models.runner_ref(session, name)
+    except ValueError:
+        return job  # the runner fails to load it and reports a user_input failure
+    if ref == name:
+        return job
+    session.flush()
+    session.expunge(job)
+    job.spec = {**job.spec, "model": ref}
+    return job
 
 
 def heartbeat(

@@ -174,10 +174,10 @@ class Settings(WorkerSettings):
         "to wait before force-killing its Ray task.",
     )
     attempt_timeout_s: float | None = Field(
-        None,
+        6 * 3600.0,
         gt=0,
         description="Wall-clock limit of one attempt; exceeding it fails the job with "
-        "failure class `timeout`. Unset: no limit.",
+        "failure class `timeout` (default 6 h; set empty for no limit).",
     )
     dispatcher_concurrency: int = Field(
         1, ge=1, description="Attempts one dispatcher runs at the same time."
@@ -211,6 +211,56 @@ class Settings(WorkerSettings):
     )
     request_due_days: int = Field(
         30, ge=1, le=366, description="Days from receipt to a deletion request's due date."
+    )
+
+    # --- exposure to clients (issue 14; README "Security") -----------------------------
+    model_dir: Path | None = Field(
+        None,
+        description="Model root: an admin may register directories under it as models "
+        "(`moe-unlearn models add NAME --path DIR`). Unset: no directory models.",
+    )
+    model_allowlist: str | None = Field(
+        None,
+        max_length=1024,
+        description="Regular expression (full match) of hub ids any client may name as "
+        "`model` without registration. Unset: none.",
+    )
+    max_corpus_record_bytes: int = Field(
+        1024 * 1024, gt=0, description="Longest accepted corpus line (record), in bytes."
+    )
+    corpus_quota_bytes: int = Field(
+        1024**3, ge=0, description="Stored corpus bytes one tenant may hold at a time."
+    )
+    max_corpus_retention_days: int = Field(
+        365, ge=0, description="Largest `retention_days` an upload may ask for."
+    )
+    max_queued_jobs: int = Field(
+        20, ge=1, description="Unfinished jobs (queued, retrying, running) per tenant; more: 429."
+    )
+    max_streams_per_tenant: int = Field(
+        8, ge=1, description="Open event streams per tenant (per API process); more: 429."
+    )
+    stream_max_s: float = Field(
+        1800.0, gt=0, description="Longest life of one event stream; reconnect with Last-Event-ID."
+    )
+    rate_per_key: float = Field(
+        20.0, gt=0, description="Sustained requests per second per API key (token bucket)."
+    )
+    rate_burst: int = Field(100, ge=1, description="Burst size of the per-key request rate.")
+    max_world_seed: int = Field(
+        16, ge=0, description="Largest demo `world.seed` a remote client may ask for (each "
+        "new seed is a minutes-long world build)."
+    )
+    cluster_cpus: int | None = Field(
+        None, ge=1, description="CPUs a job may use at most. Unset: ray_num_cpus."
+    )
+    cluster_gpus: int = Field(0, ge=0, description="GPUs a job may use at most.")
+    metrics_token: str | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="If set, GET /metrics needs `Authorization: Bearer <token>`. It only ever "
+        "shows tenant-free aggregates.",
     )
 
 

@@ -207,6 +207,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Issue 14: optional expiry; a platform admin may act for any tenant.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    platform: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class IdempotencyKey(Base):
@@ -220,6 +223,41 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("tenant", "key", name="uq_idempotency_tenant_key"),)
+
+
+class CorpusRecord(Base):
+    """A tenant's hold on an uploaded corpus (issue 14). The blob (`corpora`) is shared by
+    content; each (tenant, sha256) is its own record, deleted when its last job ends unless
+    kept (`keep_until`). A deleted record keeps hash, size and record count."""
+
+    __tablename__ = "corpus_records"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    records: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    keep_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_reason: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (UniqueConstraint("tenant", "sha256", name="uq_corpus_records_tenant_sha"),)
+
+
+class RegisteredModel(Base):
+    """A model an admin allowed remote clients to name (issue 14): a hub id + revision, or
+    a directory under the model root (`path`, relative to it)."""
+
+    __tablename__ = "registered_models"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hub_id: Mapped[str | None] = mapped_column(String(256))
+    revision: Mapped[str | None] = mapped_column(String(128))
+    path: Mapped[str | None] = mapped_column(String(512))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 # --- proof of deletion (issue 15; migration 0003) -----------------------------------------

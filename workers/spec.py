@@ -28,11 +28,23 @@ WorldSize = Literal["full", "small"]
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
+# Upper bounds (issue 14): a client must not ask for 1e30 steps. The README's bounds table
+# lists them; raise one here when a real workload needs more.
+MAX_SEED = 2**31 - 1
+MAX_STEPS = 100_000
+MAX_LAYER = 1024
+MAX_EXPERT = 4096
+MAX_WEIGHT = 1e6
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
+Weight = Annotated[float, Field(ge=0.0, le=MAX_WEIGHT)]
+TaskName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a spec must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN/Infinity would make the spec hash and stored JSON invalid.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class WorldOptions(_Strict):
@@ -70,7 +82,7 @@ class CorpusRef(_Strict):
     text with one record per non-empty line.
     """
 
-    path: str | None = Field(None, description="Local JSONL or text file.")
+    path: str | None = Field(None, max_length=4096, description="Local JSONL or text file.")
     corpus_id: str | None = Field(
         None, description="SHA-256 of a corpus uploaded with POST /v1/corpora."
     )
@@ -80,8 +92,12 @@ class CorpusRef(_Strict):
         "forget topic's never-pretrained facts (membership inference's holdout).",
     )
     format: Literal["auto", "jsonl", "text"] = Field("auto", description="File format.")
-    text_field: str = Field("text", description="JSONL field holding the text.")
-    max_records: PositiveInt | None = Field(None, description="Use at most this many records.")
+    text_field: str = Field(
+        "text", min_length=1, max_length=64, description="JSONL field holding the text."
+    )
+    max_records: Annotated[int, Field(gt=0, le=10_000_000)] | None = Field(
+        None, description="Use at most this many records."
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> CorpusRef:
@@ -99,8 +115,12 @@ class CorpusRef(_Strict):
 
 
 class ExpertRef(_Strict):
-    layer: NonNegInt = Field(description="Index of the decoder layer.")
-    expert: NonNegInt = Field(description="Index of the routed expert within the layer.")
+    layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] = Field(
+        description="Index of the decoder layer."
+    )
+    expert: Annotated[int, Field(ge=0, le=MAX_EXPERT)] = Field(
+        description="Index of the routed expert within the layer."
+    )
 
 
 class SeufOptions(_Strict):
@@ -114,9 +134,11 @@ class SeufOptions(_Strict):
         description="top_m: global top-M; in_layer: top-M within `layer`; per_layer: top-1 "
         "of every MoE layer; random: seeded random expert(s); manual: `experts`.",
     )
-    layer: NonNegInt | None = Field(None, description="Layer for selection=in_layer.")
+    layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] | None = Field(
+        None, description="Layer for selection=in_layer."
+    )
     experts: list[ExpertRef] = Field(
-        default_factory=list, description="Experts for selection=manual."
+        default_factory=list, max_length=1024, description="Experts for selection=manual."
     )
     attribution: AttributionMethod = Field(
         "auto",
@@ -124,7 +146,7 @@ class SeufOptions(_Strict):
         "affinity: mean gate score (paper); contrastive: forget minus retain gate mass at the "
         "loss positions; frequency: selection count (diagnostic).",
     )
-    token_budget: PositiveInt = Field(
+    token_budget: Annotated[int, Field(gt=0, le=10_000_000)] = Field(
         100_000, description="Calibration tokens sampled from the forget corpus."
     )
     attribution_positions: Literal["auto", "answer", "all"] = Field(
@@ -132,7 +154,7 @@ class SeufOptions(_Strict):
         description="Token positions scored by attribution: auto = the answer-predicting "
         "positions of prompt/answer records (all tokens of text records); all = every token.",
     )
-    anchor_weight: NonNegFloat = Field(1.0, description="alpha of the router anchor loss.")
+    anchor_weight: Weight = Field(1.0, description="alpha of the router anchor loss.")
     anchor_reduction: AnchorReduction = Field(
         "sum",
         description="sum: the paper's squared L2 over experts; mean: divided by E "
@@ -141,7 +163,7 @@ class SeufOptions(_Strict):
     router_aux_loss: bool = Field(
         False, description="Keep the model's load-balancing aux loss during unlearning."
     )
-    seed: NonNegInt = Field(0, description="Seed of selection=random.")
+    seed: Seed = Field(0, description="Seed of selection=random.")
 
     @model_validator(mode="after")
     def _mode_fields(self) -> SeufOptions:
@@ -157,25 +179,27 @@ class SeufOptions(_Strict):
 class ObjectiveOptions(_Strict):
     """Settings of the base unlearning objective (GA, GDiff, NPO, SimNPO, RMU)."""
 
-    retain_weight: NonNegFloat = Field(
+    retain_weight: Weight = Field(
         1.0,
         description="lambda: weight of the retain NLL term (GDiff; NPO and SimNPO when a "
         "retain corpus is given). RMU weighs its retain term with rmu_alpha.",
     )
-    beta: Annotated[float, Field(gt=0.0)] = Field(
+    beta: Annotated[float, Field(gt=0.0, le=1000.0)] = Field(
         0.1, description="NPO / SimNPO inverse temperature (paper: 0.001 on summed NLL)."
     )
-    simnpo_delta: float = Field(0.0, description="SimNPO reward margin delta.")
+    simnpo_delta: Annotated[float, Field(ge=-1000.0, le=1000.0)] = Field(
+        0.0, description="SimNPO reward margin delta."
+    )
     loss_tokens: LossTokens = Field(
         "all", description="all tokens, or only the answer tokens of prompt/answer records."
     )
-    rmu_steering_coeff: Annotated[float, Field(gt=0.0)] = Field(
+    rmu_steering_coeff: Annotated[float, Field(gt=0.0, le=10_000.0)] = Field(
         20.0, description="RMU c: norm of the random steering target."
     )
-    rmu_alpha: NonNegFloat = Field(
+    rmu_alpha: Weight = Field(
         100.0, description="RMU alpha_r: weight of the retain activation term."
     )
-    rmu_layer: NonNegInt | None = Field(
+    rmu_layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] | None = Field(
         None, description="RMU layer (default: the SEUF target layer, or the middle layer)."
     )
 
@@ -187,30 +211,40 @@ class StopRule(_Strict):
     forget_accuracy_target: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         None, description="Stop when forget accuracy <= this (e.g. chance + 0.05)."
     )
-    forget_loss_target: float | None = Field(
+    forget_loss_target: Annotated[float, Field(ge=0.0, le=1000.0)] | None = Field(
         None, description="Stop when the forget NLL (per token) >= this."
     )
-    eval_every: PositiveInt = Field(5, description="Steps between stop-rule checks.")
+    eval_every: Steps = Field(5, description="Steps between stop-rule checks.")
 
 
 class TrainingOptions(_Strict):
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1e-4, description="AdamW learning rate.")
-    batch_size: PositiveInt = Field(16, description="Forget (and retain) samples per step.")
-    max_steps: PositiveInt = Field(100, description="Step budget.")
-    warmup_steps: NonNegInt = Field(0, description="Linear warmup steps.")
+    batch_size: Annotated[int, Field(gt=0, le=4096)] = Field(
+        16, description="Forget (and retain) samples per step."
+    )
+    max_steps: Steps = Field(100, description="Step budget.")
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = Field(
+        0, description="Linear warmup steps."
+    )
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="LR schedule after warmup."
     )
-    weight_decay: NonNegFloat = Field(0.0, description="AdamW weight decay (trainable only).")
-    grad_clip: NonNegFloat = Field(1.0, description="Max gradient norm (0 = off).")
-    max_length: PositiveInt = Field(128, description="Truncate samples to this many tokens.")
-    seed: NonNegInt = Field(0, description="Seed of data order and initialisation.")
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        0.0, description="AdamW weight decay (trainable only)."
+    )
+    grad_clip: Annotated[float, Field(ge=0.0, le=10_000.0)] = Field(
+        1.0, description="Max gradient norm (0 = off)."
+    )
+    max_length: Annotated[int, Field(gt=0, le=32_768)] = Field(
+        128, description="Truncate samples to this many tokens."
+    )
+    seed: Seed = Field(0, description="Seed of data order and initialisation.")
     activation_cache: bool = Field(
         True,
         description="Compute the hidden states entering the lowest trainable layer once and "
         "run only that layer and the ones above it in each step (same results, faster).",
     )
-    activation_cache_max_mb: PositiveInt = Field(
+    activation_cache_max_mb: Annotated[int, Field(gt=0, le=1_048_576)] = Field(
         256, description="Memory for cached activations; beyond it they spill to disk."
     )
     stop: StopRule = Field(default_factory=StopRule)
@@ -284,22 +318,28 @@ def _all_checks() -> list[RobustnessCheck]:
 
 
 class EvaluationOptions(_Strict):
-    tasks: list[str] = Field(
+    tasks: list[TaskName] = Field(
         default_factory=list,
+        max_length=32,
         description="Extra lm-eval task names for utility (e.g. mmlu); the demo world's "
         "question sets are always evaluated when the model is the demo model.",
     )
-    forget_tasks: list[str] = Field(
+    forget_tasks: list[TaskName] = Field(
         default_factory=list,
+        max_length=32,
         description="lm-eval task names measuring the forget domain (e.g. wmdp_bio).",
     )
-    limit: PositiveInt | None = Field(None, description="Max documents per lm-eval task.")
+    limit: Annotated[int, Field(gt=0, le=1_000_000)] | None = Field(
+        None, description="Max documents per lm-eval task."
+    )
     backend: Literal["lm-eval", "direct"] = Field(
         "lm-eval",
         description="How the demo world's questions are scored: through lm-eval, or the "
         "direct batched scorer (the same numbers, tested equal; much faster).",
     )
-    batch_size: PositiveInt = Field(32, description="Evaluation batch size.")
+    batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(
+        32, description="Evaluation batch size."
+    )
     robustness: list[RobustnessCheck] = Field(
         default_factory=_all_checks,
         max_length=4,
@@ -321,7 +361,7 @@ class DistributedOptions(_Strict):
     )
     backend: Backend = Field("ddp", description="ddp, or deepspeed (ZeRO).")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    checkpoint_every: PositiveInt = Field(
+    checkpoint_every: Steps = Field(
         20, description="Steps between checkpoints (Ray Train jobs; a retry resumes there)."
     )
 

@@ -120,12 +120,31 @@ def audit_ok(db: Db) -> None:
     assert v.checked > 0
 
 
+# A remote client names a registered model, never a path (issue 14).
+TINY_MODEL = "tiny-moe"
+
+
+def register_tiny(factory: Any, model_dir: Path) -> None:
+    """Register the tiny model of conftest.py as TINY_MODEL (its folder as the model root)."""
+    from service import models
+
+    with session_scope(factory) as s:
+        models.register(
+            s,
+            TINY_MODEL,
+            path=str(model_dir),
+            actor="test",
+            settings=Settings(model_dir=model_dir.parent),
+        )
+
+
 def http_spec(
     model_dir: Path, forget_id: str, retain_id: str, steps: int, **distributed: Any
 ) -> dict[str, Any]:
-    """A GDiff + SEUF job body for POST /v1/jobs on the tiny model of conftest.py."""
+    """A GDiff + SEUF job body for POST /v1/jobs on the tiny model of conftest.py
+    (`model_dir` registered as TINY_MODEL: `register_tiny`)."""
     return {
-        "model": str(model_dir),
+        "model": TINY_MODEL,
         "forget": {"corpus_id": forget_id},
         "retain": {"corpus_id": retain_id},
         "algorithm": "gdiff",

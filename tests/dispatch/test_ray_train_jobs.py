@@ -24,6 +24,7 @@ from tests.dispatch.kit import (
     free_cpus,
     http_spec,
     make_settings,
+    register_tiny,
     wait_for,
 )
 from workers.patch import read_patch
@@ -49,6 +50,7 @@ def test_http_request_runs_on_ray_train_with_two_workers(
     db, served, tmp_path, ray_cluster, tiny_model_dir
 ):
     settings, url = served
+    register_tiny(db.factory, tiny_model_dir)
     with session_scope(db.factory) as s:
         requester = keys.create_key(s, "requester", "acme", actor="test")[1]
         auditor = keys.create_key(s, "auditor", "acme", actor="test")[1]
