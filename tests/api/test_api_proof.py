@@ -114,7 +114,8 @@ def test_requests_have_due_dates_and_group_jobs(client, api_keys, driver):
         assert (a, req["id"]) in actions
     # Another tenant sees nothing; an unknown request refuses the job.
     assert client.get(f"/v1/requests/{req['id']}", headers=H(api_keys.other)).status_code == 404
-    r = client.post("/v1/jobs", params={"request_id": req["id"]}, json=spec(fid),
+    other_fid = upload(client, api_keys.other, FORGET)  # corpora belong to a tenant
+    r = client.post("/v1/jobs", params={"request_id": req["id"]}, json=spec(other_fid),
                     headers=H(api_keys.other))
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "request_id"
 
@@ -207,11 +208,13 @@ def test_a_failed_robustness_check_blocks_closing_without_an_override(app, clien
     assert overrides[0]["payload"]["failed"] == {job["id"]: ["router_restored"]}
 
 
-def test_a_membership_holdout_must_be_an_uploaded_corpus(client, api_keys):
+def test_a_membership_holdout_must_be_a_corpus_of_the_tenant(client, api_keys):
     fid = upload(client, api_keys.requester, FORGET)
     missing = "f" * 64
+    theirs = upload(client, api_keys.other, b'{"prompt": "T?", "answer": "C."}\n')
     for holdout, field in [
         ({"corpus_id": missing}, "evaluation.robustness[0].holdout.corpus_id"),
+        ({"corpus_id": theirs}, "evaluation.robustness[0].holdout.corpus_id"),  # not ours
         ({"path": "/etc/passwd"}, "evaluation.robustness[0].holdout.path"),
     ]:
         body = spec(fid, evaluation={"robustness": [
