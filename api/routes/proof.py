@@ -82,6 +82,46 @@ def job_robustness(
     )
 
 
+class LineageOut(BaseModel):
+    job_id: str
+    continuous: bool = Field(description="Every link starts from the previous link's "
+                             "unlearned model (SHA-256 of the weights).")
+    cut: bool = Field(description="The chain was longer than the links returned.")
+    links: list[dict[str, Any]] = Field(description="Root first, this job last.")
+    certificates: list[dict[str, Any]] = Field(
+        description="The signed certificate of each finished link, in the same order.")
+
+
+@router.get(
+    "/v1/jobs/{job_id}/lineage",
+    response_model=LineageOut,
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+        403: {"model": ErrorBody, "description": "The key's role may not do this."},
+        404: {"model": ErrorBody, "description": "No such job (or another tenant's)."},
+    },
+)
+def job_lineage(
+    request: Request,
+    job_id: str = PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The job id."),
+    principal: Any = Depends(read_jobs),
+) -> LineageOut:
+    """The model's lineage: the jobs (deletion requests) whose expert patches it carries,
+    with each one's signed certificate."""
+    from service import certificate, jobs, lineage
+    from service.jobs import TERMINAL, State
+
+    settings = request.app.state.settings
+    with request_session(request) as session:
+        job = jobs.get_job(session, job_id, principal.tenant)
+        chain = lineage.lineage(session, job)
+        certs = [certificate.build_certificate(session, link["job_id"], principal.tenant,
+                                               settings)
+                 for link in chain["links"] if State(link["state"]) in TERMINAL]
+    return LineageOut(job_id=job_id, continuous=chain["continuous"], cut=chain["cut"],
+                      links=chain["links"], certificates=certs)
+
+
 @router.get("/v1/certificate-key", response_model=CertificateKeyOut)
 def certificate_key(request: Request) -> CertificateKeyOut:
     """The current signing key and every past one (key rotation keeps old certificates
