@@ -236,3 +236,41 @@ def test_a_membership_holdout_must_be_a_corpus_of_the_tenant(client, api_keys):
     submitted = [e for e in events if e["action"] == "job_submitted"
                  and e["job_id"] == r.json()["id"]]
     assert submitted[0]["payload"]["holdout"]["corpus_id"] == hid
+
+
+def test_lineage_links_jobs_started_from_earlier_outputs(app, client, api_keys, driver):
+    from service import jobs
+
+    req = _new_request(client, api_keys.requester)
+    ids: list[str] = []
+    # A (root) -> B from A's output -> C from B's, but C's recorded base is another model.
+    for model, before, after in [("demo", "ab", "cd"), (None, "cd", "ef"), (None, "00", "11")]:
+        fid = upload(client, api_keys.requester, FORGET)  # deleted when a job ends
+        body = spec(fid, model=model or f"job:{ids[-1]}")
+        r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester),
+                        params={"request_id": req["id"]} if not ids else None)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        driver.claim(job_id)
+        with db.session_scope(app.state.session_factory) as s:
+            jobs.record_model(s, job_id, driver.owner, "/srv/models/x", before * 32)
+        driver.event(job_id, 1, "result", {"unlearned_model_sha256": after * 32})
+        driver.finish(job_id, "succeeded")
+        ids.append(job_id)
+    r = client.get(f"/v1/jobs/{ids[2]}/lineage", headers=H(api_keys.auditor))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    links = got["links"]
+    assert [x["job_id"] for x in links] == ids
+    assert links[0]["deletion_request"]["id"] == req["id"] and links[1]["deletion_request"] is None
+    assert [x["model"] for x in links] == ["demo", f"job:{ids[0]}", f"job:{ids[1]}"]
+    assert links[1]["continuous"] is True and links[2]["continuous"] is False
+    assert got["continuous"] is False and got["cut"] is False
+    assert "/srv/models" not in r.text  # the runner's path never reaches a client
+    assert [c["job_id"] for c in got["certificates"]] == ids
+    assert all(signing.verify_document(c).valid for c in got["certificates"])
+    assert got["certificates"][2]["lineage"]["links"] == links
+    assert client.get(f"/v1/jobs/{ids[0]}/lineage",
+                      headers=H(api_keys.auditor)).json()["continuous"] is True
+    assert client.get(f"/v1/jobs/{ids[2]}/lineage",
+                      headers=H(api_keys.other)).status_code == 404
