@@ -45,6 +45,7 @@ from workers.objectives import objective_from_spec
 from workers.patch import state_sha256, write_patch
 from workers.reference import prepare_reference
 from workers.results import JobResult
+from workers.robustness_stage import robustness_stage
 from workers.routing import collect_topk, routing_overlap
 from workers.runners.base import Runner
 from workers.scope import apply_scope
@@ -250,8 +251,6 @@ def run_pipeline(
     )
 
     prog.stage("robustness")  # after the scores: every check leaves the model as it was
-    from workers.robustness_stage import robustness_stage
-
     # recorded with the result (service.proof), not as a progress event
     robustness = robustness_stage(job, before_state, spec.scope, pairs, corpus_resolver)
 
