@@ -61,6 +61,7 @@ class RobustnessOut(BaseModel):
         401: {"model": ErrorBody, "description": "Missing or invalid API key."},
         403: {"model": ErrorBody, "description": "The key's role may not do this."},
         404: {"model": ErrorBody, "description": "No such job (or another tenant's)."},
+        422: {"model": ErrorBody, "description": "Invalid input; the body names the field."},
     },
 )
 def job_robustness(
@@ -99,6 +100,7 @@ class LineageOut(BaseModel):
         401: {"model": ErrorBody, "description": "Missing or invalid API key."},
         403: {"model": ErrorBody, "description": "The key's role may not do this."},
         404: {"model": ErrorBody, "description": "No such job (or another tenant's)."},
+        422: {"model": ErrorBody, "description": "Invalid input; the body names the field."},
     },
 )
 def job_lineage(
