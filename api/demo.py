@@ -208,27 +208,18 @@ def run_demo(
             verify = audit.audit_verify()
             state = "intact" if verify["ok"] else f"BROKEN at entry {verify['first_bad_seq']}"
             console.print(f"audit chain: {state} ({verify['checked']} entries checked)")
-            cert = client.certificate(job["id"])
-            cert_json = work / "certificate.json"
-            cert_json.write_text(json.dumps(cert, indent=1))
-            page = client.http.get(
-                f"{base}/v1/jobs/{job['id']}/certificate", params={"format": "html"},
-                headers=client.headers,
-            )
-            cert_html = work / "certificate.html"
-            cert_html.write_text(page.text)
+            cert_json, cert_html = save_certificate(client, job["id"], work)
             svg = heatmap(emap, work / "expert_map.svg")
             console.print(f"certificate: {cert_json} and {cert_html}")
-            from service.signing import verify_document  # issue 15: signed certificates
-
-            sig = verify_document(cert)
-            verdicts = {c["check"]: c["verdict"] for c in cert.get("robustness") or []}
-            console.print(f"certificate signature: {'valid' if sig.valid else 'INVALID'} "
-                          f"({sig.fingerprint}); check it with `moe-unlearn certificate "
-                          f"verify {cert_json}`")
-            console.print("robustness: " + ", ".join(f"{k} {v}" for k, v in verdicts.items()))
+            cert = json.loads(cert_json.read_text())
+            for line in certificate_summary(cert, cert_json):
+                console.print(line)
             console.print(f"expert-map heatmap: {svg}")
-        done = DemoResult(job, res, emap, verify, cert_json, cert_html, svg, sig.valid, verdicts)
+            from service.signing import verify_document
+
+            verdicts = {c["check"]: c["verdict"] for c in cert.get("robustness") or []}
+            valid = verify_document(cert).valid
+        done = DemoResult(job, res, emap, verify, cert_json, cert_html, svg, valid, verdicts)
         if keep:
             done.exit_code = keep_serving(console, svc, job["id"])
             return done
@@ -288,6 +279,28 @@ def keep_serving(console: Any, svc: Embedded, job_id: str) -> int:
         return 0
     console.print(f"[red]the API or the dispatcher stopped; see {svc.work / 'processes.log'}[/red]")
     return 1
+
+
+def save_certificate(client: Client, job_id: str, work: Path) -> tuple[Path, Path]:
+    """The job's signed certificate as certificate.json and certificate.html in `work`."""
+    cert_json, cert_html = work / "certificate.json", work / "certificate.html"
+    cert_json.write_text(json.dumps(client.certificate(job_id), indent=1))
+    cert_html.write_text(client.certificate_html(job_id))
+    return cert_json, cert_html
+
+
+def certificate_summary(cert: dict[str, Any], path: Path) -> list[str]:
+    """What the demo prints about the certificate (issue 15): its signature and every
+    robustness check with its verdict (and why, when a check did not run)."""
+    from service.signing import verify_document
+
+    sig = verify_document(cert)
+    lines = [f"certificate signature: {'valid' if sig.valid else 'INVALID'} ({sig.fingerprint}); "
+             f"check it offline with `moe-unlearn certificate verify {path}`"]
+    for c in cert["robustness"]:
+        why = f" ({c['reason']})" if c["verdict"] != "pass" and c.get("reason") else ""
+        lines.append(f"robustness: {c['check']} {c['verdict']}{why}")
+    return lines
 
 
 if __name__ == "__main__":

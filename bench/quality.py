@@ -8,7 +8,8 @@ Every run starts from the shipped example spec (examples/demo-<algorithm>-seuf.y
 -full.yaml for the full variant), so the bench measures exactly what a user runs; the
 variants change only the field they are named after. All runs use the same stop rule as the
 examples (forget accuracy <= 0.30 = chance + 0.05, or the step budget) and the direct
-evaluation backend (the same numbers as lm-eval, tested equal, much faster).
+evaluation backend (the same numbers as lm-eval, tested equal, much faster), with the
+robustness checks turned off (`evaluation.robustness: []`; bench.robustness measures them).
 
 Writes bench/results/quality.json (runs + `ratios`), quality.md (a table like the paper's
 Table 3) and quality.png (utility vs forget). Results are saved after every run and merged
@@ -58,6 +59,7 @@ def variant_spec(algorithm: str, variant: str, seed: int, topic: int = 0) -> dic
     d.setdefault("world", {})["seed"] = seed
     d["world"]["forget_topic"] = topic
     d.setdefault("evaluation", {})["backend"] = "direct"
+    d["evaluation"]["robustness"] = []  # the quality table measures scores, not the checks
     seuf = d.setdefault("seuf", {})
     if variant == "seuf_no_anchor":
         seuf["anchor_weight"] = 0.0

@@ -8,6 +8,7 @@ job (their seq and hashes: `GET /v1/audit/verify` proves they were not edited si
 `certificate_sha256` is the SHA-256 of the canonical JSON of everything else except
 `verification` (the result of re-verifying the whole audit chain when it was built).
 `robustness` lists the four robustness checks with their verdicts (`service.proof`).
+`lineage` lists the jobs whose expert patches the model carries (`service.lineage`).
 `signature` is the service's Ed25519 signature over the canonical JSON of everything else
 (`service.signing`); `moe-unlearn certificate verify FILE` checks it offline.
 
@@ -24,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import audit, proof, signing
+from service import audit, lineage, proof, signing
 from service.errors import ServiceError
 from service.jobs import (
     MODEL_KIND,
@@ -160,6 +161,8 @@ def build_certificate(
         "scores": scores,
         "routing_overlap": overlap,
         "robustness": proof.robustness_of(session, job.id),
+        # the chain of expert patches this job's model carries (root first, this job last)
+        "lineage": lineage.lineage(session, job),
         "failure": (
             {"class": job.failure_class, "message": job.failure_message}
             if job.state == State.FAILED.value

@@ -136,10 +136,20 @@ def owned(session: Session, tenant: str, sha256: str, field: str = "corpus_id") 
     return row
 
 
+def _refs(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(field path, corpus ref) of a stored spec: forget, retain, and the membership
+    check's holdout corpus (issue 15: `evaluation.robustness[i].holdout`)."""
+    out = [(name, spec.get(name)) for name in ("forget", "retain")]
+    checks = (spec.get("evaluation") or {}).get("robustness") or []
+    if isinstance(checks, list):
+        out += [(f"evaluation.robustness[{i}].holdout", c.get("holdout"))
+                for i, c in enumerate(checks) if isinstance(c, dict)]
+    return [(n, r) for n, r in out if isinstance(r, dict)]
+
+
 def check_spec_corpora(session: Session, tenant: str, spec_data: dict[str, Any]) -> None:
     """Every `corpus_id` of a remote client's spec must be a live corpus of its tenant."""
-    for name in ("forget", "retain"):
-        ref = spec_data.get(name) or {}
+    for name, ref in _refs(spec_data):
         cid = ref.get("corpus_id")
         if cid is not None and _live(session, tenant, cid) is None:
             raise SpecRejected(
@@ -160,12 +170,7 @@ def list_records(session: Session, tenant: str, limit: int = 500) -> list[Corpus
 
 
 def _corpus_ids(spec: dict[str, Any]) -> set[str]:
-    out = set()
-    for name in ("forget", "retain"):
-        ref = spec.get(name) or {}
-        if isinstance(ref, dict) and ref.get("corpus_id"):
-            out.add(str(ref["corpus_id"]))
-    return out
+    return {str(ref["corpus_id"]) for _, ref in _refs(spec) if ref.get("corpus_id")}
 
 
 def _in_use(session: Session, tenant: str, sha256: str, *, except_job: str | None) -> bool:

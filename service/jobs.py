@@ -107,10 +107,8 @@ class SubmitResult(NamedTuple):
 
 
 def _check_corpora(session: Session, spec: JobSpec, allow_local_paths: bool) -> None:
-    for name in ("forget", "retain"):
-        ref = getattr(spec, name)
-        if ref is None:
-            continue
+    # forget, retain and a membership check's holdout corpus (issue 15)
+    for name, ref in spec.corpus_refs():
         if ref.path is not None and not allow_local_paths:
             raise SpecRejected(
                 f"{name}.path",
@@ -238,10 +236,8 @@ def submit_job(
 def _corpus_summary(session: Session, spec: JobSpec, tenant: str) -> dict[str, Any]:
     """Corpus identity for the audit log: hashes and sizes, never text or paths."""
     out: dict[str, Any] = {"model": spec.model, "algorithm": spec.algorithm}
-    for name in ("forget", "retain"):
-        ref = getattr(spec, name)
-        if ref is None:
-            continue
+    for path, ref in spec.corpus_refs():
+        name = "holdout" if path.endswith(".holdout") else path
         if ref.corpus_id is not None:
             # The tenant's own record first: never another tenant's figures.
             c: Any = session.execute(

@@ -78,12 +78,12 @@ def robustness_of(session: Session, job_id: str) -> list[dict[str, Any]]:
     ).scalar_one_or_none()
     found = list(ev.payload.get("checks", [])) if ev is not None else []
     names = {c.get("check") for c in found}
+    reason = ("not requested by the job's spec (evaluation.robustness)" if ev is not None
+              else "no robustness result was recorded for this job")
     for name in CHECKS:
         if name not in names:
-            found.append({
-                "check": name, "verdict": "not_run", "threshold": None, "metrics": {},
-                "reason": "no robustness result was recorded for this job",
-            })
+            found.append({"check": name, "verdict": "not_run", "threshold": None,
+                          "metrics": {}, "reason": reason})
     return found
 
 

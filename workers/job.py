@@ -66,7 +66,7 @@ class LoadedJob:
         return tokenize(records, self.tokenizer, self.spec.training.max_length, loss_tokens)
 
 
-def _corpus_path(ref: CorpusRef, world: Any, resolver: CorpusResolver | None) -> Path:
+def corpus_path(ref: CorpusRef, world: Any, resolver: CorpusResolver | None) -> Path:
     if ref.demo is not None:
         return Path(world.corpus_path(ref.demo))
     if ref.corpus_id is not None:
@@ -110,7 +110,7 @@ def load_job(
     adapter = get_adapter(model)
 
     def records(ref: CorpusRef, name: str) -> list:
-        path = _corpus_path(ref, world, corpus_resolver)
+        path = corpus_path(ref, world, corpus_resolver)
         try:
             return read_corpus(path, ref.format, ref.text_field, ref.max_records)
         except ValueError as e:

@@ -1,6 +1,7 @@
 """The ONE job pipeline, run by the one-process runner and by every Ray Train rank:
 
     load -> evaluate before -> attribute -> select -> scope -> unlearn -> evaluate after
+    -> robustness checks (workers/robustness_stage.py; rank 0)
     -> package (unlearned model, expert patch, expert map, spec.json, result.json)
 
 What differs per runner is the `Runner` strategy (workers/runners/base.py): rank 0 loads
@@ -44,6 +45,7 @@ from workers.objectives import objective_from_spec
 from workers.patch import state_sha256, write_patch
 from workers.reference import prepare_reference
 from workers.results import JobResult
+from workers.robustness_stage import robustness_stage
 from workers.routing import collect_topk, routing_overlap
 from workers.runners.base import Runner
 from workers.scope import apply_scope
@@ -57,6 +59,7 @@ STAGES = (
     "attribution",
     "unlearning",
     "evaluating_after",
+    "robustness",
     "packaging",
 )
 
@@ -247,6 +250,10 @@ def run_pipeline(
         else None
     )
 
+    prog.stage("robustness")  # after the scores: every check leaves the model as it was
+    # recorded with the result (service.proof), not as a progress event
+    robustness = robustness_stage(job, before_state, spec.scope, pairs, corpus_resolver)
+
     prog.stage("packaging")
     state = model.state_dict()
     after_state = {n: state[n].detach().clone() for n in before_state}
@@ -284,6 +291,7 @@ def run_pipeline(
         timings_s=prog.close(),
         output_dir=str(out_dir.resolve()),
         distributed=runner.info(result.resumed_from),
+        robustness=robustness,
     )
     res.write(out_dir)
     return res

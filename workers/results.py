@@ -4,7 +4,7 @@ runner and from a Ray Train run, and what `result.json` holds (`to_json` / `from
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ class DistributedInfo:
 class JobResult:
     """One job's outcome. `before` / `after`: workers.job.evaluate's scores; `selected`,
     `diagnostics`, `changed`: JSON rows (the expert map's and the patch's); `timings_s`:
-    seconds per stage."""
+    seconds per stage; `robustness`: one row per robustness check (workers.robustness
+    CheckResult.to_json: check, verdict, threshold, metrics, reason), [] when turned off."""
 
     model: str
     base_model_sha256: str
@@ -51,6 +52,7 @@ class JobResult:
     timings_s: dict[str, float]
     output_dir: str
     distributed: DistributedInfo | None = None
+    robustness: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -60,7 +60,7 @@ class WorldOptions(_Strict):
     size: WorldSize = Field(
         "full",
         description="full: the demo model (hidden 256, 4 layers, 8 experts); small: a hidden-64, "
-        "2-layer, 8-expert model that pretrains in about a minute on a CPU (tests, quick "
+        "2-layer, 8-expert model that pretrains in seconds on one CPU core (tests, quick "
         "demos; with facts_per_topic >= 50 every question set still has >= 50 questions). "
         "Both stop pretraining on an epoch count, never a wall clock.",
     )
@@ -86,8 +86,10 @@ class CorpusRef(_Strict):
     corpus_id: str | None = Field(
         None, description="SHA-256 of a corpus uploaded with POST /v1/corpora."
     )
-    demo: Literal["forget", "retain"] | None = Field(
-        None, description="A split of the demo world: its forget topic or its retain pool."
+    demo: Literal["forget", "retain", "untrained"] | None = Field(
+        None,
+        description="A split of the demo world: its forget topic, its retain pool, or the "
+        "forget topic's never-pretrained facts (membership inference's holdout).",
     )
     format: Literal["auto", "jsonl", "text"] = Field("auto", description="File format.")
     text_field: str = Field(
@@ -399,14 +401,23 @@ class JobSpec(_Strict):
     def _consistent(self) -> JobSpec:
         if self.algorithm in ("gdiff", "rmu") and self.retain is None:
             raise ValueError(f"algorithm '{self.algorithm}' needs a retain corpus")
-        uses_demo = self.forget.demo is not None or (
-            self.retain is not None and self.retain.demo is not None
-        )
+        uses_demo = any(ref.demo is not None for _, ref in self.corpus_refs())
         if uses_demo and self.model != "demo":
             raise ValueError("demo corpora can only be used with model 'demo'")
         if self.seuf.attribution == "contrastive" and self.retain is None:
             raise ValueError("attribution 'contrastive' needs a retain corpus")
         return self
+
+    def corpus_refs(self) -> list[tuple[str, CorpusRef]]:
+        """Every corpus the job reads, with its field path: forget, retain and the
+        membership check's holdout (`evaluation.robustness[i].holdout`)."""
+        refs = [("forget", self.forget)]
+        if self.retain is not None:
+            refs.append(("retain", self.retain))
+        for i, check in enumerate(self.evaluation.robustness):
+            if isinstance(check, MembershipCheck) and check.holdout is not None:
+                refs.append((f"evaluation.robustness[{i}].holdout", check.holdout))
+        return refs
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved spec (every default filled in) as plain JSON data."""
@@ -434,8 +445,11 @@ def load_spec(path: str | Path) -> JobSpec:
         raise ValueError(f"spec {p} is not valid YAML/JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"spec {p} must be a mapping at the top level")
-    for key in ("forget", "retain"):
-        ref = data.get(key)
+    ev = data.get("evaluation")
+    checks = ev.get("robustness") if isinstance(ev, dict) else None
+    holdouts = [c.get("holdout") for c in checks if isinstance(c, dict)] if isinstance(
+        checks, list) else []
+    for ref in [data.get("forget"), data.get("retain"), *holdouts]:
         if isinstance(ref, dict) and isinstance(ref.get("path"), str):
             cp = Path(ref["path"])
             if not cp.is_absolute():

@@ -110,7 +110,7 @@ def submit_job(
             session.commit()
     except SpecRejected as e:
         if e.field.endswith("corpus_id"):
-            ref = getattr(spec, e.field.split(".")[0], None)
+            ref = dict(spec.corpus_refs()).get(e.field.removesuffix(".corpus_id"))
             if ref is not None and ref.corpus_id:
                 note_cross_tenant(request, principal, "corpus", ref.corpus_id)
         raise

@@ -1,5 +1,5 @@
-"""Proof of deletion: the public keys that sign certificates and checkpoints, and signed
-checkpoints of the audit chain head (issue 15).
+"""Proof of deletion: the public keys that sign certificates and checkpoints, signed
+checkpoints of the audit chain head, and a job's robustness verdicts (issue 15).
 
 `GET /v1/certificate-key` needs no API key: public keys are public, and whoever holds a
 certificate must be able to fetch the key to check it against.
@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
-from api.auth import audit_access, request_session
+from api.auth import audit_access, read_jobs, request_session
 from api.errors import ApiError, ErrorBody
 
 router = APIRouter(tags=["proof"])
@@ -36,6 +37,91 @@ class CheckpointsOut(BaseModel):
         "database's writers cannot reach, then verify against it later."
     )
     items: list[dict[str, Any]] = Field(description="Checkpoints stored earlier, newest first.")
+
+
+class RobustnessCheckOut(BaseModel):
+    check: str = Field(description="router_restored, relearning, quantization or "
+                       "membership_inference.")
+    verdict: str = Field(description="pass, fail, or not_run (then `reason` says why).")
+    threshold: str | None = Field(None, description="The rule the verdict was judged by.")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    reason: str | None = None
+
+
+class RobustnessOut(BaseModel):
+    job_id: str
+    failed: list[str] = Field(description="Checks whose verdict is fail.")
+    checks: list[RobustnessCheckOut]
+
+
+@router.get(
+    "/v1/jobs/{job_id}/robustness",
+    response_model=RobustnessOut,
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+        403: {"model": ErrorBody, "description": "The key's role may not do this."},
+        404: {"model": ErrorBody, "description": "No such job (or another tenant's)."},
+        422: {"model": ErrorBody, "description": "Invalid input; the body names the field."},
+    },
+)
+def job_robustness(
+    request: Request,
+    job_id: str = PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The job id."),
+    principal: Any = Depends(read_jobs),
+) -> RobustnessOut:
+    """The job's robustness checks with verdicts (every default check listed; one not run
+    says why), as the certificate shows them."""
+    from service import jobs, proof
+
+    with request_session(request) as session:
+        job = jobs.get_job(session, job_id, principal.tenant)
+        checks = proof.robustness_of(session, job.id)
+    return RobustnessOut(
+        job_id=job_id,
+        failed=[c["check"] for c in checks if c.get("verdict") == "fail"],
+        checks=[RobustnessCheckOut(**c) for c in checks],
+    )
+
+
+class LineageOut(BaseModel):
+    job_id: str
+    continuous: bool = Field(description="Every link starts from the previous link's "
+                             "unlearned model (SHA-256 of the weights).")
+    cut: bool = Field(description="The chain was longer than the links returned.")
+    links: list[dict[str, Any]] = Field(description="Root first, this job last.")
+    certificates: list[dict[str, Any]] = Field(
+        description="The signed certificate of each finished link, in the same order.")
+
+
+@router.get(
+    "/v1/jobs/{job_id}/lineage",
+    response_model=LineageOut,
+    responses={
+        401: {"model": ErrorBody, "description": "Missing or invalid API key."},
+        403: {"model": ErrorBody, "description": "The key's role may not do this."},
+        404: {"model": ErrorBody, "description": "No such job (or another tenant's)."},
+        422: {"model": ErrorBody, "description": "Invalid input; the body names the field."},
+    },
+)
+def job_lineage(
+    request: Request,
+    job_id: str = PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The job id."),
+    principal: Any = Depends(read_jobs),
+) -> LineageOut:
+    """The model's lineage: the jobs (deletion requests) whose expert patches it carries,
+    with each one's signed certificate."""
+    from service import certificate, jobs, lineage
+    from service.jobs import TERMINAL, State
+
+    settings = request.app.state.settings
+    with request_session(request) as session:
+        job = jobs.get_job(session, job_id, principal.tenant)
+        chain = lineage.lineage(session, job)
+        certs = [certificate.build_certificate(session, link["job_id"], principal.tenant,
+                                               settings)
+                 for link in chain["links"] if State(link["state"]) in TERMINAL]
+    return LineageOut(job_id=job_id, continuous=chain["continuous"], cut=chain["cut"],
+                      links=chain["links"], certificates=certs)
 
 
 @router.get("/v1/certificate-key", response_model=CertificateKeyOut)

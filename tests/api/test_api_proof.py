@@ -114,7 +114,7 @@ def test_requests_have_due_dates_and_group_jobs(client, api_keys, driver):
         assert (a, req["id"]) in actions
     # Another tenant sees nothing; an unknown request refuses the job.
     assert client.get(f"/v1/requests/{req['id']}", headers=H(api_keys.other)).status_code == 404
-    other_fid = upload(client, api_keys.other, FORGET)  # corpora are tenant-owned
+    other_fid = upload(client, api_keys.other, FORGET)  # corpora belong to a tenant
     r = client.post("/v1/jobs", params={"request_id": req["id"]}, json=spec(other_fid),
                     headers=H(api_keys.other))
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "request_id"
@@ -188,6 +188,13 @@ def test_a_failed_robustness_check_blocks_closing_without_an_override(app, clien
     verdicts = {c["check"]: c["verdict"] for c in cert["robustness"]}
     assert verdicts == {"router_restored": "fail", "relearning": "pass",
                         "quantization": "not_run", "membership_inference": "not_run"}
+    rob = client.get(f"/v1/jobs/{job['id']}/robustness", headers=H(api_keys.requester)).json()
+    assert rob["failed"] == ["router_restored"]
+    assert [c["check"] for c in rob["checks"]] == list(verdicts)
+    assert rob["checks"][0]["metrics"] == {"forget_acc": 0.8, "recovery": 0.9}
+    assert rob["checks"][2]["reason"] == "not requested by the job's spec (evaluation.robustness)"
+    assert client.get(f"/v1/jobs/{job['id']}/robustness",
+                      headers=H(api_keys.other)).status_code == 404  # another tenant's job
     r = client.post(f"/v1/requests/{req['id']}/close", json={}, headers=H(api_keys.requester))
     assert r.status_code == 409 and "override" in r.json()["message"]
     r = client.post(f"/v1/requests/{req['id']}/close",
@@ -199,3 +206,71 @@ def test_a_failed_robustness_check_blocks_closing_without_an_override(app, clien
                  and e["payload"]["request_id"] == req["id"]]
     assert len(overrides) == 1
     assert overrides[0]["payload"]["failed"] == {job["id"]: ["router_restored"]}
+
+
+def test_a_membership_holdout_must_be_a_corpus_of_the_tenant(client, api_keys):
+    fid = upload(client, api_keys.requester, FORGET)
+    missing = "f" * 64
+    theirs = upload(client, api_keys.other, b'{"prompt": "T?", "answer": "C."}\n')
+    for holdout, field in [
+        ({"corpus_id": missing}, "evaluation.robustness[0].holdout.corpus_id"),
+        ({"corpus_id": theirs}, "evaluation.robustness[0].holdout.corpus_id"),  # not ours
+        ({"path": "/etc/passwd"}, "evaluation.robustness[0].holdout.path"),
+    ]:
+        body = spec(fid, evaluation={"robustness": [
+            {"check": "membership_inference", "holdout": holdout}]})
+        r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester))
+        assert r.status_code == 422, (holdout, r.text)
+        assert r.json()["errors"][0]["field"].startswith(field), (holdout, r.json())
+    body = spec(fid, model="org/some-moe", evaluation={"robustness": [
+        {"check": "membership_inference", "holdout": {"demo": "untrained"}}]})
+    r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester))
+    assert r.status_code == 422 and "demo" in r.text  # demo splits only with model demo
+    hid = upload(client, api_keys.requester, b'{"prompt": "P?", "answer": "B."}\n')
+    body = spec(fid, evaluation={"robustness": [
+        {"check": "membership_inference", "holdout": {"corpus_id": hid}}]})
+    r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester))
+    assert r.status_code == 202, r.text
+    events = client.get("/v1/audit/events", params={"limit": 1000},
+                        headers=H(api_keys.auditor)).json()["items"]
+    submitted = [e for e in events if e["action"] == "job_submitted"
+                 and e["job_id"] == r.json()["id"]]
+    assert submitted[0]["payload"]["holdout"]["corpus_id"] == hid
+
+
+def test_lineage_links_jobs_started_from_earlier_outputs(app, client, api_keys, driver):
+    from service import jobs
+
+    req = _new_request(client, api_keys.requester)
+    ids: list[str] = []
+    # A (root) -> B from A's output -> C from B's, but C's recorded base is another model.
+    for model, before, after in [("demo", "ab", "cd"), (None, "cd", "ef"), (None, "00", "11")]:
+        fid = upload(client, api_keys.requester, FORGET)  # deleted when a job ends
+        body = spec(fid, model=model or f"job:{ids[-1]}")
+        r = client.post("/v1/jobs", json=body, headers=H(api_keys.requester),
+                        params={"request_id": req["id"]} if not ids else None)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        driver.claim(job_id)
+        with db.session_scope(app.state.session_factory) as s:
+            jobs.record_model(s, job_id, driver.owner, "/srv/models/x", before * 32)
+        driver.event(job_id, 1, "result", {"unlearned_model_sha256": after * 32})
+        driver.finish(job_id, "succeeded")
+        ids.append(job_id)
+    r = client.get(f"/v1/jobs/{ids[2]}/lineage", headers=H(api_keys.auditor))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    links = got["links"]
+    assert [x["job_id"] for x in links] == ids
+    assert links[0]["deletion_request"]["id"] == req["id"] and links[1]["deletion_request"] is None
+    assert [x["model"] for x in links] == ["demo", f"job:{ids[0]}", f"job:{ids[1]}"]
+    assert links[1]["continuous"] is True and links[2]["continuous"] is False
+    assert got["continuous"] is False and got["cut"] is False
+    assert "/srv/models" not in r.text  # the runner's path never reaches a client
+    assert [c["job_id"] for c in got["certificates"]] == ids
+    assert all(signing.verify_document(c).valid for c in got["certificates"])
+    assert got["certificates"][2]["lineage"]["links"] == links
+    assert client.get(f"/v1/jobs/{ids[0]}/lineage",
+                      headers=H(api_keys.auditor)).json()["continuous"] is True
+    assert client.get(f"/v1/jobs/{ids[2]}/lineage",
+                      headers=H(api_keys.other)).status_code == 404

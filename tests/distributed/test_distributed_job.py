@@ -153,6 +153,9 @@ def test_ddp_job_matches_single_process_attribution_and_changes_only_the_slice(
     # rank 0 evaluated the same model the same way (float32 round-off: thread counts differ)
     assert res.before == pytest.approx(ref.before, rel=1e-6)
     assert res.trainable_parameters == ref.trainable_parameters
+    # rank 0 ran the robustness stage on the trained model, as the one process did
+    assert [c["check"] for c in res.robustness] == [c["check"] for c in ref.robustness]
+    assert len(res.robustness) == 4
     # Progress reached the reporter through the sink actor, in order.
     stages = [n for k, n, _ in rec.items if k == "stage"]
     assert stages == [
@@ -161,6 +164,7 @@ def test_ddp_job_matches_single_process_attribution_and_changes_only_the_slice(
         "attribution",
         "unlearning",
         "evaluating_after",
+        "robustness",
         "packaging",
     ]
     assert [s for k, n, s in rec.items if k == "event" and n == "step"] == list(range(1, STEPS + 1))

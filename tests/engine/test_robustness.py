@@ -1,7 +1,10 @@
 """Robustness checks (workers/robustness.py): a deletion that only reroutes (scope
-`router`) fails the router-restored probe while a SEUF deletion passes it, on the demo
-world's model; every check leaves the model bitwise as it was given; the building blocks
-(forced routing, RTN quantisation, AUC, Min-K%++) are right on small hand cases."""
+`router`) fails the router-restored probe while a deletion in the expert itself (scope
+`experts`) passes it, on the demo world's model; SEUF (expert + router) lies between: on
+the generator-v2 world it fails at about half recovery (README "Robustness checks" has the
+numbers), far below the router-only deletion's; every check leaves the model bitwise as
+it was given; the building blocks (forced routing, RTN quantisation, AUC, Min-K%++) are
+right on small hand cases."""
 
 from __future__ import annotations
 
@@ -133,13 +136,20 @@ def _unlearn(world, scope: str):
 
 
 @pytest.mark.slow
-def test_router_only_deletion_fails_the_probe_and_seuf_passes(world):
+def test_router_only_deletion_fails_the_probe_and_an_expert_deletion_passes(world):
     model, adapter, original, _, probe = _unlearn(world, "router")
     r = R.router_restored_probe(model, adapter, original, probe[:4])
     assert r.verdict == "fail", r
     assert r.metrics["forget_acc_unlearned"] < r.metrics["forget_acc_original"] - 0.3
     assert r.metrics["recovery_router_restored"] > 0.9
     assert r.metrics["recovery_forced_topk"] > 0.9
+    router_only = r.metrics["recovery_router_restored"]
+
+    model, adapter, original, _, probe = _unlearn(world, "experts")
+    e = R.router_restored_probe(model, adapter, original, probe[:4])
+    assert e.verdict == "pass", e
+    assert e.metrics["forget_acc_unlearned"] < e.metrics["forget_acc_original"] - 0.3
+    assert e.metrics["recovery_router_restored"] < 0.2
 
     model, adapter, original, pairs, probe = _unlearn(world, "seuf")
     before = state_sha256(model.state_dict())
@@ -153,16 +163,16 @@ def test_router_only_deletion_fails_the_probe_and_seuf_passes(world):
     got = {c.check: c for c in results}
     assert list(got) == ["router_restored", "relearning", "quantization",
                          "membership_inference"]
-    probe_r = got["router_restored"]
-    assert probe_r.verdict == "pass", probe_r
+    probe_r = got["router_restored"]  # SEUF: part of the deletion is in the router
+    assert probe_r.verdict in ("pass", "fail"), probe_r
     assert probe_r.metrics["forget_acc_unlearned"] < probe_r.metrics["forget_acc_original"] - 0.3
-    assert probe_r.metrics["recovery_router_restored"] < 0.2
-    assert probe_r.metrics["recovery_forced_topk"] < 0.2
+    assert probe_r.metrics["recovery_router_restored"] < router_only - 0.3
+    assert probe_r.metrics["recovery_forced_topk"] < router_only - 0.3
     for name in ("relearning", "quantization"):
         assert got[name].verdict in ("pass", "fail") and got[name].threshold
         assert "forget_acc_original" in got[name].metrics
     assert {"forget_acc_int8", "forget_acc_int4"} <= set(got["quantization"].metrics)
-    assert got["membership_inference"].verdict == "not_run"
+    assert got["membership_inference"].verdict == "not_run"  # no holdout batches given
     # A stronger attack on the same records it is measured on brings knowledge back:
     # the attack is real, and restoring after it is exact.
     strong = R.relearning_attack(model, adapter, original, "seuf", pairs, probe[:4], probe[:4],

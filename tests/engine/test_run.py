@@ -50,12 +50,20 @@ def test_seuf_job_changes_only_the_selected_expert_and_router(model_dir, tmp_pat
         "stage:attribution",
         "stage:unlearning",
         "stage:evaluating_after",
+        "stage:robustness",
         "stage:packaging",
     ]
     assert [s for k, s in events if k == "step"] == list(range(1, 9))
     # Gradient ascent on the forget data with a retain term: the forget NLL rises.
     assert res.after["forget_nll"] > res.before["forget_nll"]
     assert 0.0 < res.routing_overlap_forget <= 1.0
+    # The robustness stage ran all four default checks; with no holdout corpus the
+    # membership check says why it did not run.
+    verdicts = {c["check"]: c["verdict"] for c in res.robustness}
+    assert list(verdicts) == ["router_restored", "relearning", "quantization",
+                              "membership_inference"]
+    assert set(verdicts.values()) <= {"pass", "fail", "not_run"}
+    assert verdicts["membership_inference"] == "not_run"
 
     base = AutoModelForCausalLM.from_pretrained(model_dir / "model").state_dict()
     new = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()
