@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from api import cli_engine
+from api import cli_engine, cli_plan
 
 app = typer.Typer(
     name="moe-unlearn",
@@ -44,6 +44,7 @@ app.add_typer(keys_app, name="keys")
 # The engine's commands (run, world build, patch apply|revert): api/cli_engine.py, which
 # imports torch only inside its commands.
 cli_engine.register(app)
+cli_plan.register(app)  # `plan`: the memory planner (api/cli_plan.py)
 
 
 class UserError(Exception):
