@@ -1,0 +1,218 @@
+"""Proof at real layer sizes, on this machine: random-weight MoE models built from published
+configurations (bench/configs/: hidden size, expert count, expert width, top-k and vocabulary
+unchanged; 2 decoder layers; bfloat16; a small word-level tokenizer saved beside them), each
+run through a SEUF GDiff job with `moe-unlearn run` in bfloat16.
+
+Per family it records the model's bytes, the job's peak RSS measured in a subprocess (the
+job's peak minus the process's RSS after its imports), the memory planner's estimate for the
+same spec, and writes bench/results/real_shape.json with
+`ratios.peak_rss_over_model_bytes` and `ratios.planner_over_measured` (objects keyed by
+family). Targets: peak RSS <= 1.5x the model's bytes; planner within 25% of measured.
+
+    python -m bench.real_shape                                  # the three default families
+    python -m bench.real_shape --families deepseek-v2-lite      # same recipe, another family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bench" / "configs"
+DEFAULT_FAMILIES = ("qwen1.5-moe-a2.7b", "olmoe-1b-7b", "qwen3-30b-a3b")
+VOCAB_WORDS = 2000
+RECORD_WORDS = 60
+
+
+def _words() -> list[str]:
+    return [f"w{i}" for i in range(VOCAB_WORDS)]
+
+
+def build_model(name: str, layers: int, root: Path) -> Path:
+    """A random-weight bfloat16 model of `name`'s published widths with `layers` decoder
+    layers, its tokenizer and a forget / retain corpus, in root/<name>-L<layers> (reused)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from workers.world.tokenizer import build_tokenizer, save_tokenizer
+
+    out = root / f"{name}-L{layers}"
+    if (out / "done").is_file():
+        return out
+    cfg = {k: v for k, v in json.loads((CONFIGS / f"{name}.json").read_text()).items()}
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg["num_hidden_layers"] = layers
+    if "first_k_dense_replace" in cfg:  # keep one dense layer below the MoE layer(s)
+        cfg["first_k_dense_replace"] = min(int(cfg["first_k_dense_replace"]), layers - 1)
+    if "layer_types" in cfg:
+        cfg["layer_types"] = cfg["layer_types"][:layers]
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    del model
+    save_tokenizer(build_tokenizer(_words()), out)
+    rng = random.Random(0)
+    words = _words()
+    for split, pool in (
+        ("forget", words[: VOCAB_WORDS // 2]),
+        ("retain", words[VOCAB_WORDS // 2 :]),
+    ):
+        rows = [
+            json.dumps({"text": " ".join(rng.choice(pool) for _ in range(RECORD_WORDS))})
+            for _ in range(32)
+        ]
+        (out / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    (out / "done").write_text("ok\n")
+    return out
+
+
+def job_spec(model_dir: Path, steps: int) -> dict[str, Any]:
+    """The SEUF GDiff job the bench runs: shipped defaults but for size (bfloat16, a short
+    budget, batches that fill max_length)."""
+    return {
+        "model": str(model_dir),
+        "forget": {"path": str(model_dir / "forget.jsonl")},
+        "retain": {"path": str(model_dir / "retain.jsonl")},
+        "algorithm": "gdiff",
+        "scope": "seuf",
+        "training": {
+            "dtype": "bfloat16",
+            "batch_size": 4,
+            "max_length": 64,
+            "max_steps": steps,
+            "lr": 1e-4,
+        },
+        "seuf": {"token_budget": 2048},
+    }
+
+
+def probe(spec_file: Path, out_dir: Path, result_file: Path) -> None:
+    """Run in the measuring subprocess: imports, then `moe-unlearn run`, then the peak."""
+    import api.cli
+    import workers.run  # noqa: F401 - imported before the baseline, like the CLI's job does
+    from bench.common import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes
+
+    release_free_memory()
+    base = rss_bytes()
+    reset_peak_rss()
+    rc = api.cli.main(["run", str(spec_file), "--output-dir", str(out_dir)])
+    peak = peak_rss_bytes()
+    result_file.write_text(json.dumps({"rc": rc, "rss_after_imports": base, "peak_rss": peak}))
+
+
+def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
+    import yaml
+
+    from workers.model_shape import shape_from_config
+    from workers.planner import estimate
+    from workers.spec import JobSpec
+
+    model_dir = build_model(name, layers, root)
+    spec = job_spec(model_dir, steps)
+    spec_file = root / f"{name}-L{layers}.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    result_file = root / f"{name}-L{layers}.result.json"
+    out_dir = root / f"{name}-L{layers}.out"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.real_shape",
+            "--probe",
+            str(spec_file),
+            str(out_dir),
+            str(result_file),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(f"{name}: the job failed:\n{proc.stderr[-3000:]}")
+    measured = json.loads(result_file.read_text())
+    config = json.loads((model_dir / "config.json").read_text())
+    shape = shape_from_config(config)
+    plan = estimate(shape, JobSpec.model_validate(spec))
+    model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    job_peak = measured["peak_rss"] - measured["rss_after_imports"]
+    result = json.loads((out_dir / "result.json").read_text())
+    return {
+        "family": name,
+        "layers": layers,
+        "params": shape.total_params,
+        "trainable_params": plan.trainable_params,
+        "model_bytes": model_bytes,
+        "job_peak_rss_bytes": job_peak,
+        "planner_bytes": plan.per_worker_bytes,
+        "planner_parts": {k: v for k, v in plan.parts.items()},
+        "steps": result.get("steps"),
+        "output_dtype_bytes": sum(
+            p.stat().st_size for p in (out_dir / "model").glob("*.safetensors")
+        )
+        if (out_dir / "model").is_dir()
+        else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES))
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeu-real-shape"))
+    ap.add_argument("--probe", nargs=3, type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.probe:
+        probe(*args.probe)
+        return
+    from bench.common import machine, table, write_result
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = [measure(n, args.layers, args.steps, args.workdir) for n in args.families]
+    for r in rows:
+        r["peak_rss_over_model_bytes"] = r["job_peak_rss_bytes"] / r["model_bytes"]
+        r["planner_over_measured"] = r["planner_bytes"] / r["job_peak_rss_bytes"]
+    print(
+        table(
+            rows,
+            [
+                "family",
+                "params",
+                "model_bytes",
+                "job_peak_rss_bytes",
+                "planner_bytes",
+                "peak_rss_over_model_bytes",
+                "planner_over_measured",
+            ],
+        )
+    )
+    payload = {
+        "command": "python -m bench.real_shape " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "rows": rows,
+        "ratios": {
+            "peak_rss_over_model_bytes": {
+                r["family"]: r["peak_rss_over_model_bytes"] for r in rows
+            },
+            "planner_over_measured": {r["family"]: r["planner_over_measured"] for r in rows},
+        },
+        "targets": {"peak_rss_over_model_bytes": "<= 1.5", "planner_over_measured": "0.75-1.25"},
+    }
+    name = "real_shape" if list(args.families) == list(DEFAULT_FAMILIES) else "real_shape_other"
+    print(write_result(name, payload))
+
+
+if __name__ == "__main__":
+    main()
