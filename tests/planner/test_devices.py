@@ -1,0 +1,67 @@
+"""Device and precision helpers: dtype/device resolution, and float32 master weights that keep
+the small updates a bfloat16 parameter would lose."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from workers.devices import MasterWeights, resolve_device, resolve_dtype
+
+
+def test_auto_resolves_to_what_this_worker_has():
+    dev = resolve_device("auto")
+    assert dev.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        resolve_device("cuda")
+
+
+def _train(master: bool, steps: int = 50, lr: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    start = w.detach().clone()
+    mw = MasterWeights([w]) if master else None
+    opt = torch.optim.SGD(mw.parameters() if mw else [w], lr=lr)
+    for _ in range(steps):
+        loss = (w.float() * torch.linspace(0.5, 1.5, 64)).sum()  # constant gradient
+        loss.backward()
+        if mw:
+            mw.grads_to_master()
+        opt.step()
+        opt.zero_grad()
+        if mw:
+            mw.master_to_model()
+    return start, w.detach()
+
+
+def test_master_weights_keep_updates_below_bfloat16_resolution():
+    # Each SGD step moves 1.0 by ~1e-4, under bfloat16's spacing at 1.0 (2**-7): a bfloat16
+    # parameter never moves; the float32 master accumulates 50 steps (~5e-3) and the model
+    # copy follows once the sum crosses the spacing.
+    start, plain = _train(master=False)
+    assert torch.equal(plain, start)
+    start, mastered = _train(master=True)
+    assert (mastered.float() < start.float()).all()
+    expected = 1.0 - 50 * 1e-4 * torch.linspace(0.5, 1.5, 64)
+    assert torch.allclose(mastered.float(), expected, atol=2**-7)
+
+
+def test_float32_parameters_are_not_copied_and_checkpoints_restore():
+    a = nn.Parameter(torch.zeros(3))
+    b = nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    mw = MasterWeights([a, b])
+    assert mw.parameters()[0] is a and mw.parameters()[1] is not b and mw.copies
+    saved = [torch.full((3,), 0.123), torch.full((3,), 0.456)]
+    mw.load_state_dict(saved)
+    assert torch.equal(mw.state_dict()[1], saved[1])
+    assert torch.equal(b.detach(), saved[1].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="does not match"):
+        mw.load_state_dict(saved[:1])
