@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import BodyTooLarge, install_error_handlers
-from api.routes import audit, corpora, health, jobs, keys
+from api.routes import audit, corpora, health, jobs, keys, proof, requests
 from service import db
 from service.settings import Settings, get_settings
 
@@ -165,6 +165,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     for module in (health, corpora, jobs, audit, keys):
         app.include_router(module.router)
+    app.include_router(proof.router)  # issue 15: certificate key, audit checkpoints
+    app.include_router(requests.router)  # issue 15: deletion requests
 
     return app
 

@@ -20,7 +20,6 @@ unless MOE_UNLEARN_DEBUG=1.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import sys
 from typing import Annotated, Any
@@ -28,7 +27,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from api import cli_engine, cli_plan
+from api import cli_client, cli_engine, cli_plan, cli_proof
 
 app = typer.Typer(
     name="moe-unlearn",
@@ -45,6 +44,8 @@ app.add_typer(keys_app, name="keys")
 # imports torch only inside its commands.
 cli_engine.register(app)
 cli_plan.register(app)  # `plan`: the memory planner (api/cli_plan.py)
+cli_client.register(app)  # jobs and audit on a remote server: api/cli_client.py
+cli_proof.register(app, cli_client.audit_app)  # certificate verify, audit export|verify (issue 15)
 
 
 class UserError(Exception):
@@ -221,10 +222,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split()) or type(e).__name__
 
 
+def _debug_setting() -> bool:
+    # Settings first: a misspelt MOE_UNLEARN_* variable stops every command (exit 2).
+    from service.settings import get_settings
+
+    return get_settings().debug
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) the process exit code."""
     cmd = typer.main.get_command(app)
-    debug = os.environ.get("MOE_UNLEARN_DEBUG") == "1"
+    try:
+        debug = _debug_setting()
+    except ValueError as e:  # an unknown or invalid MOE_UNLEARN_* variable
+        print(f"moe-unlearn: error: {_one_line(e)}", file=sys.stderr)
+        return _exit(2, argv)
     try:
         rc = cmd.main(args=argv, prog_name="moe-unlearn", standalone_mode=False)
         code = rc if isinstance(rc, int) else 0

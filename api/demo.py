@@ -218,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
             (work / "certificate.html").write_text(page.text)
             png = heatmap(emap, work / "expert_map.png")
             console.print(f"certificate: {cert_json} and {work / 'certificate.html'}")
+            from service.signing import verify_document  # issue 15: signed certificates
+
+            sig = verify_document(cert)
+            verdicts = ", ".join(f"{c['check']} {c['verdict']}" for c in cert["robustness"])
+            console.print(f"certificate signature: {'valid' if sig.valid else 'INVALID'} "
+                          f"({sig.fingerprint}); check it with `moe-unlearn certificate "
+                          f"verify {cert_json}`")
+            console.print(f"robustness: {verdicts}")
             console.print(f"expert-map heatmap: {png}")
     return 0
 

@@ -96,7 +96,7 @@ def app_builder(args: dict[str, str]) -> Any:
     return ApiDeployment.options(ray_actor_options={"num_cpus": cpus}).bind(settings)
 
 
-# The import path the KubeRay RayService (infra/kuberay/rayservice.yaml) names.
+# The import path a KubeRay RayService would name (infra/k8s runs the api as a Deployment).
 app = app_builder
 
 

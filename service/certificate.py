@@ -7,6 +7,9 @@ utility scores before and after, the routing overlap, and the audit entries that
 job (their seq and hashes: `GET /v1/audit/verify` proves they were not edited since).
 `certificate_sha256` is the SHA-256 of the canonical JSON of everything else except
 `verification` (the result of re-verifying the whole audit chain when it was built).
+`robustness` lists the four robustness checks with their verdicts (`service.proof`).
+`signature` is the service's Ed25519 signature over the canonical JSON of everything else
+(`service.signing`); `moe-unlearn certificate verify FILE` checks it offline.
 
 What the runner records for it (via `service.jobs`): `record_model` (model hash),
 `record_expert_map`, `record_param_changes`, `record_evaluations` (phase before/after;
@@ -22,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import audit
+from service import audit, proof, signing
 from service.errors import ServiceError
 from service.jobs import (
     MODEL_KIND,
@@ -34,7 +37,15 @@ from service.jobs import (
     get_job,
     list_artifacts,
 )
-from service.tables import ApiKey, AuditEntry, Corpus, JobEvent
+from service.settings import Settings
+from service.tables import (
+    ApiKey,
+    AuditEntry,
+    Corpus,
+    DeletionRequest,
+    DeletionRequestJob,
+    JobEvent,
+)
 from workers.spec import canonical_json
 
 SCHEMA = "moe-unlearn/deletion-certificate/v1"
@@ -73,8 +84,24 @@ def _corpus(session: Session, ref: dict[str, Any] | None) -> dict[str, Any] | No
     return {"source": "local_file", "max_records": ref.get("max_records")}
 
 
-def build_certificate(session: Session, job_id: str, tenant: str | None = None) -> dict[str, Any]:
-    """The certificate of a finished job (`NotFound` for another tenant's job,
+def _deletion_request(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The deletion request the job served (its reference stays out: it may name a case;
+    so does its status, which changes: the certificate's facts do not)."""
+    req = session.execute(
+        select(DeletionRequest)
+        .join(DeletionRequestJob, DeletionRequestJob.request_id == DeletionRequest.id)
+        .where(DeletionRequestJob.job_id == job_id)
+    ).scalar_one_or_none()
+    if req is None:
+        return None
+    return {"id": req.id, "received_at": req.received_at.isoformat(),
+            "due_at": req.due_at.isoformat()}
+
+
+def build_certificate(
+    session: Session, job_id: str, tenant: str | None = None, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The signed certificate of a finished job (`NotFound` for another tenant's job,
     `CertificateUnavailable` while it runs)."""
     job = get_job(session, job_id, tenant)
     if State(job.state) not in TERMINAL:
@@ -88,6 +115,8 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
     scores: dict[str, dict[str, dict[str, float]]] = {"before": {}, "after": {}}
     overlap: dict[str, float] = {}
     for ev in evals:
+        if ev.phase == proof.PHASE:
+            continue  # reported whole, with verdicts, under "robustness"
         if ev.metric == "routing_overlap":
             overlap[f"{ev.task}/{ev.phase}"] = ev.value
             continue
@@ -114,6 +143,7 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
             "attempts": job.attempt,
             "spec_hash": job.spec_hash,
         },
+        "deletion_request": _deletion_request(session, job.id),
         "forget_corpus": _corpus(session, spec.get("forget")),
         "retain_corpus": _corpus(session, spec.get("retain")),
         "model": {"ref": spec.get("model"), "sha256": model_ev.get("sha256")},
@@ -130,6 +160,7 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
         "parameters_changed": changes,
         "scores": scores,
         "routing_overlap": overlap,
+        "robustness": proof.robustness_of(session, job.id),
         "failure": (
             {"class": job.failure_class, "message": job.failure_message}
             if job.state == State.FAILED.value
@@ -158,7 +189,7 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
         "chain_head_seq": v.head_seq,
         "chain_head_hash": v.head_hash,
     }
-    return body
+    return signing.sign_document(body, settings)
 
 
 def _cell(v: Any) -> str:
@@ -182,6 +213,8 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 def render_html(cert: dict[str, Any]) -> str:
     """A self-contained HTML page of the certificate (every value escaped)."""
     req = cert["request"]
+    sig = cert.get("signature") or {}
+    fp = signing.fingerprint_of_b64(str(sig.get("public_key", "")))
     score_rows = [
         {"phase": phase, "task": task, "metric": metric, "value": value}
         for phase, tasks in cert["scores"].items()
@@ -219,12 +252,16 @@ def render_html(cert: dict[str, Any]) -> str:
         _table(score_rows, ["phase", "task", "metric", "value"]),
         "<h2>Routing overlap</h2>",
         _table(overlap_rows, ["task/phase", "overlap"]),
+        "<h2>Robustness checks</h2>",
+        _table(cert.get("robustness", []), ["check", "verdict", "threshold", "metrics", "reason"]),
         "<h2>Audit entries</h2>",
         f"<p>Audit chain verified now: {_cell(cert['verification']['chain_ok'])} "
         f"({_cell(cert['verification']['checked_entries'])} entries; head "
         f"<code>{_cell(cert['verification']['chain_head_hash'])}</code>)</p>",
         _table(cert["audit"]["entries"], ["seq", "action", "ts", "entry_hash"]),
         f"<p>Certificate SHA-256: <code>{_cell(cert['certificate_sha256'])}</code></p>",
+        f"<p>Signed ({_cell(sig.get('alg'))}) by key <code>{_cell(fp)}</code>; check with "
+        "<code>moe-unlearn certificate verify certificate.json --key PUB</code></p>",
         "</body></html>",
     ]
     return "\n".join(parts)

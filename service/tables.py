@@ -180,6 +180,9 @@ class AuditEntry(Base):
     job_id: Mapped[str | None] = mapped_column(String(36), index=True)
     tenant: Mapped[str | None] = mapped_column(String(128), index=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # HMAC of entry_hash with the audit key the database does not hold (service/signing.py);
+    # NULL only for entries written before the chain was anchored (issue 15).
+    mac: Mapped[str | None] = mapped_column(String(64))
 
 
 class AuditHead(Base):
@@ -191,6 +194,7 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     entry_hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64))  # HMAC of (seq, entry_hash)
 
 
 class ApiKey(Base):
@@ -216,6 +220,60 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("tenant", "key", name="uq_idempotency_tenant_key"),)
+
+
+# --- proof of deletion (issue 15; migration 0003) -----------------------------------------
+
+
+class AuditCheckpoint(Base):
+    """A signed checkpoint of the audit chain head. kind `anchor`: the head of a chain
+    written before entries carried MACs (it vouches for the entries up to it); `export`: a
+    copy of one handed out (the auditor's own copy, kept elsewhere, is what counts)."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    entry_hash: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(32))
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)  # the signed checkpoint
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_audit_checkpoints_kind_seq", "kind", "seq"),)
+
+
+class DeletionRequest(Base):
+    """A data subject's deletion request; the jobs that serve it join it."""
+
+    __tablename__ = "deletion_requests"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    reference: Mapped[str] = mapped_column(String(128))  # the requester's own case number
+    subject: Mapped[str | None] = mapped_column(String(256))  # a pseudonymous subject id
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    extended: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # open | done | rejected
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    overdue_reported: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (UniqueConstraint("tenant", "reference", name="uq_requests_reference"),)
+
+
+class DeletionRequestJob(Base):
+    __tablename__ = "deletion_request_jobs"
+
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("deletion_requests.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True, unique=True
+    )
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 ALL_TABLES: tuple[str, ...] = tuple(sorted(Base.metadata.tables))

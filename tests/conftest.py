@@ -1,5 +1,6 @@
 """Session-wide test settings: nothing downloads, everything stays on this machine."""
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -11,6 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Signing and audit keys of the service (service/signing.py) are generated into a private
+# folder of this test session, never into the working tree.
+_KEYS_DIR = tempfile.mkdtemp(prefix="moeu-keys-")
+os.environ.setdefault("MOE_UNLEARN_KEYS_DIR", _KEYS_DIR)
+atexit.register(shutil.rmtree, _KEYS_DIR, True)
 
 
 # One local Ray per test session, shared by every test that needs it (ray.init can run

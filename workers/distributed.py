@@ -10,7 +10,7 @@ CPU workers (gloo): the stages of workers/run.py, split across ranks.
                  experts
     all ranks    SEUF training, data parallel: each rank takes its share of every global
                  batch (rows r, r+W, ... of BatchStream.batch(step)); backend "ddp" (torch
-                 DDP, gloo) or "deepspeed" (ZeRO 1/2/3 from infra/deepspeed/, a client
+                 DDP, gloo) or "deepspeed" (ZeRO 1/2/3 from workers/deepspeed_configs/, a client
                  torch AdamW over the trainable tensors only)
     rank 0       evaluate after and package (ZeRO-3: the trained tensors are gathered on
                  every rank, then rank 0 copies them into a freshly loaded plain model)
@@ -62,6 +62,7 @@ from torch import nn
 from workers.attribution import ExpertMap, _accumulate, diagnose, resolve_method
 from workers.attribution import rank as rank_experts
 from workers.data import Batch, BatchStream
+from workers.deepspeed_configs import load_deepspeed_config
 from workers.events import RESUMED, TRAINER_STARTED
 from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV, kill_self_once
 from workers.moe.base import MoEAdapter
@@ -84,7 +85,6 @@ from workers.run import (
 from workers.spec import JobSpec
 
 DEFAULT_TORCH_EXTENSIONS_DIR = "~/.cache/moe-unlearn/torch_extensions"
-DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "infra" / "deepspeed"
 BARRIER_TIMEOUT_S = 6 * 3600
 # How often Ray Train's controller polls the workers (its default: 2 s). A checkpoint's
 # report() waits until the controller has taken the previous one, and the end of a run is
@@ -397,13 +397,9 @@ def attribute_sharded(
 
 
 def deepspeed_config(stage: int, micro_batch: int, world: int, grad_clip: float) -> dict[str, Any]:
-    """The committed infra/deepspeed/zero{2,3}.json (stage 1: zero2.json with stage 1), with
+    """The shipped workers/deepspeed_configs/zero{2,3}.json (stage 1: zero2.json), with
     the batch sizes and clipping of this job made concrete."""
-    src = DEEPSPEED_CONFIG_DIR / f"zero{3 if stage == 3 else 2}.json"
-    if not src.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {src} is missing")
-    cfg = json.loads(src.read_text())
-    cfg["zero_optimization"]["stage"] = stage
+    cfg = load_deepspeed_config(stage)  # package data: workers/deepspeed_configs/
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["gradient_accumulation_steps"] = 1
     cfg["train_batch_size"] = micro_batch * world

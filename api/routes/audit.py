@@ -41,9 +41,20 @@ def audit_events(
 
 
 @router.get("/verify", response_model=AuditVerifyOut)
-def audit_verify(request: Request, principal: Any = Depends(audit_access)) -> AuditVerifyOut:
+def audit_verify(
+    request: Request,
+    principal: Any = Depends(audit_access),
+    against: str | None = Query(
+        None, max_length=4096, description="A signed checkpoint (its JSON) from "
+        "GET /v1/audit/checkpoints: also check that the chain still extends it."
+    ),
+) -> AuditVerifyOut:
     """Recompute the whole hash chain; `ok` is false and `first_bad_seq` names the first
     entry that was edited, deleted or inserted since it was written."""
+    if against is not None:  # issue 15: service/checkpoints.py
+        from api.routes.proof import verify_against
+
+        return verify_against(request, against)
     with request_session(request) as session:
         r = audit.verify(session)
     return AuditVerifyOut(

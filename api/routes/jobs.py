@@ -76,6 +76,9 @@ def submit_job(
         description="Retry-safe submission: the same key and body return the same job; "
         "the same key with another body is refused (422).",
     ),
+    request_id: str | None = Query(
+        None, pattern=ID_PATTERN, description="The deletion request this job serves."
+    ),
 ) -> Any:
     """Queue an unlearning job. The body is the job spec (the same as `moe-unlearn run`
     takes); corpora must be uploaded first (POST /v1/corpora) and named by `corpus_id`."""
@@ -88,11 +91,24 @@ def submit_job(
             idempotency_key=idempotency_key,
             requester=principal.key_id,
         )
+        if request_id is not None and result.created:  # issue 15: join the request
+            _join_request(session, request_id, principal, result.job.id)
         session.commit()
     response.headers["Location"] = f"/v1/jobs/{result.job.id}"
     if idempotency_key is not None:
         response.headers["Idempotency-Replayed"] = "false" if result.created else "true"
     return result.job
+
+
+def _join_request(session: Session, request_id: str, principal: Any, job_id: str) -> None:
+    from service import requests
+    from service.errors import NotFound
+
+    try:
+        requests.attach_job(session, request_id, principal.tenant, job_id,
+                            actor=f"key:{principal.key_id}")
+    except NotFound:
+        raise ApiError(422, "request_id", "no such deletion request", location="query") from None
 
 
 @router.get("", response_model=JobList, responses=_ERRORS)
