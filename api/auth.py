@@ -52,10 +52,6 @@ def request_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_settings(request: Request) -> Any:
-    return request.app.state.settings
-
-
 def _unauthorized(reason: str) -> ApiError:
     return ApiError(
         401,

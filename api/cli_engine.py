@@ -146,9 +146,9 @@ def run(
     out = output_dir or Path("runs") / f"{spec.stem}-{job.spec_hash()[:10]}"
     with _stdout_to_stderr(), _RichReporter(job.training.max_steps) as rep:
         if job.distributed.uses_ray_train:
-            res = _run_on_ray_train(job, out, rep)
+            res = _run_on_ray_train(job, out, rep).to_json()
         else:
-            res = run_job(job, out, reporter=rep)
+            res = run_job(job, out, reporter=rep).to_json()
     if as_json:
         sys.stdout.write(json.dumps(res, default=str) + "\n")
     else:
@@ -158,7 +158,7 @@ def run(
         Console().print(f"outputs in {res['output_dir']}")
 
 
-def _run_on_ray_train(job: JobSpec, out: Path, rep: Reporter) -> dict[str, Any]:
+def _run_on_ray_train(job: JobSpec, out: Path, rep: Reporter) -> Any:  # a JobResult
     """Several workers or DeepSpeed: a private local Ray with one CPU per worker, a Ray
     Train run checkpointed under OUT/checkpoints (the same command resumes it after a
     crash: the run name is the spec's hash), all of it gone when the run ends."""
@@ -167,7 +167,7 @@ def _run_on_ray_train(job: JobSpec, out: Path, rep: Reporter) -> dict[str, Any]:
 
     import ray
 
-    from workers.distributed import run_job_distributed
+    from workers.runners.ray_train import run_job_distributed
 
     tmp = tempfile.mkdtemp(prefix="moeu-run-")  # short: Ray puts unix sockets there
     storage = Path(out) / "checkpoints"

@@ -12,20 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.jobs import JOB_STATES as JOB_STATES
+from service.jobs import TERMINAL, JobState
+
 Role = Literal["requester", "auditor", "admin"]
-JobState = Literal[
-    "QUEUED", "RUNNING", "CANCELLING", "RETRYING", "SUCCEEDED", "FAILED", "CANCELLED"
-]
-JOB_STATES: tuple[str, ...] = (
-    "QUEUED",
-    "RUNNING",
-    "CANCELLING",
-    "RETRYING",
-    "SUCCEEDED",
-    "FAILED",
-    "CANCELLED",
-)
-TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+# The job states are defined once, in service.jobs.
+TERMINAL_STATES: frozenset[str] = frozenset(str(s) for s in TERMINAL)
 
 # Tenants are identifiers, not free text (they appear in audit entries and URLs).
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -82,7 +82,7 @@ def run_one(algorithm: str, variant: str, seed: int, topic: int = 0) -> dict[str
     out = Path(tempfile.mkdtemp(prefix=f"quality-{algorithm}-{variant}-"))
     t0 = time.perf_counter()
     try:
-        res = run_job(spec, out)
+        res = run_job(spec, out).to_json()
     finally:
         shutil.rmtree(out, ignore_errors=True)  # the model copy is not needed: numbers are
     wall = time.perf_counter() - t0

@@ -10,7 +10,7 @@ Entry points (all take a SQLAlchemy `Session`, flush but never commit: wrap call
   `record_expert_map`, `record_evaluations`, `record_artifact`, `record_param_changes`,
   `record_model`, `finish_job`, `request_cancel`, `reclaim_expired`, `get_job`,
   `list_jobs`, `list_events`, `get_expert_map`, `get_evaluations`, `list_artifacts`,
-  `get_artifact`, `job_to_dict`
+  `get_artifact`
 - audit: `append`, `verify -> VerifyResult`, `list_entries`, `entry_to_dict`
 - certificate: `build_certificate -> dict`, `render_html(cert) -> str`
 - signing: `sign_document`, `verify_document`, `signing_key`, `published_keys`, `audit_key`

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -60,15 +60,13 @@ from service.tables import (
 )
 from workers.spec import JobSpec
 
-
-class State(StrEnum):
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    CANCELLING = "CANCELLING"
-    RETRYING = "RETRYING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
+# The one definition of the job states; the API's schemas and the enum below derive from it.
+JobState = Literal[
+    "QUEUED", "RUNNING", "CANCELLING", "RETRYING", "SUCCEEDED", "FAILED", "CANCELLED"
+]
+JOB_STATES: tuple[JobState, ...] = get_args(JobState)
+# Members named as the values (State.RUNNING == "RUNNING"), for the transition table.
+State = StrEnum("State", [(s, s) for s in JOB_STATES])  # type: ignore[misc]
 
 
 class Stage(StrEnum):
@@ -925,31 +923,3 @@ def get_artifact(session: Session, job_id: str, artifact_id: int) -> Artifact:
     if art is None or art.job_id != job_id:
         raise NotFound("artifact_id", "artifact not found")
     return art
-
-
-def job_to_dict(job: Job) -> dict[str, Any]:
-    """A job as plain JSON data (what GET /v1/jobs/{id} returns)."""
-
-    def iso(d: datetime | None) -> str | None:
-        return d.isoformat() if d else None
-
-    return {
-        "id": job.id,
-        "tenant": job.tenant,
-        "requester": job.requester,
-        "state": job.state,
-        "stage": job.stage,
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "spec": job.spec,
-        "spec_hash": job.spec_hash,
-        "created_at": iso(job.created_at),
-        "updated_at": iso(job.updated_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-        "heartbeat_at": iso(job.heartbeat_at),
-        "lease_expires_at": iso(job.lease_expires_at),
-        "failure_class": job.failure_class,
-        "failure_message": job.failure_message,
-        "cancel_requested": job.cancel_requested,
-    }

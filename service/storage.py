@@ -214,10 +214,3 @@ def store_corpus(
         )
         session.flush()
     return info
-
-
-def get_corpus(session: Session, sha256: str) -> Corpus:
-    row = session.get(Corpus, sha256)
-    if row is None:
-        raise NotFound("corpus_id", f"corpus {sha256} not found")
-    return row

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Algorithm = Literal["ga", "gdiff", "npo", "simnpo", "rmu"]
-ALGORITHMS: tuple[str, ...] = ("ga", "gdiff", "npo", "simnpo", "rmu")
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
 Scope = Literal["seuf", "full", "experts", "router"]
 SelectionMode = Literal["top_m", "in_layer", "per_layer", "random", "manual"]
 AttributionMethod = Literal["auto", "affinity", "contrastive", "frequency"]

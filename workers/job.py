@@ -1,0 +1,224 @@
+"""What every stage of a job shares: the loaded job (model, tokenizer, adapter, corpora),
+tokenization, attribution's calibration batches, evaluation and the stop check. Used by
+the one pipeline (workers/pipeline.py) on every runner."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from workers.data import TokenizedCorpus, read_corpus, tokenize
+from workers.moe import get_adapter
+from workers.moe.base import MoEAdapter
+from workers.spec import CorpusRef, JobSpec
+from workers.train import forget_loss_check
+
+# Routing overlap and loss checks use at most this many samples: enough for a stable mean.
+OVERLAP_SAMPLES = 256
+
+
+class Reporter(Protocol):
+    """Where a job's progress goes (a progress bar, the service's event table...)."""
+
+    def stage(self, name: str) -> None: ...
+
+    def event(self, kind: str, step: int, payload: dict[str, Any]) -> None: ...
+
+
+class SilentReporter:
+    def stage(self, name: str) -> None:
+        pass
+
+    def event(self, kind: str, step: int, payload: dict[str, Any]) -> None:
+        pass
+
+
+CorpusResolver = Callable[[str], Path]  # corpus_id (SHA-256) -> local file
+
+
+class JobCancelled(Exception):
+    """The job was asked to stop; nothing was written."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"cancelled at step {step}")
+        self.step = step
+
+
+@dataclass
+class LoadedJob:
+    """Everything the stages share: the model, its tokenizer and adapter, the corpora."""
+
+    spec: JobSpec
+    model: nn.Module
+    tokenizer: Any
+    adapter: MoEAdapter
+    model_ref: str  # what was loaded: a path or hub id
+    forget_records: list
+    retain_records: list | None
+    world: Any = None  # workers.world.World for the demo model
+
+    def tokenized(self, records: list, loss_tokens: str) -> TokenizedCorpus:
+        return tokenize(records, self.tokenizer, self.spec.training.max_length, loss_tokens)
+
+
+def _corpus_path(ref: CorpusRef, world: Any, resolver: CorpusResolver | None) -> Path:
+    if ref.demo is not None:
+        return Path(world.corpus_path(ref.demo))
+    if ref.corpus_id is not None:
+        if resolver is None:
+            raise ValueError("corpus_id needs the service's corpus store (use a path instead)")
+        return resolver(ref.corpus_id)
+    assert ref.path is not None
+    return Path(ref.path)
+
+
+def load_model(model_ref: str) -> tuple[nn.Module, Any]:
+    """A causal LM (float32, eval mode) and its tokenizer (pad = eos if it has none)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_ref)
+        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32)
+    except OSError as e:
+        raise ValueError(f"model {model_ref!r} could not be loaded: {e}") from e
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_job(
+    spec: JobSpec,
+    corpus_resolver: CorpusResolver | None = None,
+    world_progress: Callable[[str], None] | None = None,
+) -> LoadedJob:
+    """Load the model and read the corpora. User errors raise ValueError."""
+    world = None
+    if spec.model == "demo":
+        from workers.world import build_world
+
+        world = build_world(spec.world, progress=world_progress)
+        model_ref = str(world.model_dir)
+    else:
+        model_ref = spec.model
+    model, tokenizer = load_model(model_ref)
+    adapter = get_adapter(model)
+
+    def records(ref: CorpusRef, name: str) -> list:
+        path = _corpus_path(ref, world, corpus_resolver)
+        try:
+            return read_corpus(path, ref.format, ref.text_field, ref.max_records)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
+
+    forget = records(spec.forget, "forget")
+    retain = records(spec.retain, "retain") if spec.retain is not None else None
+    return LoadedJob(spec, model, tokenizer, adapter, model_ref, forget, retain, world)
+
+
+def _attribution_tokens(records: list, positions: str) -> str:
+    if positions == "all":
+        return "all"
+    has_answers = bool(records) and all(r.has_answer for r in records)
+    if positions == "answer" and not has_answers:
+        raise ValueError("seuf.attribution_positions 'answer' needs prompt + answer records")
+    return "answer" if has_answers else "all"
+
+
+def _sampled_batches(corpus: TokenizedCorpus, batch_size: int, seed: int) -> list[dict]:
+    """The corpus in a seeded random order: attribution's calibration sample is the prefix
+    that fits the token budget."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(corpus), generator=g).tolist()
+    return [corpus.collate(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def attribution_batches(job: LoadedJob) -> tuple[list[dict], list[dict] | None]:
+    """The forget (and retain) calibration batches attribution reads, in the seeded order
+    whose prefix fits the token budget (the same on every rank of a distributed run)."""
+    spec, tr = job.spec, job.spec.training
+    positions = spec.seuf.attribution_positions
+    f_attr = job.tokenized(job.forget_records, _attribution_tokens(job.forget_records, positions))
+    r_attr = (
+        job.tokenized(job.retain_records, _attribution_tokens(job.retain_records, positions))
+        if job.retain_records is not None
+        else None
+    )
+    f_batches = _sampled_batches(f_attr, tr.batch_size, tr.seed)
+    r_batches = _sampled_batches(r_attr, tr.batch_size, tr.seed) if r_attr else None
+    return f_batches, r_batches
+
+
+def evaluate(
+    job: LoadedJob, forget: TokenizedCorpus, retain: TokenizedCorpus | None
+) -> dict[str, Any]:
+    """Forget and utility scores of the model as it is now: the demo world's question
+    accuracies, any lm-eval tasks, and always the per-token NLL of (a sample of) the
+    forget and retain corpora."""
+    ev = job.spec.evaluation
+    bs = job.spec.training.batch_size
+    n_batches = max(1, OVERLAP_SAMPLES // bs)
+    out: dict[str, Any] = {
+        "forget_nll": forget_loss_check(forget.in_order(bs)[:n_batches])(job.model)["forget_loss"]
+    }
+    if retain is not None:
+        check = forget_loss_check(retain.in_order(bs)[:n_batches])
+        out["retain_nll"] = check(job.model)["forget_loss"]
+    if job.world is not None:
+        from workers.evaluate import evaluate_world
+
+        res = evaluate_world(job.model, job.tokenizer, job.world, ev.batch_size, backend=ev.backend)
+        out.update(res)
+    if ev.tasks or ev.forget_tasks:
+        from workers.evaluate import evaluate_tasks
+
+        names = list(dict.fromkeys([*ev.forget_tasks, *ev.tasks]))
+        scores = evaluate_tasks(job.model, job.tokenizer, names, ev.limit, ev.batch_size)
+        out["tasks"] = scores
+        if ev.forget_tasks and "forget_accuracy" not in out:
+            out["forget_accuracy"] = sum(scores[t] for t in ev.forget_tasks) / len(ev.forget_tasks)
+        if ev.tasks and "utility_accuracy" not in out:
+            out["utility_accuracy"] = sum(scores[t] for t in ev.tasks) / len(ev.tasks)
+    return out
+
+
+def stop_check_for(
+    job: LoadedJob, forget_train: TokenizedCorpus
+) -> Callable[[nn.Module], dict[str, float]] | None:
+    """Forget accuracy on the world's forget questions (demo), else the forget NLL."""
+    stop = job.spec.training.stop
+    if stop.forget_accuracy_target is None and stop.forget_loss_target is None:
+        return None
+    loss_check = forget_loss_check(forget_train.in_order(job.spec.training.batch_size)[:8])
+    if stop.forget_accuracy_target is None:
+        return loss_check
+    if job.world is None:
+        raise ValueError(
+            "training.stop.forget_accuracy_target needs the demo world's questions; "
+            "use forget_loss_target for other models"
+        )
+    from workers.evaluate import score_questions
+
+    questions = job.world.question_set("forget")
+
+    def check(model: nn.Module) -> dict[str, float]:
+        hits = score_questions(model, job.tokenizer, questions, job.spec.evaluation.batch_size)
+        return {"forget_accuracy": sum(hits) / len(hits), **loss_check(model)}
+
+    return check
+
+
+def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Copies of the named tensors (a fused expert tensor wired by workers.scope keeps its
+    name and its values until the scope is baked)."""
+    state = model.state_dict()
+    return {name: state[name].detach().clone() for name in names}
+
+
+def scalars(d: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)}
