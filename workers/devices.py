@@ -89,6 +89,14 @@ class MasterWeights:
             if m is not p:
                 p.copy_(m.to(p.dtype))
 
+    @torch.no_grad()
+    def sync_from_model(self) -> None:
+        """Masters re-read from the model (its tensors were set from outside, e.g. a
+        checkpoint that held no masters)."""
+        for m, p in zip(self.master, self.model_params, strict=True):
+            if m is not p:
+                m.copy_(p.to(torch.float32))
+
     def state_dict(self) -> list[torch.Tensor]:
         """The master values (for a checkpoint: a resumed run continues at full precision)."""
         return [m.detach().clone() for m in self.master]

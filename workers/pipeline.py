@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from workers.attribution import ExpertMap, attribute
+from workers.devices import dtype_name
 from workers.events import RANK_STARTED, RANK_STOPPED, RESUMED
 from workers.job import (
     OVERLAP_SAMPLES,
@@ -34,10 +35,10 @@ from workers.job import (
     evaluate,
     load_job,
     scalars,
-    snapshot,
+    snapshot_regions,
     stop_check_for,
 )
-from workers.patch import state_sha256, write_patch
+from workers.patch import state_sha256, write_region_patch
 from workers.results import JobResult
 from workers.routing import collect_topk, routing_overlap
 from workers.runners.base import Runner
@@ -128,7 +129,8 @@ def run_pipeline(
         if job.retain_records is not None
         else None
     )
-    base_sha = state_sha256(model.state_dict()) if main else ""
+    # The base model's identity in its own dtype (the dtype the outputs are written in).
+    base_sha = state_sha256(model.state_dict(), job.base_dtype) if main else ""
 
     prog.stage("evaluating_before")
     before: dict[str, Any] = {}
@@ -171,9 +173,8 @@ def run_pipeline(
     from workers.scope import apply_scope
 
     scope = apply_scope(model, adapter, spec.scope, pairs)
-    before_state = snapshot(model, sorted({r.name for r in scope.regions})) if main else {}
+    before_state = snapshot_regions(model, scope.regions) if main else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
-    expert_dims = scope.expert_dims()
     objective = objective_from_spec(spec, adapter, pairs, layers=adapter.moe_layers())
     prepare_reference(objective, model, forget_train, retain_train, seed=tr.seed)
 
@@ -248,16 +249,17 @@ def run_pipeline(
     )
 
     prog.stage("packaging")
-    state = model.state_dict()
-    after_state = {n: state[n].detach().clone() for n in before_state}
-    patched_sha = state_sha256(state)
-    patch = write_patch(
+    trained_dtype = next(model.parameters()).dtype
+    model.to(job.base_dtype)  # written in the base model's dtype (a no-op when trained in it)
+    after_state = snapshot_regions(model, final_scope.regions)
+    patched_sha = state_sha256(model.state_dict())
+    patch = write_region_patch(
         out_dir / "expert_patch.safetensors",
         before_state,
         after_state,
-        expert_dims,
         base_sha256=base_sha,
         patched_sha256=patched_sha,
+        dtype=job.base_dtype,
     )
     _write_model_files(job, out_dir, emap)
     trainable, total, ratio = counts
@@ -284,6 +286,12 @@ def run_pipeline(
         timings_s=prog.close(),
         output_dir=str(out_dir.resolve()),
         distributed=runner.info(result.resumed_from),
+        precision={
+            "device": str(job.device),
+            "dtype": dtype_name(trained_dtype),
+            "written_dtype": dtype_name(job.base_dtype),
+            "master_weights": trained_dtype != torch.float32,
+        },
     )
     res.write(out_dir)
     return res
@@ -292,7 +300,8 @@ def run_pipeline(
 def _write_model_files(job: LoadedJob, out_dir: Path, emap: ExpertMap) -> None:
     import json
 
-    job.model.save_pretrained(out_dir / "model")
+    # Shards of at most 500 MB: writing one holds a copy of its bytes, not of the model's.
+    job.model.save_pretrained(out_dir / "model", max_shard_size="500MB")
     job.tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
     (out_dir / "spec.json").write_text(json.dumps(job.spec.resolved(), indent=1))

@@ -51,6 +51,8 @@ class JobResult:
     timings_s: dict[str, float]
     output_dir: str
     distributed: DistributedInfo | None = None
+    # Where and in which dtype it trained, and the dtype its outputs were written in.
+    precision: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -75,6 +75,8 @@ def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
     cfg = deepspeed_config_for(
         t.scope, deepspeed_config(stage, max(1, opts.batch_size // world), world, opts.grad_clip)
     )
+    if next(t.model.parameters()).dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}  # its optimizer keeps float32 masters and moments
     engine, _, _, _ = deepspeed.initialize(
         model=t.model, optimizer=t.opt, config=cfg, dist_init_required=False
     )
@@ -98,7 +100,8 @@ def into_fresh_model(
     from workers.moe import get_adapter
     from workers.scope import apply_scope
 
-    model, _ = load_model(model_ref)
+    dtype = next(iter(trained.values())).dtype if trained else torch.float32
+    model, _ = load_model(model_ref, dtype)
     adapter = get_adapter(model)
     scope = apply_scope(model, adapter, spec_scope, pairs)
     fresh = dict(scope.named_trainable())

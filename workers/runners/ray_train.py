@@ -102,6 +102,7 @@ class RayTrainRunner(Runner):
         self.backend = options.backend
         self.zero_stage = options.zero_stage if options.backend == "deepspeed" else 0
         self.checkpoint_every = options.checkpoint_every
+        self.own_master_weights = self.zero_stage > 0  # DeepSpeed's bf16 optimizer keeps them
         # ZeRO-3 gathers each layer's shards as its forward runs: skipping layers is untested.
         self.supports_activation_cache = self.zero_stage != 3
         self._local_numel = 0
