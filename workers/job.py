@@ -70,7 +70,9 @@ class LoadedJob:
         return getattr(self.model, "base_dtype", self.dtype)
 
     def tokenized(self, records: list, loss_tokens: str) -> TokenizedCorpus:
-        return tokenize(records, self.tokenizer, self.spec.training.max_length, loss_tokens)
+        corpus = tokenize(records, self.tokenizer, self.spec.training.max_length, loss_tokens)
+        corpus.device = str(self.device)  # batches, probes and references on the worker's device
+        return corpus
 
 
 def _corpus_path(ref: CorpusRef, world: Any, resolver: CorpusResolver | None) -> Path:

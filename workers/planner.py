@@ -149,6 +149,24 @@ def resolve_device(requested: str, capacity: Capacity | None) -> Device:
     return "cuda" if capacity is not None and capacity.gpus > 0 else "cpu"
 
 
+def device_for_resources(requested: str, resources: Mapping[str, Any]) -> Device:
+    """`distributed.device` decided before placement from what the Ray cluster advertises
+    (`ray.cluster_resources()`): auto is cuda when it has GPUs, so the job asks Ray for them
+    (and an autoscaler adds GPU nodes for it); cuda on a cluster without GPUs is refused."""
+    gpus = float(resources.get("GPU", 0) or 0)
+    if requested == "cuda" and gpus <= 0:
+        raise ValueError("distributed.device is cuda but the Ray cluster advertises no GPU")
+    if requested in ("cpu", "cuda"):
+        return requested  # type: ignore[return-value]
+    return "cuda" if gpus > 0 else "cpu"
+
+
+def with_device(spec: JobSpec, device: Device) -> JobSpec:
+    """The spec with `distributed.device` made concrete."""
+    dist = spec.distributed.model_copy(update={"device": device})
+    return spec.model_copy(update={"distributed": dist})
+
+
 def resolve_dtype(requested: str, device: Device) -> str:
     if requested != "auto":
         return requested

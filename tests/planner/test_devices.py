@@ -65,3 +65,33 @@ def test_float32_parameters_are_not_copied_and_checkpoints_restore():
     assert torch.equal(b.detach(), saved[1].to(torch.bfloat16))
     with pytest.raises(ValueError, match="does not match"):
         mw.load_state_dict(saved[:1])
+
+
+def test_the_device_is_decided_from_the_ray_cluster_before_placement():
+    from workers.planner import device_for_resources, with_device
+    from workers.spec import JobSpec
+
+    assert device_for_resources("auto", {"CPU": 8.0}) == "cpu"
+    assert device_for_resources("auto", {"CPU": 8.0, "GPU": 2.0}) == "cuda"
+    assert device_for_resources("cpu", {"CPU": 8.0, "GPU": 2.0}) == "cpu"
+    assert device_for_resources("cuda", {"CPU": 8.0, "GPU": 1.0}) == "cuda"
+    with pytest.raises(ValueError, match="advertises no GPU"):
+        device_for_resources("cuda", {"CPU": 8.0})
+    spec = JobSpec.model_validate({"forget": {"demo": "forget"}, "algorithm": "ga"})
+    decided = with_device(spec, "cuda")
+    assert decided.distributed.device == "cuda" and spec.distributed.device == "auto"
+    assert decided.resolved() == {
+        **spec.resolved(),
+        "distributed": {**spec.resolved()["distributed"], "device": "cuda"},
+    }
+
+
+def test_collated_batches_go_to_the_corpus_device():
+    from workers.data import Sample, TokenizedCorpus
+
+    corpus = TokenizedCorpus([Sample([1, 2, 3], [False, True, True])], pad_id=0, device="cpu")
+    batch = corpus.collate([0])
+    assert {v.device.type for v in batch.values()} == {"cpu"}
+    if torch.cuda.is_available():  # the same path on a GPU worker
+        corpus.device = "cuda"
+        assert {v.device.type for v in corpus.collate([0]).values()} == {"cuda"}
