@@ -11,11 +11,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from workers.spec import JobSpec
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -108,3 +112,27 @@ class MasterWeights:
         for m, v in zip(self.master, values, strict=True):
             m.copy_(v.to(m.device, m.dtype))
         self.master_to_model()
+
+
+def plan_line(spec: JobSpec, model_dir: str | None = None) -> str:
+    """The memory planner's one line for this job (why an out-of-memory error happened)."""
+    from workers.model_shape import shape_from_config
+    from workers.planner import estimate, read_config
+
+    try:
+        shape = shape_from_config(read_config(model_dir or spec.model))
+        return "the planner estimated " + estimate(shape, spec).line()
+    except ValueError as e:
+        return f"no planner estimate ({e})"
+
+
+@contextmanager
+def out_of_memory_with_plan(spec: JobSpec) -> Iterator[None]:
+    """A device (or host) out-of-memory error re-raised as the same type with the planner's
+    numbers, so the failure (class `out_of_memory`) says what the job was expected to need."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(f"{e}; {plan_line(spec)}") from e
+    except MemoryError as e:
+        raise MemoryError(f"{e}; {plan_line(spec)}") from e

@@ -3,6 +3,8 @@ the small updates a bfloat16 parameter would lose."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -95,3 +97,22 @@ def test_collated_batches_go_to_the_corpus_device():
     if torch.cuda.is_available():  # the same path on a GPU worker
         corpus.device = "cuda"
         assert {v.device.type for v in corpus.collate([0]).values()} == {"cuda"}
+
+
+def test_an_out_of_memory_error_carries_the_planners_numbers(tmp_path):
+    import json
+
+    from workers.devices import out_of_memory_with_plan
+    from workers.spec import JobSpec
+
+    cfg = json.loads((Path(__file__).parents[2] / "bench/configs/olmoe-1b-7b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = JobSpec.model_validate(
+        {"model": str(tmp_path), "forget": {"path": "f.jsonl"}, "algorithm": "ga"}
+    )
+    with pytest.raises(torch.OutOfMemoryError, match=r"CUDA out of memory.*needs [\d.]+ GiB"):
+        with out_of_memory_with_plan(spec):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with pytest.raises(MemoryError, match="no planner estimate"):
+        with out_of_memory_with_plan(spec.model_copy(update={"model": str(tmp_path / "x")})):
+            raise MemoryError("host")

@@ -41,7 +41,7 @@ import torch
 
 from workers import faults
 from workers.data import Batch, BatchStream
-from workers.devices import resolve_device
+from workers.devices import out_of_memory_with_plan, resolve_device
 from workers.events import TRAINER_STARTED
 from workers.job import CorpusResolver, JobCancelled, LoadedJob, Reporter, SilentReporter
 from workers.planner import device_for_resources, with_device
@@ -236,14 +236,15 @@ def _train_fn(cfg: dict[str, Any]) -> None:
         pg_id = pg.id.hex() if pg else None
         rep.event(TRAINER_STARTED, 0, {"num_workers": world, "placement_group": pg_id})
     try:
-        res = run_pipeline(
-            spec,
-            cfg["output_dir"],
-            RayTrainRunner(rank, world, spec.distributed),
-            rep,
-            lambda corpus_id: Path(paths[corpus_id]),
-            rep.should_stop if rank == 0 else None,
-        )
+        with out_of_memory_with_plan(spec):
+            res = run_pipeline(
+                spec,
+                cfg["output_dir"],
+                RayTrainRunner(rank, world, spec.distributed),
+                rep,
+                lambda corpus_id: Path(paths[corpus_id]),
+                rep.should_stop if rank == 0 else None,
+            )
         outcome = RunOutcome("succeeded", res.steps if res is not None else 0)
     except JobCancelled as e:
         outcome = RunOutcome("cancelled", e.step)
