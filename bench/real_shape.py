@@ -80,8 +80,10 @@ def job_spec(model_dir: Path, steps: int) -> dict[str, Any]:
     budget, batches that fill max_length)."""
     return {
         "model": str(model_dir),
-        "forget": {"path": str(model_dir / "forget.jsonl")},
-        "retain": {"path": str(model_dir / "retain.jsonl")},
+        # 16 records each: memory depends on the batch, not the corpus (and the machine is
+        # shared: time is short)
+        "forget": {"path": str(model_dir / "forget.jsonl"), "max_records": 16},
+        "retain": {"path": str(model_dir / "retain.jsonl"), "max_records": 16},
         "algorithm": "gdiff",
         "scope": "seuf",
         "training": {
@@ -96,7 +98,11 @@ def job_spec(model_dir: Path, steps: int) -> dict[str, Any]:
 
 
 def probe(spec_file: Path, out_dir: Path, result_file: Path) -> None:
-    """Run in the measuring subprocess: imports, then `moe-unlearn run`, then the peak."""
+    """Run in the measuring subprocess: imports, then `moe-unlearn run`, then the peak. A
+    thread samples RSS (anonymous and file-backed) so the peak can be put on a stage."""
+    import threading
+    import time
+
     import api.cli
     import workers.run  # noqa: F401 - imported before the baseline, like the CLI's job does
     from bench.common import peak_rss_bytes, release_free_memory, reset_peak_rss, rss_bytes
@@ -104,9 +110,40 @@ def probe(spec_file: Path, out_dir: Path, result_file: Path) -> None:
     release_free_memory()
     base = rss_bytes()
     reset_peak_rss()
+    samples: list[tuple[float, int, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            status = Path("/proc/self/status").read_text().splitlines()
+            kb = {ln.split(":")[0]: int(ln.split()[1]) for ln in status if ln.startswith("Rss")}
+            samples.append((time.perf_counter() - t0, kb["RssAnon"] * 1024, kb["RssFile"] * 1024))
+            done.wait(0.2)
+
+    t0 = time.perf_counter()
+    threading.Thread(target=sample, daemon=True).start()
     rc = api.cli.main(["run", str(spec_file), "--output-dir", str(out_dir)])
+    done.set()
     peak = peak_rss_bytes()
-    result_file.write_text(json.dumps({"rc": rc, "rss_after_imports": base, "peak_rss": peak}))
+    result_file.write_text(
+        json.dumps({"rc": rc, "rss_after_imports": base, "peak_rss": peak, "samples": samples})
+    )
+
+
+def stage_peaks(
+    samples: list[list[float]], timings: dict[str, float], base: int
+) -> dict[str, dict[str, int]]:
+    """The largest sampled RSS (above the after-imports baseline) inside each stage, split
+    into anonymous memory and file-backed pages (the safetensors file, mapped); stages are
+    placed by the job's own timings, counted from the start of the run."""
+    out: dict[str, dict[str, int]] = {}
+    start = 0.0
+    for stage, seconds in timings.items():
+        inside = [x for x in samples if start <= x[0] < start + seconds] or samples[:1]
+        top = max(inside, key=lambda x: x[1] + x[2])
+        out[stage] = {"rss": int(top[1] + top[2] - base), "anon": int(top[1]), "file": int(top[2])}
+        start += seconds
+    return out
 
 
 def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
@@ -148,6 +185,7 @@ def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
     model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     job_peak = measured["peak_rss"] - measured["rss_after_imports"]
     result = json.loads((out_dir / "result.json").read_text())
+    stages = stage_peaks(measured["samples"], result["timings_s"], measured["rss_after_imports"])
     return {
         "family": name,
         "layers": layers,
@@ -158,6 +196,9 @@ def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
         "planner_bytes": plan.per_worker_bytes,
         "planner_parts": {k: v for k, v in plan.parts.items()},
         "steps": result.get("steps"),
+        "stage_peak_rss_bytes": stages,
+        "timings_s": result["timings_s"],
+        "precision": result.get("precision"),
         "output_dtype_bytes": sum(
             p.stat().st_size for p in (out_dir / "model").glob("*.safetensors")
         )
