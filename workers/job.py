@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from workers.data import TokenizedCorpus, read_corpus, tokenize
+from workers.mapped import pages_released_while_loading
 from workers.moe import get_adapter
 from workers.moe.base import MoEAdapter
 from workers.spec import CorpusRef, JobSpec
@@ -132,15 +133,16 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(
             model_ref, revision=revision, trust_remote_code=False
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            model_ref,
-            config=config,
-            revision=revision,
-            dtype=dtype,
-            device_map={"": where} if where.type != "cpu" else None,
-            use_safetensors=True,
-            trust_remote_code=False,
-        )
+        with pages_released_while_loading():  # the file's pages are not held twice
+            model = AutoModelForCausalLM.from_pretrained(
+                model_ref,
+                config=config,
+                revision=revision,
+                dtype=dtype,
+                device_map={"": where} if where.type != "cpu" else None,
+                use_safetensors=True,
+                trust_remote_code=False,
+            )
     except OSError as e:
         raise ValueError(f"model {model_ref!r} could not be loaded: {e}") from e
     model.eval()
