@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,10 +81,10 @@ def job_spec(model_dir: Path, steps: int) -> dict[str, Any]:
     budget, batches that fill max_length)."""
     return {
         "model": str(model_dir),
-        # 16 records each: memory depends on the batch, not the corpus (and the machine is
+        # 8 records each: memory depends on the batch, not the corpus (and the machine is
         # shared: time is short)
-        "forget": {"path": str(model_dir / "forget.jsonl"), "max_records": 16},
-        "retain": {"path": str(model_dir / "retain.jsonl"), "max_records": 16},
+        "forget": {"path": str(model_dir / "forget.jsonl"), "max_records": 8},
+        "retain": {"path": str(model_dir / "retain.jsonl"), "max_records": 8},
         "algorithm": "gdiff",
         "scope": "seuf",
         "training": {
@@ -159,6 +160,7 @@ def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
     spec_file.write_text(yaml.safe_dump(spec))
     result_file = root / f"{name}-L{layers}.result.json"
     out_dir = root / f"{name}-L{layers}.out"
+    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier run's files are not this run's
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
         [
@@ -211,8 +213,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES))
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/moeu-real-shape"))
+    ap.add_argument("--name", help="result file name (default: real_shape or real_shape_other)")
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="NAME",
+        help="write real_shape.json from the rows of earlier runs' result files (families run "
+        "one at a time, e.g. --name real_shape_olmoe-1b-7b)",
+    )
     ap.add_argument("--probe", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
@@ -221,7 +231,15 @@ def main() -> None:
     from bench.common import machine, table, write_result
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    rows = [measure(n, args.layers, args.steps, args.workdir) for n in args.families]
+    if args.combine:
+        from bench.common import RESULTS
+
+        parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
+        rows = [r for part in parts for r in part["rows"]]
+        args.families = [r["family"] for r in rows]
+        sys.argv += [f"(combined from {', '.join(p['command'] for p in parts)})"]
+    else:
+        rows = [measure(n, args.layers, args.steps, args.workdir) for n in args.families]
     for r in rows:
         r["peak_rss_over_model_bytes"] = r["job_peak_rss_bytes"] / r["model_bytes"]
         r["planner_over_measured"] = r["planner_bytes"] / r["job_peak_rss_bytes"]
@@ -252,7 +270,7 @@ def main() -> None:
         "targets": {"peak_rss_over_model_bytes": "<= 1.5", "planner_over_measured": "0.75-1.25"},
     }
     name = "real_shape" if list(args.families) == list(DEFAULT_FAMILIES) else "real_shape_other"
-    print(write_result(name, payload))
+    print(write_result(args.name or name, payload))
 
 
 if __name__ == "__main__":
