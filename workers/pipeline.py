@@ -301,7 +301,9 @@ def _write_model_files(job: LoadedJob, out_dir: Path, emap: ExpertMap) -> None:
     import json
 
     # Shards of at most 500 MB: writing one holds a copy of its bytes, not of the model's.
-    job.model.save_pretrained(out_dir / "model", max_shard_size="500MB")
+    # The tensors as they are (fused experts, the names the patch uses): reverting to the
+    # hub's per-expert layout would copy every expert tensor at once.
+    job.model.save_pretrained(out_dir / "model", max_shard_size="500MB", save_original_format=False)
     job.tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
     (out_dir / "spec.json").write_text(json.dumps(job.spec.resolved(), indent=1))
