@@ -114,6 +114,26 @@ def _refuse_pickle(model_ref: str) -> None:
         )
 
 
+def _refuse_quantized(model_ref: str, config: Any) -> None:
+    """A quantised checkpoint (GPT-OSS ships its experts in MXFP4) cannot train its slices
+    in place, and dequantising the whole model would hold it in bfloat16 anyway: refused,
+    with the way out."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return
+    method = (
+        quant.get("quant_method")
+        if isinstance(quant, dict)
+        else getattr(quant, "quant_method", None)
+    )
+    raise ValueError(
+        f"model {model_ref!r} is quantised ({method or 'unknown method'}; GPT-OSS ships its "
+        "experts in MXFP4): unlearning trains expert slices in bfloat16 or float32, so "
+        "dequantise the checkpoint to bfloat16 first (e.g. transformers' Mxfp4Config("
+        "dequantize=True), then save_pretrained) and name that copy"
+    )
+
+
 def load_model(
     model_ref: str,
     dtype: torch.dtype = torch.float32,
@@ -129,6 +149,7 @@ def load_model(
     where = device or torch.device("cpu")
     try:
         config = AutoConfig.from_pretrained(model_ref, revision=revision, trust_remote_code=False)
+        _refuse_quantized(model_ref, config)
         base_dtype = _base_dtype(config)
         tokenizer = AutoTokenizer.from_pretrained(
             model_ref, revision=revision, trust_remote_code=False

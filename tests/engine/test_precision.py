@@ -118,3 +118,13 @@ def test_the_demo_job_in_bfloat16_matches_float32(tmp_path):
         assert res.after["forget_accuracy"] < res.before["forget_accuracy"] - 0.3
     for key in ("forget_accuracy", "utility_accuracy"):
         assert abs(bf16.after[key] - f32.after[key]) <= 0.05, (key, bf16.after, f32.after)
+
+
+def test_a_quantised_checkpoint_is_refused_with_the_way_out(model_dir, tmp_path):
+    d = tmp_path / "mxfp4"
+    shutil.copytree(model_dir / "model", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="quantised \\(mxfp4.*dequantise the checkpoint"):
+        load_model(str(d))
