@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -195,13 +195,18 @@ def world_build(
     topics: Annotated[int, typer.Option(min=2, max=32)] = 6,
     facts_per_topic: Annotated[int, typer.Option(min=4, max=2000)] = 100,
     arch: Annotated[str, typer.Option(help="MoE family (model_type).")] = "qwen2_moe",
+    size: Annotated[
+        Literal["full", "small"], typer.Option(help="small: the fast test-size model.")
+    ] = "full",
 ) -> None:
     """Build (or reuse from the cache) the demo world and print its directory."""
     from workers.spec import WorldOptions
     from workers.world import build_world
 
     con = _console()
-    opts = WorldOptions(seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch)
+    opts = WorldOptions(
+        seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch, size=size
+    )
     with _stdout_to_stderr():
         world = build_world(opts, progress=lambda kind, info: con.print(_progress_line(kind, info)))
     typer.echo(str(world.path))

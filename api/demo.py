@@ -160,38 +160,36 @@ def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
         log.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the database/blobs here")
-    ap.add_argument(
-        "--workers",
-        type=int,
-        choices=(1, 2),
-        default=2,
-        help="2: the job runs on Ray Train with 2 CPU workers (DDP); 1: in one process",
-    )
-    args = ap.parse_args(argv)
-    spec = yaml.safe_load(args.spec.read_text())
-    spec.setdefault("distributed", {})["num_workers"] = args.workers
+@dataclass
+class DemoResult:
+    """What the demo did: the job, its result.json and expert map, the audit check, and the
+    files it wrote (certificate as JSON and HTML, expert-map heatmap)."""
 
-    from rich.console import Console
+    job: dict[str, Any]
+    result: dict[str, Any]
+    expert_map: dict[str, Any]
+    audit: dict[str, Any]
+    certificate: Path
+    certificate_html: Path
+    heatmap: Path
 
-    console = Console()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]moe-unlearn demo[/bold] (state in {work})")
+
+def run_demo(spec: dict[str, Any], work: Path, console: Any, spec_name: str = "") -> DemoResult:
+    """Submit `spec` to a fresh embedded service in `work` over HTTP and follow it to the end;
+    print (to `console`, a rich Console) and return what it did. The job's runner follows
+    spec.distributed.num_workers (2: Ray Train)."""
+    workers = int(spec.get("distributed", {}).get("num_workers", 1))
     with embedded_service(work) as svc:
         base = svc.base_url
         with Client(base, svc.requester_key) as client, Client(base, svc.auditor_key) as audit:
             job = client.submit(spec, idempotency_key="demo")
-            runner = "Ray Train, 2 CPU workers (DDP)" if args.workers > 1 else "one process"
-            console.print(f"submitted job {job['id']} over HTTP ({args.spec.name}; {runner})")
+            runner = f"Ray Train, {workers} CPU workers (DDP)" if workers > 1 else "one process"
+            console.print(f"submitted job {job['id']} over HTTP ({spec_name}; {runner})")
             max_steps = int(spec.get("training", {}).get("max_steps", 100))
             job = follow(client, job["id"], max_steps)
             if job["state"] != "SUCCEEDED":
                 console.print(f"[red]job {job['state']}: {job.get('failure_message')}[/red]")
-                return 1
+                return DemoResult(job, {}, {}, {}, Path(), Path(), Path())
             arts = {a["kind"]: a for a in client.artifacts(job["id"])}
             res = json.loads(client.download(job["id"], arts["result"]["id"],
                                              work / "result.json").read_text())
@@ -215,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{base}/v1/jobs/{job['id']}/certificate", params={"format": "html"},
                 headers=client.headers,
             )
-            (work / "certificate.html").write_text(page.text)
+            cert_html = work / "certificate.html"
+            cert_html.write_text(page.text)
             png = heatmap(emap, work / "expert_map.png")
-            console.print(f"certificate: {cert_json} and {work / 'certificate.html'}")
+            console.print(f"certificate: {cert_json} and {cert_html}")
             from service.signing import verify_document  # issue 15: signed certificates
 
             sig = verify_document(cert)
@@ -227,7 +226,32 @@ def main(argv: list[str] | None = None) -> int:
                           f"verify {cert_json}`")
             console.print(f"robustness: {verdicts}")
             console.print(f"expert-map heatmap: {png}")
-    return 0
+    return DemoResult(job, res, emap, verify, cert_json, cert_html, png)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the database/blobs here")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: the job runs on Ray Train with 2 CPU workers (DDP); 1: in one process",
+    )
+    args = ap.parse_args(argv)
+    spec = yaml.safe_load(args.spec.read_text())
+    spec.setdefault("distributed", {})["num_workers"] = args.workers
+
+    from rich.console import Console
+
+    console = Console()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]moe-unlearn demo[/bold] (state in {work})")
+    done = run_demo(spec, work, console, args.spec.name)
+    return 0 if done.job["state"] == "SUCCEEDED" else 1
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -386,7 +385,6 @@ def run_dispatcher(
     once: bool = False,
     max_jobs: int | None = None,
     stop_event: threading.Event | None = None,
-    executor_factory: Callable[[], Executor] | None = None,
     handle_signals: bool = False,
 ) -> DispatcherStats:
     """What `moe-unlearn dispatcher [--once] [--max-jobs N]` runs: check the database is
@@ -409,9 +407,7 @@ def run_dispatcher(
             stop_event = stop_event or threading.Event()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop_event.set())
-        executor = (
-            executor_factory() if executor_factory else RayTaskExecutor(checkpoint_root(settings))
-        )
+        executor = RayTaskExecutor(checkpoint_root(settings))
         d = Dispatcher(settings, make_session_factory(engine), executor)
         return d.run(once=once, max_jobs=max_jobs, stop_event=stop_event)
     finally:

@@ -36,7 +36,6 @@ from torch import nn
 
 from workers.moe.base import MoEAdapter
 from workers.routing import Batch, attention_mask_of, router_outputs
-from workers.spec import SeufOptions
 
 Method = Literal["affinity", "contrastive", "frequency"]
 METHODS: tuple[str, ...] = ("affinity", "contrastive", "frequency")
@@ -316,24 +315,6 @@ def attribute(
     emap.ranking = rank(emap)
     emap.diagnostics = diagnose(emap)
     return emap
-
-
-def attribute_for_job(
-    model: nn.Module,
-    adapter: MoEAdapter,
-    forget_batches: Iterable[Batch],
-    retain_batches: Iterable[Batch] | None,
-    seuf: SeufOptions,
-) -> ExpertMap:
-    """`attribute` with the job spec's settings (seuf.attribution, seuf.token_budget)."""
-    return attribute(
-        model,
-        adapter,
-        forget_batches,
-        retain_batches=retain_batches,
-        method=seuf.attribution,
-        token_budget=seuf.token_budget,
-    )
 
 
 def rank(emap: ExpertMap) -> list[ScoredExpert]:

@@ -267,19 +267,3 @@ class BatchStream:
 
     def batch(self, step: int) -> Batch:
         return self.corpus.collate(self.indices(step))
-
-
-def load_batches(
-    path: str | Path,
-    tokenizer: Any,
-    batch_size: int,
-    max_length: int,
-    seed: int = 0,
-    loss_tokens: LossTokens = "all",
-    fmt: Literal["auto", "jsonl", "text"] = "auto",
-    text_field: str = "text",
-    max_records: int | None = None,
-) -> BatchStream:
-    """read_corpus -> tokenize -> BatchStream, in one call."""
-    records = read_corpus(path, fmt, text_field, max_records)
-    return BatchStream(tokenize(records, tokenizer, max_length, loss_tokens), batch_size, seed)

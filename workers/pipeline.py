@@ -13,6 +13,7 @@ stage boundary and every training step (JobCancelled; nothing is written).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -21,7 +22,9 @@ from typing import Any
 
 import torch
 
+from workers.activation_cache import build_for_training
 from workers.attribution import ExpertMap, attribute
+from workers.data import BatchStream
 from workers.devices import dtype_name
 from workers.events import RANK_STARTED, RANK_STOPPED, RESUMED
 from workers.job import (
@@ -38,10 +41,14 @@ from workers.job import (
     snapshot_regions,
     stop_check_for,
 )
+from workers.objectives import objective_from_spec
 from workers.patch import state_sha256, write_region_patch
+from workers.reference import prepare_reference
 from workers.results import JobResult
 from workers.routing import collect_topk, routing_overlap
 from workers.runners.base import Runner
+from workers.scope import apply_scope
+from workers.selection import select_experts
 from workers.spec import JobSpec
 from workers.train import StepInfo, train
 
@@ -158,8 +165,6 @@ def run_pipeline(
             shard=(runner.rank, runner.world),
             reduce=runner.reduce_sum,
         )
-    from workers.selection import select_experts
-
     selected = select_experts(emap, spec.seuf) if spec.scope != "full" else []
     pairs = [(s.layer, s.expert) for s in selected]
     prog.event(
@@ -167,11 +172,6 @@ def run_pipeline(
     )
 
     prog.stage("unlearning")
-    from workers.activation_cache import build_for_training
-    from workers.data import BatchStream
-    from workers.objectives import objective_from_spec, prepare_reference
-    from workers.scope import apply_scope
-
     scope = apply_scope(model, adapter, spec.scope, pairs)
     before_state = snapshot_regions(model, scope.regions) if main else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
@@ -298,8 +298,6 @@ def run_pipeline(
 
 
 def _write_model_files(job: LoadedJob, out_dir: Path, emap: ExpertMap) -> None:
-    import json
-
     # Shards of at most 500 MB: writing one holds a copy of its bytes, not of the model's.
     # The tensors as they are (fused experts, the names the patch uses): reverting to the
     # hub's per-expert layout would copy every expert tensor at once.

@@ -23,6 +23,7 @@ AttributionMethod = Literal["auto", "affinity", "contrastive", "frequency"]
 AnchorReduction = Literal["sum", "mean"]
 LossTokens = Literal["all", "answer"]
 Backend = Literal["ddp", "deepspeed"]
+WorldSize = Literal["full", "small"]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -44,6 +45,13 @@ class WorldOptions(_Strict):
     )
     arch: str = Field("qwen2_moe", description="MoE family of the tiny model (a model_type).")
     forget_topic: NonNegInt = Field(0, description="Index of the topic to forget.")
+    size: WorldSize = Field(
+        "full",
+        description="full: the demo model (hidden 256, 4 layers, 8 experts); small: a hidden-64, "
+        "2-layer, 8-expert model that pretrains in about a minute on a CPU (tests, quick "
+        "demos; with facts_per_topic >= 50 every question set still has >= 50 questions). "
+        "Both stop pretraining on an epoch count, never a wall clock.",
+    )
 
     @model_validator(mode="after")
     def _topic_in_range(self) -> WorldOptions:

@@ -218,7 +218,7 @@ def train(
                 raise RuntimeError(f"state() of step {step} called at step {done[0]}")
             return {
                 "step": step,
-                "optimizer": copy.deepcopy(opt.state_dict()),
+                "optimizer": engine.optimizer_state(),
                 "scheduler": copy.deepcopy(sched.state_dict()),
                 "rng": torch.get_rng_state(),
                 **({"master": master.state_dict()} if master is not None else {}),

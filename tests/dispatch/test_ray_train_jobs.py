@@ -1,15 +1,11 @@
 """Jobs with several workers through the whole product: a request over real HTTP, the
 dispatcher, a Ray Train TorchTrainer with 2 CPU workers (gloo) on the session's real local
-Ray, and SQLite or PostgreSQL. Also the ways such a job is interrupted: a training worker
-killed mid-run (the next attempt resumes from the checkpoint) and the dispatcher process
-itself killed (a new dispatcher recovers the job once its lease expires). Workers killed
-from outside and a dispatcher stopped by SIGTERM: test_interruptions.py; a cancel:
-test_dispatcher.py."""
+Ray, and SQLite or PostgreSQL. Interruptions (workers killed from outside, a dispatcher
+process stopped by SIGTERM or SIGKILL): test_interruptions.py; a cancel: test_dispatcher.py.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,15 +21,9 @@ from tests.api.conftest import serve_in_thread
 from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, Db, corpus_bytes
 from tests.dispatch.kit import (
     Dispatching,
-    actions,
-    audit_ok,
-    dispatcher_process,
-    events,
     free_cpus,
     http_spec,
-    job_row,
     make_settings,
-    submit,
     wait_for,
 )
 from workers.patch import read_patch
@@ -118,53 +108,3 @@ def test_http_request_runs_on_ray_train_with_two_workers(
         assert a.audit_verify()["ok"] is True
     assert not (checkpoint_root(settings) / job["id"]).exists()  # dropped when it ended
     wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
-
-
-@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
-def test_killed_dispatcher_process_job_is_recovered_by_a_new_one(db, tmp_path, tiny_model_dir):
-    """SIGKILL of the dispatcher process mid-training (its Ray goes with it): its lease
-    expires, a second dispatcher process reclaims the job, and attempt 2 resumes from the
-    checkpoint the first one left."""
-    # The lease must expire for the second dispatcher to take over: short, but 20
-    # heartbeats (0.5 s) long, so a loaded machine does not lose it while the first runs.
-    settings = make_settings(db, tmp_path, lease_seconds=10)
-    # Long enough (a checkpoint every 2 steps) that the first dispatcher is still mid-run
-    # when the test kills it.
-    job_id = submit(db, settings, tiny_model_dir, max_steps=200, distributed=TWO_WORKERS)
-    first = dispatcher_process(settings)
-    try:
-        wait_for(
-            lambda: any(e.kind == "step" and e.step >= 6 for e in events(db, job_id)),
-            300,
-            "training steps under the first dispatcher",
-        )
-        assert job_row(db, job_id).state == "RUNNING"
-        os.killpg(first.pid, signal.SIGKILL)  # the dispatcher and every process it started
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-    killed_at = max(e.step for e in events(db, job_id) if e.kind == "step")
-    second = dispatcher_process(settings, "--max-jobs", "1")
-    try:
-        assert second.wait(timeout=600) == 0
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-    job = job_row(db, job_id)
-    assert (job.state, job.attempt) == ("SUCCEEDED", 2)
-    acts = actions(db, job_id)
-    assert acts.count("job_claimed") == 2 and "lease_expired" in acts
-    evs = events(db, job_id)
-    # Attempt 1's recorded steps are a prefix of what it did: the progress it sent after
-    # the dispatcher's last write died with the dispatcher, while its checkpoints (written by
-    # the workers) are on disk, so attempt 2 may resume past the last recorded step.
-    assert [e.step for e in evs if e.kind == "step" and e.attempt == 1] == list(
-        range(1, killed_at + 1)
-    )
-    (resumed,) = [e for e in evs if e.kind == "resumed"]
-    assert resumed.attempt == 2 and 2 <= resumed.payload["from_step"] < 200
-    assert resumed.payload["from_step"] % TWO_WORKERS["checkpoint_every"] == 0
-    steps2 = [e.step for e in evs if e.kind == "step" and e.attempt == 2]
-    assert steps2 == list(range(resumed.payload["from_step"] + 1, 201))
-    audit_ok(db)

@@ -1,11 +1,14 @@
 """Jobs on real Ray Train workers (2 CPU workers, gloo): DDP, DeepSpeed ZeRO-2 / ZeRO-3,
-and a worker failure injected mid-training that the next attempt resumes from its
-checkpoint. Compared against the single-process `run_job` on the same tiny model."""
+and a worker SIGKILLed from outside while it writes a checkpoint, which the next attempt
+resumes from the last complete one. Compared against the single-process `run_job` on the
+same tiny model."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.engine._tiny_dir import make_tiny_model_dir
-from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV
+from workers.faults import CHECKPOINT_SEAM_ENV
 from workers.run import JobCancelled, run_job
 from workers.runners.ray_train import WorkerFailure, run_job_distributed
 from workers.spec import JobSpec
@@ -219,23 +222,61 @@ def test_deepspeed_zero_matches_ddp(stage, ddp, model_dir, tmp_path):
     ]
 
 
-def test_injected_worker_failure_resumes_from_checkpoint(ddp, model_dir, tmp_path, monkeypatch):
+def _kill_when_announced(seam: Path, rank: int, step: int, done: threading.Event) -> list[dict]:
+    """Watch the checkpoint seam's file; SIGKILL `rank`'s process (from outside, as the
+    kernel's OOM killer or a lost node would) once it announces the checkpoint of `step`."""
+    killed: list[dict] = []
+
+    def watch() -> None:
+        while not done.is_set():
+            lines = seam.read_text().splitlines() if seam.exists() else []
+            hits = [a for a in map(json.loads, lines) if (a["rank"], a["step"]) == (rank, step)]
+            if hits:
+                os.kill(hits[0]["pid"], signal.SIGKILL)
+                killed.append(hits[0])
+                return
+            done.wait(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_a_rank_killed_while_writing_a_checkpoint_resumes_from_the_last_one(
+    ddp, model_dir, tmp_path, monkeypatch
+):
     res_ddp, out_ddp, _ = ddp
-    spec = _spec(model_dir, checkpoint_every=3)
-    monkeypatch.setenv(FAIL_AT_ENV, "4")
-    monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "failed-once"))
+    spec = _spec(model_dir, checkpoint_every=2)  # checkpoints after steps 2 and 4
+    seam = tmp_path / "checkpoints-being-written.jsonl"
+    # Every rank holds 10 s inside the seam: the kill lands while step 4's checkpoint is
+    # being written, long before it could be reported.
+    monkeypatch.setenv(CHECKPOINT_SEAM_ENV, f"{seam},10")
+    done = threading.Event()
+    killed = _kill_when_announced(seam, 1, 4, done)
     t0 = time.perf_counter()
-    with pytest.raises(WorkerFailure):  # the last rank's process was SIGKILLed at step 4
-        run_job_distributed(spec, tmp_path / "a1", None, None, tmp_path / "ckpt", run_name="job-f")
+    try:
+        with pytest.raises(WorkerFailure):  # rank 1's process was SIGKILLed from outside
+            run_job_distributed(
+                spec, tmp_path / "a1", None, None, tmp_path / "ckpt", run_name="job-f"
+            )
+    finally:
+        done.set()
     TIMES["failing attempt"] = time.perf_counter() - t0
-    assert (tmp_path / "failed-once").read_text() == "killed at step 4"
+    monkeypatch.delenv(CHECKPOINT_SEAM_ENV)
+    assert [(k["rank"], k["step"]) for k in killed] == [(1, 4)]
     assert not (tmp_path / "a1" / "result.json").exists()
-    # The dispatcher's next attempt: same run name and storage -> resumes at step 3.
+    # The seam announced both checkpoints from each rank's own process.
+    announced = [json.loads(line) for line in seam.read_text().splitlines()]
+    assert sorted((a["rank"], a["step"]) for a in announced) == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    assert len({a["pid"] for a in announced}) == 2 and os.getpid() not in {
+        a["pid"] for a in announced
+    }
+    # The dispatcher's next attempt: same run name and storage -> resumes from step 2 (the
+    # checkpoint of step 4 was never completed).
     rec = Recorder()
     res = _run("resumed attempt", spec, tmp_path / "a2", "job-f", rec)
-    assert res.distributed.resumed_from_step == 3
-    assert ("event", "resumed", 3) in rec.items
-    assert [s for k, n, s in rec.items if k == "event" and n == "step"] == [4, 5, 6]
+    assert res.distributed.resumed_from_step == 2
+    assert ("event", "resumed", 2) in rec.items
+    assert [s for k, n, s in rec.items if k == "event" and n == "step"] == [3, 4, 5, 6]
     assert res.steps == STEPS and res.selected == res_ddp.selected
     new, ref = _state(tmp_path / "a2"), _state(out_ddp)
     for name in new:

@@ -19,6 +19,7 @@ the runner, never `if distributed:`, for:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +65,10 @@ class Engine(Protocol):
 
     def step(self, loss: torch.Tensor) -> float: ...
 
+    def optimizer_state(self) -> dict[str, Any] | None:
+        """A copy of the optimizer's state (None: the engine checkpoints its own)."""
+        ...
+
 
 @dataclass
 class PlainEngine:
@@ -85,6 +90,9 @@ class PlainEngine:
         if t.master is not None:
             t.master.master_to_model()
         return grad_norm
+
+    def optimizer_state(self) -> dict[str, Any] | None:
+        return copy.deepcopy(self.training.opt.state_dict())
 
 
 class Runner:

@@ -45,6 +45,9 @@ class DeepSpeedEngine:
         gn = self.module.get_global_grad_norm()
         return float(gn) if gn is not None else float("nan")
 
+    def optimizer_state(self) -> dict[str, Any] | None:
+        return None  # ZeRO partitions it: save_checkpoint writes it, per rank
+
     def save(self, folder: Path, client_state: dict[str, Any], rank: int) -> None:
         """Collective: each rank writes its own shard files (Ray merges the rank folders)."""
         self.module.save_checkpoint(
