@@ -147,6 +147,17 @@ def stage_peaks(
     return out
 
 
+def plan_row(model_dir: Path, steps: int) -> dict[str, Any]:
+    """The memory planner's estimate for the bench's job on `model_dir`."""
+    from workers.model_shape import shape_from_config
+    from workers.planner import estimate
+    from workers.spec import JobSpec
+
+    shape = shape_from_config(json.loads((model_dir / "config.json").read_text()))
+    plan = estimate(shape, JobSpec.model_validate(job_spec(model_dir, steps)))
+    return {"planner_bytes": plan.per_worker_bytes, "planner_parts": dict(plan.parts)}
+
+
 def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
     import yaml
 
@@ -237,6 +248,8 @@ def main() -> None:
         parts = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
         rows = [r for part in parts for r in part["rows"]]
         args.families = [r["family"] for r in rows]
+        for r in rows:  # the planner as it is now (its constants calibrated on these runs)
+            r.update(plan_row(args.workdir / f"{r['family']}-L{r['layers']}", args.steps))
         sys.argv += [f"(combined from {', '.join(p['command'] for p in parts)})"]
     else:
         rows = [measure(n, args.layers, args.steps, args.workdir) for n in args.families]
