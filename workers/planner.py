@@ -218,13 +218,22 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
     cache = 0
     if spec.scope != "full" and spec.training.activation_cache:
         cache = spec.training.activation_cache_max_mb * 2**20
+        records = [r.max_records for r in (spec.forget, spec.retain) if r is not None]
+        if records and all(n is not None for n in records):
+            # Bounded corpora: the hidden states of every sample, if less than the cap.
+            cache = min(cache, sum(records) * spec.training.max_length * h * b)
     reference = 0
     if spec.algorithm == "rmu" and spec.retain is not None:
         # h_ref of the retain batches at the steered layer, kept for the run (capped like the
         # cache: the engine precomputes them once).
         reference = min(cache or 256 * 2**20, 256 * 2**20)
 
-    eval_tokens = spec.evaluation.batch_size * spec.training.max_length
+    ev = spec.evaluation
+    if spec.model == "demo" or ev.tasks or ev.forget_tasks:
+        # Question sets / lm-eval tasks: evaluation batches with logits at every position.
+        eval_tokens = ev.batch_size * spec.training.max_length
+    else:  # only the forget / retain NLL, in training-size batches
+        eval_tokens = spec.training.batch_size * spec.training.max_length
     evaluation = eval_tokens * (shape.vocab_size * 4 * 2 + per_token_layer)
 
     parts = {
