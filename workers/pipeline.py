@@ -202,6 +202,9 @@ def run_pipeline(
         prog.event("step", info.step, info.to_json())
         return bool(should_stop and should_stop())
 
+    if tr.gradient_checkpointing:  # recompute activations in the backward (not reentrant:
+        # the frozen layers below give inputs that need no gradient)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         result = train(
             model,
@@ -226,6 +229,8 @@ def run_pipeline(
             cache_info = {**(cache_info or {}), "hits": cache.stats.hits,
                           "misses": cache.stats.misses}  # fmt: skip
             cache.close()
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
     if result.stopped_by == "callback":
         prog.rank_event(RANK_STOPPED, result.steps)
         raise JobCancelled(result.steps)

@@ -128,3 +128,11 @@ def test_a_quantised_checkpoint_is_refused_with_the_way_out(model_dir, tmp_path)
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quantised \\(mxfp4.*dequantise the checkpoint"):
         load_model(str(d))
+
+
+def test_gradient_checkpointing_trains_the_same_slices(model_dir, tmp_path):
+    plain = run_job(_spec(model_dir, "float32"), tmp_path / "plain")
+    ckpt = run_job(_spec(model_dir, "float32", gradient_checkpointing=True), tmp_path / "ckpt")
+    assert ckpt.selected == plain.selected
+    assert ckpt.after["forget_nll"] == pytest.approx(plain.after["forget_nll"], rel=1e-4)
+    assert [r["name"] for r in ckpt.changed] == [r["name"] for r in plain.changed]
