@@ -23,7 +23,8 @@ from workers.attribution import attribute
 from workers.data import BatchStream, read_corpus, tokenize
 from workers.evaluate import accuracy
 from workers.moe import get_adapter
-from workers.objectives import objective_from_spec, prepare_reference
+from workers.objectives import objective_from_spec
+from workers.reference import prepare_reference
 from workers.scope import apply_scope
 from workers.selection import select_experts
 from workers.spec import JobSpec, WorldOptions

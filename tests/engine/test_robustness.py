@@ -13,8 +13,9 @@ from workers.attribution import attribute
 from workers.data import BatchStream, read_corpus, tokenize
 from workers.moe import get_adapter
 from workers.moe.tiny import TINY_VOCAB, tiny_model
-from workers.objectives import objective_from_spec, prepare_reference
+from workers.objectives import objective_from_spec
 from workers.patch import state_sha256
+from workers.reference import prepare_reference
 from workers.scope import apply_scope
 from workers.selection import select_experts
 from workers.spec import JobSpec, MembershipCheck, RelearningCheck, WorldOptions
