@@ -53,6 +53,7 @@ from service.recording import read_outputs, record_progress, record_success
 from service.settings import Settings, get_settings
 from service.storage import BlobStore
 from workers.progress import Message
+from workers.results import JobResult
 from workers.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ class Dispatcher:
             log.warning("job %s attempt %s ended after losing its lease", a.job_id, a.attempt)
             self._count("lease_lost")
             return
-        if outcome.status == "succeeded":
+        if outcome.status == "succeeded" and isinstance(outcome.result, JobResult):
             try:
                 self._record_success(a, outcome.result)
             except (LeaseLost, IllegalTransition) as e:
@@ -347,7 +348,7 @@ class Dispatcher:
         log.info("job %s failed (%s) -> %s", job_id, fclass, state)
         self._ended(job_id, state)
 
-    def _record_success(self, a: _Active, result: object) -> None:
+    def _record_success(self, a: _Active, result: JobResult) -> None:
         out = read_outputs(result, a.output_dir, self.settings.model_tar_max_bytes)
         with session_scope(self.factory) as s:
             state = record_success(s, a.job_id, self.owner, out, a.spec.model, a.stage)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
+
+from workers.results import JobResult
 
 FailureClass = Literal["user_input", "infrastructure", "out_of_memory", "timeout", "internal"]
 RETRYABLE: frozenset[FailureClass] = frozenset({"infrastructure", "out_of_memory"})
@@ -28,10 +30,10 @@ MAX_MESSAGE = 2000
 
 @dataclass(frozen=True)
 class AttemptOutcome:
-    """How an attempt ended. `result` is the engine's result (succeeded only)."""
+    """How an attempt ended. `result`: the engine's JobResult (succeeded only)."""
 
     status: Literal["succeeded", "failed", "cancelled"]
-    result: Any = None
+    result: JobResult | None = None
     failure_class: FailureClass | None = None
     message: str = ""
 

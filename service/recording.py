@@ -36,6 +36,7 @@ from service.errors import IllegalTransition
 from service.jobs import ExpertScore, ParamChange, Stage
 from workers.events import RANK_STARTED, RANK_STOPPED
 from workers.progress import AttemptStarted, JobEvent, Message, StageStarted
+from workers.results import JobResult
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ STAGE_MAP: dict[str, Stage] = {
 }
 ATTEMPT_STARTED_KIND = "attempt_started"
 PER_RANK = frozenset({RANK_STARTED, RANK_STOPPED})
-# What the `result` event keeps of the engine's result.
+# What the `result` event keeps of the engine's JobResult.
 RESULT_SUMMARY = (
     "unlearned_model_sha256",
     "steps",
@@ -100,24 +101,17 @@ def stored_kind(m: JobEvent) -> str:
     return m.kind[:64]
 
 
-def as_mapping(result: Any) -> dict[str, Any]:
-    """The engine's result (a dataclass, or a dict from older engines) as plain data."""
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return dataclasses.asdict(result)
-    return dict(result or {})
-
-
 @dataclasses.dataclass(frozen=True)
 class Outputs:
     """A finished attempt's outputs, read and hashed before the transaction that records
     them (so the job's row lock is held briefly)."""
 
-    result: dict[str, Any]
+    result: JobResult
     expert_map: dict[str, Any]
     artifacts: list[tuple[str, Path, str, int]]  # (kind, path, sha256, size)
 
 
-def read_outputs(result: Any, output_dir: Path, model_tar_max_bytes: int) -> Outputs:
+def read_outputs(result: JobResult, output_dir: Path, model_tar_max_bytes: int) -> Outputs:
     """Package the model directory (model_index.json, model.tar when small enough) and hash
     every artifact of the attempt."""
     files: list[tuple[str, Path]] = [
@@ -131,7 +125,7 @@ def read_outputs(result: Any, output_dir: Path, model_tar_max_bytes: int) -> Out
     if model_dir.is_dir():
         files += package_model(model_dir, output_dir, model_tar_max_bytes)
     hashed = [(kind, p, *file_sha256(p)) for kind, p in files if p.is_file()]
-    return Outputs(as_mapping(result), emap, hashed)
+    return Outputs(result, emap, hashed)
 
 
 def record_success(
@@ -139,26 +133,24 @@ def record_success(
 ) -> str:
     """Write a finished attempt's records and mark the job SUCCEEDED; returns its state."""
     result, emap = out.result, out.expert_map
-    scores = expert_scores(emap, result.get("selected") or emap.get("selected") or [])
-    after = dict(result.get("after") or {})
-    for name in ("forget", "retain"):
-        ov = _number(result.get(f"routing_overlap_{name}"))
+    scores = expert_scores(emap, result.selected or emap.get("selected") or [])
+    after = dict(result.after)
+    overlaps = {"forget": result.routing_overlap_forget, "retain": result.routing_overlap_retain}
+    for name, overlap in overlaps.items():
+        ov = _number(overlap)
         if ov is not None:
             after.setdefault(name, {})
             if isinstance(after[name], Mapping):
                 after[name] = {**after[name], "routing_overlap": ov}
     if stage != Stage.PACKAGING:
         jobs.set_stage(s, job_id, owner, Stage.PACKAGING)
-    model = str(result.get("model", model_ref))
-    jobs.record_model(s, job_id, owner, model, str(result.get("base_model_sha256", "")))
-    summary = {k: result.get(k) for k in RESULT_SUMMARY}
-    steps = int(result.get("steps", 0))
-    jobs.record_event(s, job_id, owner, steps, "result", safe_payload(summary))
+    jobs.record_model(s, job_id, owner, result.model or model_ref, result.base_model_sha256)
+    summary = {k: getattr(result, k) for k in RESULT_SUMMARY}
+    jobs.record_event(s, job_id, owner, result.steps, "result", safe_payload(summary))
     jobs.record_expert_map(s, job_id, owner, scores, str(emap.get("method", "")))
-    before = flatten_scores(result.get("before") or {})
-    jobs.record_evaluations(s, job_id, owner, "before", before)
+    jobs.record_evaluations(s, job_id, owner, "before", flatten_scores(result.before))
     jobs.record_evaluations(s, job_id, owner, "after", flatten_scores(after))
-    jobs.record_param_changes(s, job_id, owner, param_changes(result.get("changed") or []))
+    jobs.record_param_changes(s, job_id, owner, param_changes(result.changed))
     for kind, p, sha, size in out.artifacts:
         jobs.record_artifact(
             s, job_id, owner, kind=kind, name=p.name, location=str(p), sha256=sha, size=size
@@ -316,7 +308,6 @@ def package_model(model_dir: Path, dest: Path, max_tar_bytes: int) -> list[tuple
 __all__ = [
     "ATTEMPT_STARTED_KIND",
     "STAGE_MAP",
-    "as_mapping",
     "expert_scores",
     "file_sha256",
     "flatten_scores",

@@ -48,7 +48,7 @@ class WorldOptions(_Strict):
     size: WorldSize = Field(
         "full",
         description="full: the demo model (hidden 256, 4 layers, 8 experts); small: a hidden-64, "
-        "2-layer, 8-expert model that pretrains in about a minute on a CPU (tests, quick "
+        "2-layer, 8-expert model that pretrains in seconds on one CPU core (tests, quick "
         "demos; with facts_per_topic >= 50 every question set still has >= 50 questions). "
         "Both stop pretraining on an epoch count, never a wall clock.",
     )

@@ -132,8 +132,9 @@ def test_worker_killed_from_outside_resumes_to_the_same_weights(
             _kill_rank_at_step(db, job_id, kill_step, rank)
         stats = d.join(600)
 
-    assert stats.claimed == 2 and stats.finished == {"RETRYING": 1, "SUCCEEDED": 1}
     job = job_row(db, job_id)
+    why = (job.failure_class, job.failure_message, actions(db, job_id))
+    assert stats.claimed == 2 and stats.finished == {"RETRYING": 1, "SUCCEEDED": 1}, why
     assert (job.state, job.attempt) == ("SUCCEEDED", 2)
     retry = audit_entry(db, job_id, "job_retrying")
     assert retry.payload["failure_class"] == "infrastructure"
@@ -227,14 +228,18 @@ def test_dispatcher_process_stopped_mid_job_then_the_next_one_finishes_it(
     else:
         assert job_row(db, job_id).state == "RUNNING"  # until its lease expires
 
-    second = dispatcher_process(settings, "--max-jobs", "1", log=log)
+    # The next dispatcher's own lease is wide: only the first one's had to expire.
+    second = dispatcher_process(
+        settings, "--max-jobs", "1", log=log, MOE_UNLEARN_LEASE_SECONDS=str(LEASE_S)
+    )
     try:
         assert second.wait(timeout=600) == 0, log.read_text()[-3000:]
     finally:
         if second.poll() is None:
             os.killpg(second.pid, signal.SIGKILL)
     job = job_row(db, job_id)
-    assert (job.state, job.attempt) == ("SUCCEEDED", 2)
+    why = (job.failure_class, job.failure_message, actions(db, job_id), log.read_text()[-3000:])
+    assert (job.state, job.attempt) == ("SUCCEEDED", 2), why
     acts = actions(db, job_id)
     assert acts.count("job_claimed") == 2 and ("lease_expired" in acts) == (not term)
     evs = events(db, job_id)
