@@ -21,7 +21,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast demo demo-console bench lint lock clean
+.PHONY: venv test test-fast demo demo-console bench lint lock clean gpu-check
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,11 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.checkpoint_cost
 	$(BIN)/python -m bench.api_load
 	$(BIN)/python -m bench.quality
+
+# Tests marked gpu + a real-shape bfloat16 job on one GPU against the CPU run
+# (bench/results/gpu_check.json); without CUDA: says so, checks its plumbing, exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -29,7 +29,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from api import cli_admin, cli_client, cli_engine, cli_proof
+from api import cli_admin, cli_client, cli_engine, cli_plan, cli_proof
 
 app = typer.Typer(
     name="moe-unlearn",
@@ -44,6 +44,7 @@ cli_admin.register(app)  # keys create|list|revoke, models add|list|remove
 # The engine's commands (run, world build, patch apply|revert): api/cli_engine.py, which
 # imports torch only inside its commands.
 cli_engine.register(app)
+cli_plan.register(app)  # `plan`: the memory planner (api/cli_plan.py)
 cli_client.register(app)  # jobs and audit on a remote server: api/cli_client.py
 cli_proof.register(app, cli_client.audit_app)  # certificate verify, audit export|verify (issue 15)
 

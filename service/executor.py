@@ -45,6 +45,7 @@ from service.failures import AttemptOutcome, classify
 from service.settings import Settings
 from workers.events import TRAINER_STARTED
 from workers.faults import injection_env
+from workers.planner import device_for_resources, with_device
 from workers.progress import AttemptStarted, ChannelReporter, JobEvent, Message, start_channel
 from workers.spec import JobSpec
 
@@ -260,12 +261,16 @@ class RayTaskExecutor:
         import ray
 
         workers = spec.distributed.num_workers
-        total = ray.cluster_resources().get("CPU", 0)
+        resources = ray.cluster_resources()
+        total = resources.get("CPU", 0)
         if workers > total:
             raise ValueError(
                 f"distributed.num_workers={workers} needs {workers} CPUs; the Ray cluster "
                 f"has {total:g}"
             )
+        # `auto` decided before placement, so that a GPU job asks Ray for its GPUs.
+        device = device_for_resources(spec.distributed.device, resources)
+        spec = with_device(spec, device)
         plan = AttemptPlan(
             output_dir=str(output_dir),
             corpus_paths=dict(corpus_paths),
@@ -276,8 +281,9 @@ class RayTaskExecutor:
         channel = start_channel()
         # A Ray Train job's task only drives the trainer, whose workers take the CPUs.
         num_cpus = 0 if spec.distributed.uses_ray_train else workers
+        num_gpus = 1 if device == "cuda" and not spec.distributed.uses_ray_train else 0
         ref = self._task.options(
-            num_cpus=num_cpus, name=f"moe-unlearn-{job_id[:8]}-a{attempt}"
+            num_cpus=num_cpus, num_gpus=num_gpus, name=f"moe-unlearn-{job_id[:8]}-a{attempt}"
         ).remote(spec.resolved(), plan, channel)
         return RayTaskHandle(ref, channel)
 

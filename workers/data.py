@@ -138,6 +138,7 @@ class TokenizedCorpus:
 
     samples: list[Sample]
     pad_id: int
+    device: str = "cpu"  # where collated batches go (the worker's device)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -161,13 +162,14 @@ class TokenizedCorpus:
             labels[r, :n] = torch.where(tgt, ids, torch.full_like(ids, -100))
         loss_mask = torch.zeros((b, width), dtype=torch.float32)
         loss_mask[:, :-1] = (labels[:, 1:] != -100).float()
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
             "loss_mask": loss_mask,
             "index": torch.tensor(list(indices), dtype=torch.long),
         }
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def in_order(self, batch_size: int) -> list[Batch]:
         """All samples in corpus order (for reference values and evaluation)."""

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from workers.data import TokenizedCorpus, read_corpus, tokenize
+from workers.mapped import pages_released_while_loading
 from workers.moe import get_adapter
 from workers.moe.base import MoEAdapter
 from workers.spec import CorpusRef, JobSpec
@@ -61,9 +62,18 @@ class LoadedJob:
     forget_records: list
     retain_records: list | None
     world: Any = None  # workers.world.World for the demo model
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # what the weights were loaded (and trained) in
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The checkpoint's own dtype: what the outputs are written in."""
+        return getattr(self.model, "base_dtype", self.dtype)
 
     def tokenized(self, records: list, loss_tokens: str) -> TokenizedCorpus:
-        return tokenize(records, self.tokenizer, self.spec.training.max_length, loss_tokens)
+        corpus = tokenize(records, self.tokenizer, self.spec.training.max_length, loss_tokens)
+        corpus.device = str(self.device)  # batches, probes and references on the worker's device
+        return corpus
 
 
 def corpus_path(ref: CorpusRef, world: Any, resolver: CorpusResolver | None) -> Path:
@@ -77,16 +87,87 @@ def corpus_path(ref: CorpusRef, world: Any, resolver: CorpusResolver | None) -> 
     return Path(ref.path)
 
 
-def load_model(model_ref: str) -> tuple[nn.Module, Any]:
-    """A causal LM (float32, eval mode) and its tokenizer (pad = eos if it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
+
+def _base_dtype(config: Any) -> torch.dtype:
+    """The dtype the checkpoint is stored in (config.json's dtype / torch_dtype; float32 if
+    it says nothing): what the unlearned model and the expert patch are written in."""
+    raw = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(raw, torch.dtype):
+        return raw
+    if isinstance(raw, str) and isinstance(getattr(torch, raw, None), torch.dtype):
+        return getattr(torch, raw)
+    return torch.float32
+
+
+def _refuse_pickle(model_ref: str) -> None:
+    """Weights load from safetensors only: a pickle checkpoint can run code when read."""
+    folder = Path(model_ref)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"model {model_ref!r} has only pickle weights ({', '.join(pickles[:3])}); "
+            "they are refused (loading one can run code): convert it to safetensors"
+        )
+
+
+def _refuse_quantized(model_ref: str, config: Any) -> None:
+    """A quantised checkpoint (GPT-OSS ships its experts in MXFP4) cannot train its slices
+    in place, and dequantising the whole model would hold it in bfloat16 anyway: refused,
+    with the way out."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return
+    method = (
+        quant.get("quant_method")
+        if isinstance(quant, dict)
+        else getattr(quant, "quant_method", None)
+    )
+    raise ValueError(
+        f"model {model_ref!r} is quantised ({method or 'unknown method'}; GPT-OSS ships its "
+        "experts in MXFP4): unlearning trains expert slices in bfloat16 or float32, so "
+        "dequantise the checkpoint to bfloat16 first (e.g. transformers' Mxfp4Config("
+        "dequantize=True), then save_pretrained) and name that copy"
+    )
+
+
+def load_model(
+    model_ref: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+    revision: str | None = None,
+) -> tuple[nn.Module, Any]:
+    """A causal LM (eval mode) loaded once, in `dtype`, straight onto `device`, from
+    safetensors only and never with remote code, and its tokenizer (pad = eos if it has
+    none). The model's `base_dtype` attribute is the dtype its checkpoint is stored in."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _refuse_pickle(model_ref)
+    where = device or torch.device("cpu")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_ref)
-        model = AutoModelForCausalLM.from_pretrained(model_ref, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(model_ref, revision=revision, trust_remote_code=False)
+        _refuse_quantized(model_ref, config)
+        base_dtype = _base_dtype(config)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_ref, revision=revision, trust_remote_code=False
+        )
+        with pages_released_while_loading():  # the file's pages are not held twice
+            model = AutoModelForCausalLM.from_pretrained(
+                model_ref,
+                config=config,
+                revision=revision,
+                dtype=dtype,
+                device_map={"": where} if where.type != "cpu" else None,
+                use_safetensors=True,
+                trust_remote_code=False,
+            )
     except OSError as e:
         raise ValueError(f"model {model_ref!r} could not be loaded: {e}") from e
     model.eval()
+    model.base_dtype = base_dtype
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -106,7 +187,11 @@ def load_job(
         model_ref = str(world.model_dir)
     else:
         model_ref = spec.model
-    model, tokenizer = load_model(model_ref)
+    from workers.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(spec.distributed.device)
+    dtype = resolve_dtype(spec.training.dtype, device)
+    model, tokenizer = load_model(model_ref, dtype, device)
     adapter = get_adapter(model)
 
     def records(ref: CorpusRef, name: str) -> list:
@@ -118,7 +203,9 @@ def load_job(
 
     forget = records(spec.forget, "forget")
     retain = records(spec.retain, "retain") if spec.retain is not None else None
-    return LoadedJob(spec, model, tokenizer, adapter, model_ref, forget, retain, world)
+    return LoadedJob(
+        spec, model, tokenizer, adapter, model_ref, forget, retain, world, device, dtype
+    )
 
 
 def _attribution_tokens(records: list, positions: str) -> str:
@@ -218,6 +305,19 @@ def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     name and its values until the scope is baked)."""
     state = model.state_dict()
     return {name: state[name].detach().clone() for name in names}
+
+
+def snapshot_regions(
+    model: nn.Module, regions: list[Any]
+) -> dict[tuple[str, int | None], torch.Tensor]:
+    """Copies of the scope's regions only (workers.scope.Region: an expert's slice of a fused
+    tensor, or a whole tensor): for SEUF a few slices, never the whole fused tensors."""
+    state = model.state_dict()
+    out: dict[tuple[str, int | None], torch.Tensor] = {}
+    for r in regions:
+        t = state[r.name].detach()
+        out[(r.name, r.expert)] = (t if r.expert is None else t[r.expert]).clone()
+    return out
 
 
 def scalars(d: dict[str, Any]) -> dict[str, float]:

@@ -26,6 +26,7 @@ import torch
 from workers.activation_cache import build_for_training
 from workers.attribution import ExpertMap, attribute
 from workers.data import BatchStream
+from workers.devices import dtype_name
 from workers.events import RANK_STARTED, RANK_STOPPED, RESUMED
 from workers.job import (
     OVERLAP_SAMPLES,
@@ -38,11 +39,11 @@ from workers.job import (
     evaluate,
     load_job,
     scalars,
-    snapshot,
+    snapshot_regions,
     stop_check_for,
 )
 from workers.objectives import objective_from_spec
-from workers.patch import state_sha256, write_patch
+from workers.patch import state_sha256, write_region_patch
 from workers.reference import prepare_reference
 from workers.results import JobResult
 from workers.robustness_stage import robustness_stage
@@ -138,7 +139,8 @@ def run_pipeline(
         if job.retain_records is not None
         else None
     )
-    base_sha = state_sha256(model.state_dict()) if main else ""
+    # The base model's identity in its own dtype (the dtype the outputs are written in).
+    base_sha = state_sha256(model.state_dict(), job.base_dtype) if main else ""
 
     prog.stage("evaluating_before")
     before: dict[str, Any] = {}
@@ -174,9 +176,8 @@ def run_pipeline(
 
     prog.stage("unlearning")
     scope = apply_scope(model, adapter, spec.scope, pairs)
-    before_state = snapshot(model, sorted({r.name for r in scope.regions})) if main else {}
+    before_state = snapshot_regions(model, scope.regions) if main else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
-    expert_dims = scope.expert_dims()
     objective = objective_from_spec(spec, adapter, pairs, layers=adapter.moe_layers())
     prepare_reference(objective, model, forget_train, retain_train, seed=tr.seed)
 
@@ -204,6 +205,9 @@ def run_pipeline(
         prog.event("step", info.step, info.to_json())
         return bool(should_stop and should_stop())
 
+    if tr.gradient_checkpointing:  # recompute activations in the backward (not reentrant:
+        # the frozen layers below give inputs that need no gradient)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         result = train(
             model,
@@ -228,6 +232,8 @@ def run_pipeline(
             cache_info = {**(cache_info or {}), "hits": cache.stats.hits,
                           "misses": cache.stats.misses}  # fmt: skip
             cache.close()
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
     if result.stopped_by == "callback":
         prog.rank_event(RANK_STOPPED, result.steps)
         raise JobCancelled(result.steps)
@@ -255,16 +261,17 @@ def run_pipeline(
     robustness = robustness_stage(job, before_state, spec.scope, pairs, corpus_resolver)
 
     prog.stage("packaging")
-    state = model.state_dict()
-    after_state = {n: state[n].detach().clone() for n in before_state}
-    patched_sha = state_sha256(state)
-    patch = write_patch(
+    trained_dtype = next(model.parameters()).dtype
+    model.to(job.base_dtype)  # written in the base model's dtype (a no-op when trained in it)
+    after_state = snapshot_regions(model, final_scope.regions)
+    patched_sha = state_sha256(model.state_dict())
+    patch = write_region_patch(
         out_dir / "expert_patch.safetensors",
         before_state,
         after_state,
-        expert_dims,
         base_sha256=base_sha,
         patched_sha256=patched_sha,
+        dtype=job.base_dtype,
     )
     _write_model_files(job, out_dir, emap)
     trainable, total, ratio = counts
@@ -292,13 +299,22 @@ def run_pipeline(
         output_dir=str(out_dir.resolve()),
         distributed=runner.info(result.resumed_from),
         robustness=robustness,
+        precision={
+            "device": str(job.device),
+            "dtype": dtype_name(trained_dtype),
+            "written_dtype": dtype_name(job.base_dtype),
+            "master_weights": trained_dtype != torch.float32,
+        },
     )
     res.write(out_dir)
     return res
 
 
 def _write_model_files(job: LoadedJob, out_dir: Path, emap: ExpertMap) -> None:
-    job.model.save_pretrained(out_dir / "model")
+    # Shards of at most 500 MB: writing one holds a copy of its bytes, not of the model's.
+    # The tensors as they are (fused experts, the names the patch uses): reverting to the
+    # hub's per-expert layout would copy every expert tensor at once.
+    job.model.save_pretrained(out_dir / "model", max_shard_size="500MB", save_original_format=False)
     job.tokenizer.save_pretrained(out_dir / "model")
     (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
     (out_dir / "spec.json").write_text(json.dumps(job.spec.resolved(), indent=1))

@@ -53,6 +53,8 @@ class JobResult:
     output_dir: str
     distributed: DistributedInfo | None = None
     robustness: list[dict[str, Any]] = field(default_factory=list)
+    # Where and in which dtype it trained, and the dtype its outputs were written in.
+    precision: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

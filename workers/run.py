@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from workers.devices import out_of_memory_with_plan
 from workers.job import CorpusResolver, JobCancelled, Reporter, SilentReporter
 from workers.pipeline import STAGES, run_pipeline
 from workers.results import JobResult
@@ -29,7 +30,8 @@ def run_job(
     """Run one unlearning job and write its outputs to `output_dir` (result.json holds the
     returned JobResult). `should_stop()` is polled every step and at every stage boundary
     (JobCancelled). User errors raise ValueError."""
-    res = run_pipeline(spec, output_dir, LocalRunner(), reporter, corpus_resolver, should_stop)
+    with out_of_memory_with_plan(spec):  # reported with the planner's numbers
+        res = run_pipeline(spec, output_dir, LocalRunner(), reporter, corpus_resolver, should_stop)
     assert res is not None  # one process: always rank 0
     return res
 

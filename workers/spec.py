@@ -247,6 +247,17 @@ class TrainingOptions(_Strict):
     activation_cache_max_mb: Annotated[int, Field(gt=0, le=1_048_576)] = Field(
         256, description="Memory for cached activations; beyond it they spill to disk."
     )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Dtype the weights load in (auto: bfloat16 on CUDA, float32 on CPU). The "
+        "trainable slices keep float32 master weights and optimizer state; losses are "
+        "computed in float32; outputs are written in the base model's dtype.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the activations of the layers above the target in the "
+        "backward pass instead of keeping them (less memory, one more forward per step).",
+    )
     stop: StopRule = Field(default_factory=StopRule)
 
 
@@ -358,6 +369,11 @@ class EvaluationOptions(_Strict):
 class DistributedOptions(_Strict):
     num_workers: Annotated[int, Field(ge=1, le=256)] = Field(
         1, description="Workers (one CPU each); more than one: Ray Train, data parallel."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where workers run: auto = cuda when the Ray cluster (or this machine) "
+        "advertises GPUs, else cpu. Decided before placement, so a GPU job asks Ray for GPUs.",
     )
     backend: Backend = Field("ddp", description="ddp, or deepspeed (ZeRO).")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")

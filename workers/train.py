@@ -29,6 +29,7 @@ from torch.optim.lr_scheduler import (
 
 from workers.activation_cache import ActivationCache
 from workers.data import Batch
+from workers.devices import MasterWeights
 from workers.moe.base import MoEAdapter
 from workers.objectives import Batches, Objective, run_forward, sequence_nll
 from workers.routing import TopKSnapshot, routing_overlap
@@ -176,9 +177,13 @@ def train(
         raise ValueError("the scope has no trainable parameter")
 
     torch.manual_seed(options.seed)
-    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    # bfloat16 trainables: AdamW steps float32 masters (small updates are not rounded away).
+    master = None if run.own_master_weights else MasterWeights(params)
+    master = master if master is not None and master.copies else None
+    stepped = master.parameters() if master is not None else params
+    opt = torch.optim.AdamW(stepped, lr=options.lr, weight_decay=options.weight_decay)
     sched = make_scheduler(opt, options)
-    engine = run.engine(Training(model, scope, named, opt, options))
+    engine = run.engine(Training(model, scope, named, opt, options, master))
     restored = resume
     if restored is not None:
         opt.load_state_dict(restored["optimizer"])
@@ -190,6 +195,11 @@ def train(
                 f"this attempt is {checkpoint_meta}"
             )
     start = 0
+    if restored is not None and master is not None:
+        if "master" in restored:  # the float32 values the checkpoint held
+            master.load_state_dict(restored["master"])
+        else:
+            master.sync_from_model()
     if restored is not None:
         start = int(restored["step"])
         if "scheduler" in restored:
@@ -211,6 +221,7 @@ def train(
                 "optimizer": engine.optimizer_state(),
                 "scheduler": copy.deepcopy(sched.state_dict()),
                 "rng": torch.get_rng_state(),
+                **({"master": master.state_dict()} if master is not None else {}),
             }
 
         return state

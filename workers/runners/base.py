@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from workers.devices import MasterWeights
     from workers.job import LoadedJob
     from workers.results import DistributedInfo
     from workers.scope import TrainableScope
@@ -44,10 +45,14 @@ class Training:
     named: list[tuple[str, nn.Parameter]]
     opt: torch.optim.Optimizer
     options: TrainingOptions
+    # float32 masters of trainable tensors held in a lower precision (the optimizer steps
+    # them); None where the runner's engine keeps its own (DeepSpeed's bf16 optimizer).
+    master: MasterWeights | None = None
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named]
+        """What the optimizer steps (and clipping sees): the masters where there are some."""
+        return self.master.parameters() if self.master is not None else [p for _, p in self.named]
 
 
 class Engine(Protocol):
@@ -77,9 +82,13 @@ class PlainEngine:
         t = self.training
         t.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if t.master is not None:
+            t.master.grads_to_master()
         clip = t.options.grad_clip if t.options.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
         t.opt.step()
+        if t.master is not None:
+            t.master.master_to_model()
         return grad_norm
 
     def optimizer_state(self) -> dict[str, Any] | None:
@@ -94,6 +103,7 @@ class Runner:
     world = 1
     checkpoint_every = 0  # steps between checkpoints; 0: never
     supports_activation_cache = True
+    own_master_weights = False  # the engine keeps float32 masters itself (DeepSpeed bf16)
 
     @property
     def is_main(self) -> bool:

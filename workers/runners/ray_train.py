@@ -41,8 +41,10 @@ import torch
 
 from workers import faults
 from workers.data import Batch, BatchStream
+from workers.devices import out_of_memory_with_plan, resolve_device
 from workers.events import TRAINER_STARTED
 from workers.job import CorpusResolver, JobCancelled, LoadedJob, Reporter, SilentReporter
+from workers.planner import device_for_resources, with_device
 from workers.progress import ChannelReporter, JobEvent, RunOutcome, StageStarted, start_channel
 from workers.results import DistributedInfo, JobResult
 from workers.runners.base import Engine, PlainEngine, Runner, Training
@@ -101,6 +103,9 @@ class RayTrainRunner(Runner):
         self.backend = options.backend
         self.zero_stage = options.zero_stage if options.backend == "deepspeed" else 0
         self.checkpoint_every = options.checkpoint_every
+        self.own_master_weights = self.zero_stage > 0  # DeepSpeed's bf16 optimizer keeps them
+        # Collectives' tensors live here (NCCL reduces CUDA tensors only).
+        self.device = resolve_device(options.device)
         # ZeRO-3 gathers each layer's shards as its forward runs: skipping layers is untested.
         self.supports_activation_cache = self.zero_stage != 3
         self._local_numel = 0
@@ -119,7 +124,7 @@ class RayTrainRunner(Runner):
     def agree(self, flags: list[int]) -> list[int]:
         import torch.distributed as dist
 
-        t = torch.tensor(flags, dtype=torch.int64)
+        t = torch.tensor(flags, dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [int(x) for x in t]
 
@@ -137,8 +142,9 @@ class RayTrainRunner(Runner):
         else:
             from torch.nn.parallel import DistributedDataParallel
 
-            # gloo; frozen tensors are not synced
-            engine = PlainEngine(DistributedDataParallel(model), training)
+            # gloo on CPU, NCCL on CUDA; frozen tensors are not synced
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            engine = PlainEngine(DistributedDataParallel(model, device_ids=ids), training)
         # Parameter elements this rank holds (ZeRO-3: its shards, about 1/world of the model).
         self._local_numel = sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
         return engine
@@ -229,14 +235,15 @@ def _train_fn(cfg: dict[str, Any]) -> None:
         pg_id = pg.id.hex() if pg else None
         rep.event(TRAINER_STARTED, 0, {"num_workers": world, "placement_group": pg_id})
     try:
-        res = run_pipeline(
-            spec,
-            cfg["output_dir"],
-            RayTrainRunner(rank, world, spec.distributed),
-            rep,
-            lambda corpus_id: Path(paths[corpus_id]),
-            rep.should_stop if rank == 0 else None,
-        )
+        with out_of_memory_with_plan(spec):
+            res = run_pipeline(
+                spec,
+                cfg["output_dir"],
+                RayTrainRunner(rank, world, spec.distributed),
+                rep,
+                lambda corpus_id: Path(paths[corpus_id]),
+                rep.should_stop if rank == 0 else None,
+            )
         outcome = RunOutcome("succeeded", res.steps if res is not None else 0)
     except JobCancelled as e:
         outcome = RunOutcome("cancelled", e.step)
@@ -280,10 +287,19 @@ def run_job_distributed(
     if not ray.is_initialized():
         raise RuntimeError("run_job_distributed needs ray.init() first")
     n = spec.distributed.num_workers
-    total = ray.cluster_resources().get("CPU", 0)
+    resources = ray.cluster_resources()
+    total = resources.get("CPU", 0)
     if n > total:
         raise ValueError(
             f"distributed.num_workers={n} needs {n} CPUs; the Ray cluster has {total:g}"
+        )
+    device = device_for_resources(spec.distributed.device, resources)
+    spec = with_device(spec, device)  # every rank sees the decision, not `auto`
+    cuda = device == "cuda"
+    if cuda and n > resources.get("GPU", 0):
+        raise ValueError(
+            f"distributed.num_workers={n} on cuda needs {n} GPUs; the Ray cluster has "
+            f"{resources.get('GPU', 0):g}"
         )
     # corpus_id -> local path, resolved here: workers get a plain mapping.
     corpus_paths: dict[str, str] = {}
@@ -320,9 +336,13 @@ def run_job_distributed(
     trainer = TorchTrainer(
         _train_fn,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=n, use_gpu=False),
+        scaling_config=ScalingConfig(
+            num_workers=n,
+            use_gpu=cuda,
+            resources_per_worker={"CPU": 1, "GPU": 1} if cuda else {"CPU": 1},
+        ),
         # Long: ranks wait at a barrier while rank 0 evaluates (lm-eval tasks can take hours).
-        torch_config=TorchConfig(backend="gloo", timeout_s=BARRIER_TIMEOUT_S),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo", timeout_s=BARRIER_TIMEOUT_S),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
