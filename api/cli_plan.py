@@ -56,8 +56,10 @@ def capacity_for(spec: JobSpec) -> Capacity:
         nodes = ray.nodes()
     finally:
         ray.shutdown()
-    gib = os.environ.get("MOE_UNLEARN_GPU_MEMORY_GIB")
-    return ray_capacity(nodes, device, workers, int(float(gib) * 2**30) if gib else None)
+    from service.settings import get_settings
+
+    gib = get_settings().gpu_memory_gib
+    return ray_capacity(nodes, device, workers, int(gib * 2**30) if gib else None)
 
 
 def register(app: typer.Typer) -> None:

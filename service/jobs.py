@@ -158,6 +158,7 @@ def submit_job(
         models.check_remote(session, spec.model, tenant, settings)
         corpora.check_spec_corpora(session, tenant, spec.resolved())
         limits.check_fit(spec, settings)
+        limits.check_memory(session, spec, settings)
     _check_corpora(session, spec, allow_local_paths)
     resolved = spec.resolved()
     spec_hash = spec.spec_hash()

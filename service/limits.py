@@ -12,8 +12,9 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -123,15 +124,9 @@ def cluster_cpus(settings: Settings) -> int:
     return settings.cluster_cpus or settings.ray_num_cpus
 
 
-# Issue 12's planner plugs in here: a function of (spec, settings) returning None when the
-# job fits every worker's memory, else a reason with the numbers. None: not checked yet.
-MemoryFitCheck = Callable[[JobSpec, Settings], str | None]
-memory_fit_check: MemoryFitCheck | None = None
-
-
 def check_fit(spec: JobSpec, settings: Settings) -> None:
     """Refuse (422, with the numbers) a job that cannot run on the cluster: workers and
-    CPUs (one each), GPUs, memory (`memory_fit_check`), and a demo world seed beyond
+    CPUs (one each), GPUs, and a demo world seed beyond
     `max_world_seed` (each new seed is a minutes-long world build)."""
     workers = spec.distributed.num_workers
     cpus = cluster_cpus(settings)
@@ -150,10 +145,60 @@ def check_fit(spec: JobSpec, settings: Settings) -> None:
             "world.seed",
             f"{spec.world.seed} is over this server's limit of {settings.max_world_seed}",
         )
-    if memory_fit_check is not None:
-        reason = memory_fit_check(spec, settings)
-        if reason:
-            raise SpecRejected("model", reason)
+
+
+def _model_config(session: Session, spec: JobSpec) -> dict[str, Any] | None:
+    """config.json of the job's model as the runner will load it: a registered directory,
+    the output of `job:<id>`, or a hub id already in this server's hub cache. None where
+    none can be read here (the worker then plans for itself and reports out_of_memory)."""
+    from service import models
+    from workers.planner import read_config
+
+    try:
+        ref = models.runner_ref(session, spec.model)
+    except ValueError:
+        return None
+    if (Path(ref) / "config.json").is_file():
+        return read_config(ref)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+    except Exception:  # noqa: BLE001 - not a hub id, no cache: nothing to plan from
+        return None
+    return read_config(Path(cached).parent) if isinstance(cached, str) else None
+
+
+def check_memory(session: Session, spec: JobSpec, settings: Settings) -> None:
+    """Refuse (422 on `model`, with the planner's numbers and a way out) a job whose
+    per-worker peak memory (workers/planner.py) exceeds what a worker has: the
+    `worker_memory_gib` / `gpu_memory_gib` settings, else this machine. The demo model is
+    tiny and never checked."""
+    from workers.model_shape import UnsupportedModel, shape_from_config
+    from workers.planner import Capacity, GiB, estimate, local_capacity
+
+    if spec.model == "demo":
+        return
+    config = _model_config(session, spec)
+    if config is None:
+        return
+    try:
+        shape = shape_from_config(config)
+    except UnsupportedModel as e:
+        raise SpecRejected("model", str(e)) from None
+    except ValueError:
+        return  # an unusual config: the worker decides
+    device, workers = spec.distributed.device, spec.distributed.num_workers
+    cap = local_capacity(device, workers)
+    if cap.device == "cuda" and settings.gpu_memory_gib is not None:
+        cap = Capacity(int(settings.gpu_memory_gib * GiB), "cuda", "MOE_UNLEARN_GPU_MEMORY_GIB",
+                       gpus=cap.gpus or 1)
+    elif cap.device == "cpu" and settings.worker_memory_gib is not None:
+        cap = Capacity(int(settings.worker_memory_gib * GiB), "cpu",
+                       "MOE_UNLEARN_WORKER_MEMORY_GIB")
+    plan = estimate(shape, spec, cap)
+    if not plan.fits:
+        raise SpecRejected("model", plan.line())
 
 
 def describe(settings: Settings) -> dict[str, Any]:

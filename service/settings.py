@@ -255,6 +255,20 @@ class Settings(WorkerSettings):
         None, ge=1, description="CPUs a job may use at most. Unset: ray_num_cpus."
     )
     cluster_gpus: int = Field(0, ge=0, description="GPUs a job may use at most.")
+    worker_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        le=65536,
+        description="Memory of one CPU worker, for the submit-time memory plan "
+        "(workers/planner.py). Unset: this machine's memory shared by the job's workers.",
+    )
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="Memory of one GPU, for the memory plan of GPU jobs (Ray does not "
+        "advertise it). Unset: this machine's GPUs (nvidia-smi), if any.",
+    )
     metrics_token: str | None = Field(
         None,
         min_length=16,

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -280,3 +281,18 @@ def spec(forget_id: str, retain_id: str | None = None, **extra: Any) -> dict[str
         body["algorithm"] = "gdiff"
     body.update(extra)
     return body
+
+
+@pytest.fixture
+def tight(settings: Settings, tmp_path: Path) -> Any:
+    """Build an app on the shared database with some settings changed (own limiter)."""
+    made: list[FastAPI] = []
+
+    def build(**over: Any) -> tuple[FastAPI, TestClient]:
+        app = create_app(settings.model_copy(update=over))
+        made.append(app)
+        return app, TestClient(app, raise_server_exceptions=False)
+
+    yield build
+    for app in made:
+        app.state.engine.dispose()

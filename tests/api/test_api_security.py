@@ -16,7 +16,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from api.app import create_app
 from service import db, jobs, keys
 from service.settings import Settings
 from service.tables import ApiKey, AuditEntry, Corpus, CorpusRecord
@@ -40,21 +39,6 @@ def _audit(app: FastAPI, action: str, tenant: str | None = None) -> list[AuditEn
         if tenant is not None:
             stmt = stmt.where(AuditEntry.tenant == tenant)
         return list(s.execute(stmt.order_by(AuditEntry.seq)).scalars())
-
-
-@pytest.fixture
-def tight(settings: Settings, tmp_path: Path) -> Any:
-    """Build an app on the shared database with some settings changed (own limiter)."""
-    made: list[FastAPI] = []
-
-    def build(**over: Any) -> tuple[FastAPI, TestClient]:
-        app = create_app(settings.model_copy(update=over))
-        made.append(app)
-        return app, TestClient(app, raise_server_exceptions=False)
-
-    yield build
-    for app in made:
-        app.state.engine.dispose()
 
 
 # ----------------------------------------------------------------------------- models
