@@ -28,17 +28,10 @@ import yaml
 from api.client import Client
 from api.demo import DEFAULT_SPEC, embedded_service
 from bench.common import machine
+from workers.pipeline import STAGES
 
 RESULTS = Path(__file__).parent / "results" / "job_stages.json"
-WORKER_STAGES = (
-    "loading",
-    "evaluating_before",
-    "attribution",
-    "unlearning",
-    "evaluating_after",
-    "robustness",
-    "packaging",
-)
+WORKER_STAGES = STAGES  # the one pipeline's stages, in order
 
 
 def _ts(value: str) -> float:

@@ -45,7 +45,7 @@ from service.failures import AttemptOutcome, classify
 from service.settings import Settings
 from workers.events import TRAINER_STARTED
 from workers.faults import injection_env
-from workers.planner import device_for_resources, with_device
+from workers.planner import placed_spec
 from workers.progress import AttemptStarted, ChannelReporter, JobEvent, Message, start_channel
 from workers.spec import JobSpec
 
@@ -260,17 +260,10 @@ class RayTaskExecutor:
     ) -> RayTaskHandle:
         import ray
 
-        workers = spec.distributed.num_workers
-        resources = ray.cluster_resources()
-        total = resources.get("CPU", 0)
-        if workers > total:
-            raise ValueError(
-                f"distributed.num_workers={workers} needs {workers} CPUs; the Ray cluster "
-                f"has {total:g}"
-            )
-        # `auto` decided before placement, so that a GPU job asks Ray for its GPUs.
-        device = device_for_resources(spec.distributed.device, resources)
-        spec = with_device(spec, device)
+        # Checked against the cluster, and `auto` decided before placement, so that a GPU
+        # job asks Ray for its GPUs.
+        spec = placed_spec(spec, ray.cluster_resources())
+        device, workers = spec.distributed.device, spec.distributed.num_workers
         plan = AttemptPlan(
             output_dir=str(output_dir),
             corpus_paths=dict(corpus_paths),

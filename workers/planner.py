@@ -161,6 +161,25 @@ def device_for_resources(requested: str, resources: Mapping[str, Any]) -> Device
     return "cuda" if gpus > 0 else "cpu"
 
 
+def placed_spec(spec: JobSpec, resources: Mapping[str, Any]) -> JobSpec:
+    """The spec checked against the Ray cluster (`ray.cluster_resources()`) before placement,
+    with its device decided: one CPU per worker, and one GPU per worker on cuda. A
+    ValueError (a user error) names what is missing."""
+    n = spec.distributed.num_workers
+    total = float(resources.get("CPU", 0) or 0)
+    if n > total:
+        raise ValueError(
+            f"distributed.num_workers={n} needs {n} CPUs; the Ray cluster has {total:g}"
+        )
+    device = device_for_resources(spec.distributed.device, resources)
+    gpus = float(resources.get("GPU", 0) or 0)
+    if device == "cuda" and n > gpus:
+        raise ValueError(
+            f"distributed.num_workers={n} on cuda needs {n} GPUs; the Ray cluster has {gpus:g}"
+        )
+    return with_device(spec, device)
+
+
 def with_device(spec: JobSpec, device: Device) -> JobSpec:
     """The spec with `distributed.device` made concrete."""
     dist = spec.distributed.model_copy(update={"device": device})

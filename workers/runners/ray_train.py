@@ -44,7 +44,7 @@ from workers.data import Batch, BatchStream
 from workers.devices import out_of_memory_with_plan, resolve_device
 from workers.events import TRAINER_STARTED
 from workers.job import CorpusResolver, JobCancelled, LoadedJob, Reporter, SilentReporter
-from workers.planner import device_for_resources, with_device
+from workers.planner import placed_spec
 from workers.progress import ChannelReporter, JobEvent, RunOutcome, StageStarted, start_channel
 from workers.results import DistributedInfo, JobResult
 from workers.runners.base import Engine, PlainEngine, Runner, Training
@@ -286,21 +286,8 @@ def run_job_distributed(
 
     if not ray.is_initialized():
         raise RuntimeError("run_job_distributed needs ray.init() first")
-    n = spec.distributed.num_workers
-    resources = ray.cluster_resources()
-    total = resources.get("CPU", 0)
-    if n > total:
-        raise ValueError(
-            f"distributed.num_workers={n} needs {n} CPUs; the Ray cluster has {total:g}"
-        )
-    device = device_for_resources(spec.distributed.device, resources)
-    spec = with_device(spec, device)  # every rank sees the decision, not `auto`
-    cuda = device == "cuda"
-    if cuda and n > resources.get("GPU", 0):
-        raise ValueError(
-            f"distributed.num_workers={n} on cuda needs {n} GPUs; the Ray cluster has "
-            f"{resources.get('GPU', 0):g}"
-        )
+    spec = placed_spec(spec, ray.cluster_resources())  # every rank sees the decision
+    n, cuda = spec.distributed.num_workers, spec.distributed.device == "cuda"
     # corpus_id -> local path, resolved here: workers get a plain mapping.
     corpus_paths: dict[str, str] = {}
     for ref in (spec.forget, spec.retain):
