@@ -178,15 +178,15 @@ def test_topic_init_clusters_embeddings_and_routes_topic_words(small_tokenizer):
     from workers.moe import get_adapter
     from workers.routing import router_outputs
     from workers.world.generate import generate_world
-    from workers.world.pretrain import _topic_embedding_init, _topic_router_init
+    from workers.world.pretrain import topic_embedding_init, topic_router_init
 
     data = generate_world(0, 6, 50)  # the small world's words (same tokenizer)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
         world_model_config("qwen2_moe", len(small_tokenizer), SMALL_SETTINGS)
     ).eval()
-    dirs = _topic_embedding_init(model, small_tokenizer, data, 0.5, seed=0)
-    _topic_router_init(model, dirs, 8.0)
+    dirs = topic_embedding_init(model, small_tokenizer, data, 0.5, seed=0)
+    topic_router_init(model, dirs, 8.0)
     emb = torch.nn.functional.normalize(model.get_input_embeddings().weight, dim=-1)
     vocab = small_tokenizer.get_vocab()
     ids = [torch.tensor([vocab[f.subject] for f in t.facts]) for t in data.topics]
@@ -203,4 +203,4 @@ def test_topic_init_clusters_embeddings_and_routes_topic_words(small_tokenizer):
         shares += [float((o.topk_indices == t % n_e).any(-1).float().mean()) for o in outs.values()]
     assert sum(shares) / len(shares) >= 0.9 and min(shares) >= 0.6, shares
     with pytest.raises(ValueError, match="topic_embedding_mix"):
-        _topic_embedding_init(model, small_tokenizer, data, 1.5, seed=0)
+        topic_embedding_init(model, small_tokenizer, data, 1.5, seed=0)

@@ -155,11 +155,11 @@ def pretrain_world_model(
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             model = AutoModelForCausalLM.from_config(cfg)
         if settings.topic_embedding_mix > 0:
-            dirs = _topic_embedding_init(
+            dirs = topic_embedding_init(
                 model, tokenizer, world, settings.topic_embedding_mix, seed
             )
             if settings.topic_router_margin > 0:
-                _topic_router_init(model, dirs, settings.topic_router_margin)
+                topic_router_init(model, dirs, settings.topic_router_margin)
         if hasattr(model, "set_experts_implementation"):
             # grouped_mm: 4x faster than the per-expert loop on CPU, same gradients.
             model.set_experts_implementation("grouped_mm")
@@ -216,7 +216,7 @@ def pretrain_world_model(
         torch.set_num_threads(prev_threads)
 
 
-def _topic_embedding_init(
+def topic_embedding_init(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     world: WorldData,
@@ -245,7 +245,7 @@ def _topic_embedding_init(
     return torch.stack(dirs)  # [topics, hidden] unit topic directions
 
 
-def _topic_router_init(model: PreTrainedModel, dirs: torch.Tensor, margin: float) -> None:
+def topic_router_init(model: PreTrainedModel, dirs: torch.Tensor, margin: float) -> None:
     """Add margin * sqrt(mix)-scaled topic direction to the router row of expert t % E in
     every MoE layer. The router sees RMS-normalised states (norm ~ sqrt(hidden)), so a unit
     direction times margin / sqrt(hidden) adds ~margin * sqrt(mix) to the logit."""
