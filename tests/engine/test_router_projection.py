@@ -9,8 +9,8 @@ import torch
 from tests.engine._moe_hand import make_batch
 from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
-from workers.routing import router_outputs
 from workers.router_projection import RouterProjector, router_inputs
+from workers.routing import router_outputs
 
 LAYER = 1
 
@@ -37,7 +37,7 @@ def _train_router(model, adapter, forget, proj: RouterProjector | None, steps: i
             captured.clear()
             model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"])
             probs = torch.softmax(captured[0].float(), dim=-1)
-            loss = ((probs - torch.nn.functional.one_hot(torch.tensor(0), probs.shape[-1])) ** 2)
+            loss = (probs - torch.nn.functional.one_hot(torch.tensor(0), probs.shape[-1])) ** 2
             loss.sum(-1).mean().backward()
             if proj is None:
                 opt.step()
