@@ -16,10 +16,14 @@ and Adam's moments then see only the usable direction) and the parameter change 
 which holds for any optimizer. A router bias shifts every token's logits alike, retain ones
 included, so its gradient and change are zeroed under the projection.
 
-Small typed API for the training loop:
+Small typed API for the training loop, two ways:
     proj = RouterProjector.from_hidden_states(H)                     # or .for_layer(...)
     with proj.step(router):   # around optimizer.step(), after backward()
         opt.step()
+or, where the optimizer step is inside an engine (DDP, DeepSpeed) and only a per-step
+callback is at hand:
+    with ProjectedRouter(proj, router) as pr:   # gradient hooks project during backward
+        ... every step, after the optimizer: pr.after_step()
 """
 
 from __future__ import annotations
@@ -138,6 +142,44 @@ class RouterProjector:
 
     def to_json(self) -> dict[str, float | int]:
         return {"dim": self.dim, "rank": self.rank, "energy": self.energy, "tokens": self.tokens}
+
+
+class ProjectedRouter:
+    """Keeps one router's updates in its projector's null space without touching the
+    optimizer: gradient hooks project each backward's gradient (weight -> grad P, bias ->
+    0), and `after_step()` projects the change since the previous call (exact for any
+    optimizer). Hooks stay on a parameter until `close()` (or the with-block ends)."""
+
+    def __init__(self, projector: RouterProjector, router: nn.Module) -> None:
+        self.projector = projector
+        self.params = [(n, p) for n, p in router.named_parameters() if p.requires_grad]
+        self.previous = [p.detach().clone() for _, p in self.params]
+        self.handles = []
+        for name, p in self.params:
+            if _is_weight(name, p, projector.dim):
+                self.handles.append(p.register_hook(projector.project))
+            else:
+                self.handles.append(p.register_hook(torch.zeros_like))
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for (name, p), old in zip(self.params, self.previous, strict=True):
+                if _is_weight(name, p, self.projector.dim):
+                    p.copy_(old + self.projector.project(p - old))
+                else:
+                    p.copy_(old)
+                old.copy_(p)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self) -> ProjectedRouter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _is_weight(name: str, p: torch.Tensor, dim: int) -> bool:

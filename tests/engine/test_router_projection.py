@@ -9,7 +9,7 @@ import torch
 from tests.engine._moe_hand import make_batch
 from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
-from workers.router_projection import RouterProjector, router_inputs
+from workers.router_projection import ProjectedRouter, RouterProjector, router_inputs
 from workers.routing import router_outputs
 
 LAYER = 1
@@ -19,7 +19,9 @@ def _logits(model, adapter, batch) -> torch.Tensor:
     return router_outputs(model, adapter, batch)[LAYER].logits.detach().clone()
 
 
-def _train_router(model, adapter, forget, proj: RouterProjector | None, steps: int = 5) -> None:
+def _train_router(
+    model, adapter, forget, proj: RouterProjector | None, steps: int = 5, hooks: bool = False
+) -> None:
     """AdamW with weight decay on the target router only, pushing forget tokens' routing to
     expert 0 (an anchor-like loss): the elementwise Adam scaling is what a projected
     gradient alone would not survive."""
@@ -32,6 +34,7 @@ def _train_router(model, adapter, forget, proj: RouterProjector | None, steps: i
     opt = torch.optim.AdamW(params, lr=5e-2, weight_decay=0.1)
     captured: list[torch.Tensor] = []
     hook = router.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    wrapped = ProjectedRouter(proj, router) if hooks and proj is not None else None
     try:
         for _ in range(steps):
             captured.clear()
@@ -39,7 +42,10 @@ def _train_router(model, adapter, forget, proj: RouterProjector | None, steps: i
             probs = torch.softmax(captured[0].float(), dim=-1)
             loss = (probs - torch.nn.functional.one_hot(torch.tensor(0), probs.shape[-1])) ** 2
             loss.sum(-1).mean().backward()
-            if proj is None:
+            if wrapped is not None:
+                opt.step()
+                wrapped.after_step()
+            elif proj is None:
                 opt.step()
             else:
                 with proj.step(router):
@@ -47,10 +53,15 @@ def _train_router(model, adapter, forget, proj: RouterProjector | None, steps: i
             opt.zero_grad()
     finally:
         hook.remove()
+        if wrapped is not None:
+            wrapped.close()
 
 
+@pytest.mark.parametrize("hooks", [False, True])
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "gpt_oss"])
-def test_projected_update_keeps_retain_logits_and_moves_forget_logits(family: str) -> None:
+def test_projected_update_keeps_retain_logits_and_moves_forget_logits(
+    family: str, hooks: bool
+) -> None:
     model = tiny_model(family, seed=0)
     adapter = get_adapter(model)
     # 2 x 8 retain tokens < hidden size 32: the retain span is exact, so logits must hold.
@@ -61,7 +72,7 @@ def test_projected_update_keeps_retain_logits_and_moves_forget_logits(family: st
     proj = RouterProjector.from_hidden_states(h, energy=1.0)
     assert proj.rank == 14 and proj.dim == 32
     r0, f0 = _logits(model, adapter, retain), _logits(model, adapter, forget)
-    _train_router(model, adapter, forget, proj)
+    _train_router(model, adapter, forget, proj, hooks=hooks)
     r1, f1 = _logits(model, adapter, retain), _logits(model, adapter, forget)
     rm = retain["attention_mask"].reshape(-1).bool()
     fm = forget["attention_mask"].reshape(-1).bool()
@@ -112,3 +123,17 @@ def test_bias_is_frozen_and_bad_input_is_refused() -> None:
         RouterProjector.from_hidden_states(torch.ones(2, 4), energy=0.0)
     with pytest.raises(ValueError, match="hidden size 4"):
         proj.project(torch.ones(3, 5))
+
+
+def test_projected_router_hooks_project_the_gradient_and_go_away() -> None:
+    router = torch.nn.Linear(4, 3, bias=True)
+    proj = RouterProjector.from_hidden_states(torch.eye(4)[:2])
+    x = torch.randn(5, 4)
+    with ProjectedRouter(proj, router):
+        router(x).sum().backward()
+        assert router.weight.grad[:, :2].abs().max() == 0  # protected directions
+        assert router.weight.grad[:, 2:].abs().max() > 0
+        assert router.bias.grad.abs().max() == 0
+    router.zero_grad()
+    router(x).sum().backward()  # hooks removed: the plain gradient again
+    assert router.weight.grad[:, :2].abs().max() > 0 and router.bias.grad.abs().max() > 0
