@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import fcntl
+import hashlib
 import json
 import os
 import random
@@ -348,7 +349,9 @@ def merge_save(new: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Merge `new` runs into quality.json by key, under a file lock (shards running at the
     same time each keep the others' runs). Returns every run now stored."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / ".quality.lock").open("a") as fh:
+    # The lock lives outside the repository (one per results folder): nothing to commit.
+    tag = hashlib.sha256(str(RESULTS.resolve()).encode()).hexdigest()[:12]
+    with (Path(tempfile.gettempdir()) / f"moe-unlearn-quality-{tag}.lock").open("a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             runs = load_runs()
