@@ -119,15 +119,6 @@ def variant_spec(
     return d
 
 
-def _run_job() -> Any:
-    """The engine's job entry point: the one pipeline once it exists, else workers.run."""
-    try:
-        from workers.pipeline import run_job  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        from workers.run import run_job
-    return run_job
-
-
 def run_one(
     algorithm: str,
     variant: str,
@@ -136,15 +127,17 @@ def run_one(
     world: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One job through the engine's run_job (the code path of `moe-unlearn run`)."""
+    from workers.run import run_job
     from workers.spec import JobSpec
 
-    run_job = _run_job()
     spec_data = variant_spec(algorithm, variant, seed, topic, world)
     spec = JobSpec.model_validate(spec_data)
     out = Path(tempfile.mkdtemp(prefix=f"quality-{algorithm}-{variant}-"))
     t0 = time.perf_counter()
     try:
         res = run_job(spec, out)
+        if hasattr(res, "to_json"):  # the typed JobResult of the one pipeline (issue 11)
+            res = res.to_json()
     finally:
         shutil.rmtree(out, ignore_errors=True)  # the model copy is not needed: numbers are
     wall = time.perf_counter() - t0
@@ -422,7 +415,7 @@ def engine_supports(variant: str) -> bool:
         return True
     import importlib
 
-    for mod in ("workers.pipeline", "workers.run"):
+    for mod in ("workers.run", "workers.pipeline"):
         try:
             m = importlib.import_module(mod)
         except ImportError:
