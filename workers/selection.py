@@ -26,10 +26,13 @@ def _check_count(m: int, available: int, where: str) -> None:
 
 def select_experts(expert_map: ExpertMap, options: SeufOptions) -> list[ScoredExpert]:
     """The selected experts, best (or first given) first; also stored in
-    `expert_map.selected`. Raises ValueError naming valid values on bad layers/experts."""
+    `expert_map.selected`. Raises ValueError naming valid values on bad layers/experts.
+    num_experts auto: SelectionRefused when nothing qualifies and the fallback is stop, or
+    full (a list of experts cannot say "all parameters": callers that can switch the scope
+    use workers.seuf_plan.plan_selection)."""
     if options.num_experts == "auto":
         auto = select_auto(expert_map, options)
-        if auto.outcome == "stop":
+        if auto.outcome in ("stop", "full"):
             raise SelectionRefused(auto)
         expert_map.selected = list(auto.selected)
         return list(auto.selected)

@@ -21,7 +21,13 @@ from workers.attribution import ExpertMap, ScoredExpert
 from workers.moe.base import MoEAdapter
 from workers.router_projection import ProjectedRouter, RouterProjector
 from workers.routing import Batch
-from workers.selection import AutoSelection, SelectionCost, select_auto, select_experts
+from workers.selection import (
+    AutoSelection,
+    SelectionCost,
+    SelectionRefused,
+    select_auto,
+    select_experts,
+)
 from workers.spec import JobSpec
 
 
@@ -59,7 +65,7 @@ def plan_selection(
         return SelectionPlan(select_experts(emap, spec.seuf), spec.scope)
     auto = select_auto(emap, spec.seuf, cost)
     if auto.outcome == "stop":
-        select_experts(emap, spec.seuf)  # raises SelectionRefused with the same warning
+        raise SelectionRefused(auto)
     emap.selected = list(auto.selected)
     scope = "full" if auto.outcome == "full" else spec.scope
     return SelectionPlan(list(auto.selected), scope, auto)

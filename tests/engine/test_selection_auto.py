@@ -105,7 +105,10 @@ def test_no_small_set_qualifies_says_so_and_follows_the_fallback(fallback: str) 
         assert pairs(auto.selected) == [(2, 0), (2, 1)]
         assert pairs(select_experts(SPREAD, opts)) == [(2, 0), (2, 1)]
     elif fallback == "full":
-        assert auto.selected == [] and select_experts(SPREAD, opts) == []
+        assert auto.selected == []
+        # A bare expert list cannot say "all parameters": the pipeline's plan switches scope.
+        with pytest.raises(SelectionRefused, match="fallback full: unlearning all parameters"):
+            select_experts(SPREAD, opts)
     else:
         with pytest.raises(SelectionRefused, match="fallback stop: stopping the job") as ei:
             select_experts(SPREAD, opts)
