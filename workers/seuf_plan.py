@@ -6,7 +6,11 @@ projection handles to step after every optimizer step.
     # plan.scope replaces spec.scope ("full" when auto fell back to it); plan.selected;
     # plan.warning -> a `selection_warning` event and result field
     routers = attach_projection(model, adapter, spec, plan.pairs, retain_batches)
-    ... on every step: for r in routers: r.after_step()    ... finally: close_all(routers)
+    ... on every step, right after the optimizer step and BEFORE the stop check and the
+    overlap measure: for r in routers: r.after_step()    ... finally: close_all(routers)
+
+(After the stop check is too late: an experiment that projected in the per-step callback
+stopped on a forget accuracy of 0.30 measured before the projection and ended at 0.33.)
 """
 
 from __future__ import annotations
