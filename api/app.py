@@ -17,9 +17,12 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import console
 from api.errors import BodyTooLarge, install_error_handlers
-from api.routes import audit, corpora, health, jobs, keys
+from api.openapi import document_statuses
+from api.routes import audit, corpora, health, jobs, keys, models, proof, requests
 from service import db
+from service.limits import RateLimiter, StreamSlots
 from service.settings import Settings, get_settings
 
 API_VERSION = "0.1.0"
@@ -27,20 +30,65 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 
 class RequestMetrics:
-    """Request counters by (method, route template, status) for /metrics. Route templates,
-    not raw paths, keep the number of series bounded."""
+    """Request counters by (method, route template, status) for /metrics, and denied calls
+    by reason (401, 403, 429, cross-tenant ids). Route templates, not raw paths, keep the
+    number of series bounded; no label ever holds a tenant or key."""
+
+    DENIED = {401: "unauthenticated", 403: "forbidden", 429: "throttled"}
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: Counter[tuple[str, str, int]] = Counter()
+        self.denied: Counter[str] = Counter()
 
     def add(self, method: str, route: str, status: int) -> None:
         with self._lock:
             self.counts[(method, route, status)] += 1
+            if status in self.DENIED:
+                self.denied[self.DENIED[status]] += 1
+
+    def deny(self, reason: str) -> None:
+        with self._lock:
+            self.denied[reason] += 1
 
     def snapshot(self) -> dict[tuple[str, str, int], int]:
         with self._lock:
             return dict(self.counts)
+
+    def denied_snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.denied)
+
+
+class CatchAllMiddleware:
+    """Turns an unhandled exception into the 500 body with a reference, and logs only the
+    reference, type and place. (Starlette's own catch-all re-raises, so the server logged
+    the exception text, which can quote the request.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except BodyTooLarge:
+            raise  # BodyLimitMiddleware answers it (413)
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            from api.errors import internal_error_response, log_unexpected
+
+            ref = log_unexpected(exc, scope.get("method", ""), scope.get("path", ""))
+            if not started:
+                await internal_error_response(ref)(scope, receive, send)
 
 
 class MetricsMiddleware:
@@ -159,12 +207,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = db.make_session_factory(engine)
     app.state.metrics = RequestMetrics()
+    app.state.rate_limiter = RateLimiter(settings.rate_per_key, settings.rate_burst)
+    app.state.streams = StreamSlots(settings.max_streams_per_tenant)
     install_error_handlers(app)
+    app.add_middleware(CatchAllMiddleware)
     app.add_middleware(BodyLimitMiddleware, limit=MAX_JSON_BODY_BYTES, exempt=("/v1/corpora",))
     # Added last = outermost: counts every answer, the 413s above included.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    for module in (health, corpora, jobs, audit, keys):
+    for module in (health, corpora, jobs, audit, keys, models):
         app.include_router(module.router)
+    app.include_router(proof.router)  # issue 15: certificate key, audit checkpoints
+    app.include_router(requests.router)  # issue 15: deletion requests
+    document_statuses(app)
+    console.install(app)  # the web console (/console), outside the OpenAPI schema
 
     return app
 

@@ -12,10 +12,12 @@ uses its own short session, and endpoints open theirs with `with request_session
 inside the endpoint body.
 
 Roles:
-  requester  submits, reads and cancels the jobs of its tenant; uploads corpora
+  requester  submits, reads and cancels the jobs of its tenant; uploads and deletes corpora
   auditor    reads every job of its tenant (never writes) and the audit endpoints
-  admin      creates API keys
-A job of another tenant is reported as 404, exactly like a missing one.
+  admin      manages the API keys of its tenant (a platform admin: of every tenant) and
+             the registered models
+A job of another tenant is reported as 404, exactly like a missing one (and audited).
+Every authenticated call spends one token of its key's rate (429 + Retry-After beyond it).
 """
 
 from __future__ import annotations
@@ -52,10 +54,6 @@ def request_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_settings(request: Request) -> Any:
-    return request.app.state.settings
-
-
 def _unauthorized(reason: str) -> ApiError:
     return ApiError(
         401,
@@ -83,7 +81,7 @@ def authenticate_header(session: Session, header: str | None) -> Any:
         raise _unauthorized("malformed key")
     principal = keys.authenticate(session, secret)
     if principal is None:
-        raise _unauthorized("invalid or revoked key")
+        raise _unauthorized("invalid, expired or revoked key")
     return principal
 
 
@@ -94,11 +92,14 @@ def require(*roles: str) -> Callable[..., Any]:
         # Its own session, closed before this hop ends: see the module docstring.
         with request_session(request) as session:
             principal = authenticate_header(session, request.headers.get("authorization"))
+        limiter = getattr(request.app.state, "rate_limiter", None)
+        if limiter is not None:
+            limiter.take(principal.key_id)  # Throttled: 429 with Retry-After
         if principal.role not in roles:
             raise ApiError(
                 403,
                 "Authorization",
-                f"role {principal.role!r} may not do this (needs {' or '.join(roles)})",
+                f"role {str(principal.role.value)!r} may not do this (needs {' or '.join(roles)})",
                 location="header",
                 code="forbidden",
             )
@@ -112,3 +113,34 @@ read_jobs = require("requester", "auditor")
 write_jobs = require("requester")
 audit_access = require("auditor")
 admin_access = require("admin")
+
+
+def acting_tenant(principal: Any, tenant: str | None) -> str:
+    """The tenant an admin call acts for: its own, or (platform admins only) `tenant`. A
+    plain admin naming another tenant gets 403."""
+    if tenant is None or tenant == principal.tenant:
+        return str(principal.tenant)
+    if not principal.platform:
+        raise ApiError(
+            403,
+            "tenant",
+            "an admin key acts for its own tenant only (platform keys for any)",
+            code="forbidden",
+        )
+    return tenant
+
+
+def note_cross_tenant(request: Request, principal: Any, kind: str, object_id: str) -> None:
+    """If `object_id` names another tenant's object, count the denial and audit it (the
+    caller still answers 404, exactly as for an unknown id)."""
+    from service import db, keys
+
+    try:
+        with db.session_scope(request.app.state.session_factory) as s:
+            hit = keys.audit_cross_tenant(s, principal, kind, object_id)
+    except Exception:  # noqa: BLE001 - the refusal stands even if auditing it fails
+        hit = False
+    if hit:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.deny("cross_tenant")

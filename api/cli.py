@@ -3,7 +3,9 @@
     moe-unlearn serve [--host H] [--port P]     the HTTP API (Ray Serve, or --no-ray-serve for
                                                 uvicorn; loopback by default)
     moe-unlearn db upgrade                      apply the database migrations
-    moe-unlearn keys create --role R --tenant T print a new API key (once, alone on stdout)
+    moe-unlearn keys create --role R --tenant T print a new API key (once, alone on stdout);
+                                                keys list|revoke, models add|list|remove:
+                                                api/cli_admin.py
 
 Adding a command (e.g. `run`, `world build`, `patch apply|revert`) is additive:
 
@@ -20,7 +22,6 @@ unless MOE_UNLEARN_DEBUG=1.
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import sys
 from typing import Annotated, Any
@@ -28,7 +29,7 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
-from api import cli_client, cli_engine
+from api import cli_admin, cli_client, cli_engine, cli_plan, cli_proof
 
 app = typer.Typer(
     name="moe-unlearn",
@@ -38,13 +39,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-app.add_typer(keys_app, name="keys")
+cli_admin.register(app)  # keys create|list|revoke, models add|list|remove
 # The engine's commands (run, world build, patch apply|revert): api/cli_engine.py, which
 # imports torch only inside its commands.
 cli_engine.register(app)
+cli_plan.register(app)  # `plan`: the memory planner (api/cli_plan.py)
 cli_client.register(app)  # jobs and audit on a remote server: api/cli_client.py
+cli_proof.register(app, cli_client.audit_app)  # certificate verify, audit export|verify (issue 15)
 
 
 class UserError(Exception):
@@ -158,23 +160,6 @@ def db_upgrade() -> None:
     typer.echo("database is at the latest revision", err=True)
 
 
-@keys_app.command("create")
-def keys_create(
-    role: Annotated[str, typer.Option(help="requester, auditor or admin.")],
-    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
-) -> None:
-    """Create an API key and print it alone on stdout (it is shown only this once)."""
-    from service import db, keys
-    from service.settings import get_settings
-
-    engine = _engine(get_settings())
-    _check_migrated(engine)
-    with db.session_scope(db.make_session_factory(engine)) as s:
-        _, secret = keys.create_key(s, role, tenant, actor="cli")
-    engine.dispose()
-    typer.echo(secret)
-
-
 @app.command()
 def dispatcher(
     once: Annotated[
@@ -221,10 +206,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split()) or type(e).__name__
 
 
+def _debug_setting() -> bool:
+    # Settings first: a misspelt MOE_UNLEARN_* variable stops every command (exit 2).
+    from service.settings import get_settings
+
+    return get_settings().debug
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) the process exit code."""
     cmd = typer.main.get_command(app)
-    debug = os.environ.get("MOE_UNLEARN_DEBUG") == "1"
+    try:
+        debug = _debug_setting()
+    except ValueError as e:  # an unknown or invalid MOE_UNLEARN_* variable
+        print(f"moe-unlearn: error: {_one_line(e)}", file=sys.stderr)
+        return _exit(2, argv)
     try:
         rc = cmd.main(args=argv, prog_name="moe-unlearn", standalone_mode=False)
         code = rc if isinstance(rc, int) else 0

@@ -470,11 +470,38 @@ def audit_events(
 
 @audit_app.command("verify")
 def audit_verify(
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", help="A signed checkpoint exported earlier (audit export, "
+                     "GET /v1/audit/checkpoints): also check the chain still extends it."),
+    ] = None,
+    signer: Annotated[
+        str | None,
+        typer.Option("--signer", help="With --against: the public key or fingerprint "
+                     "expected to have signed the checkpoint."),
+    ] = None,
+    local: Annotated[
+        bool,
+        typer.Option("--local", help="Check this machine's database directly (an operator "
+                     "with DATABASE_URL) instead of asking the server."),
+    ] = False,
     server: Server = None, key: Key = None, retries: Retries = 4, as_json: AsJson = False,
 ) -> None:  # fmt: skip
-    """Have the server recompute the audit hash chain; exit 0 intact, 1 broken."""
+    """Recompute the audit hash chain (on the server, or with --local on the database);
+    exit 0 intact, 1 broken or no longer extending the checkpoint."""
+    if local:
+        from api.cli_proof import verify_local
+
+        verify_local(against, signer)
+        return
+    checkpoint = None
+    if against is not None:
+        try:
+            checkpoint = against.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read checkpoint {against}: {e}") from None
     with _client(server, key, retries) as c:
-        v = c.audit_verify()
+        v = c.audit_verify(against=checkpoint)
     if as_json:
         _emit(v)
     elif v["ok"]:
@@ -482,6 +509,8 @@ def audit_verify(
             f"audit chain: intact ({v['checked']} entries checked, head {v['head_seq']} "
             f"{v['head_hash'][:16]})"
         )
+    elif v["first_bad_seq"] is None:  # e.g. a checkpoint that is not validly signed
+        typer.echo(f"audit chain: NOT VERIFIED: {v.get('reason')}")
     else:
         typer.echo(f"audit chain: BROKEN at entry {v['first_bad_seq']}: {v.get('reason')}")
     raise typer.Exit(0 if v["ok"] else 1)

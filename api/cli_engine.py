@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -146,9 +146,9 @@ def run(
     out = output_dir or Path("runs") / f"{spec.stem}-{job.spec_hash()[:10]}"
     with _stdout_to_stderr(), _RichReporter(job.training.max_steps) as rep:
         if job.distributed.uses_ray_train:
-            res = _run_on_ray_train(job, out, rep)
+            res = _run_on_ray_train(job, out, rep).to_json()
         else:
-            res = run_job(job, out, reporter=rep)
+            res = run_job(job, out, reporter=rep).to_json()
     if as_json:
         sys.stdout.write(json.dumps(res, default=str) + "\n")
     else:
@@ -158,7 +158,7 @@ def run(
         Console().print(f"outputs in {res['output_dir']}")
 
 
-def _run_on_ray_train(job: JobSpec, out: Path, rep: Reporter) -> dict[str, Any]:
+def _run_on_ray_train(job: JobSpec, out: Path, rep: Reporter) -> Any:  # a JobResult
     """Several workers or DeepSpeed: a private local Ray with one CPU per worker, a Ray
     Train run checkpointed under OUT/checkpoints (the same command resumes it after a
     crash: the run name is the spec's hash), all of it gone when the run ends."""
@@ -167,7 +167,7 @@ def _run_on_ray_train(job: JobSpec, out: Path, rep: Reporter) -> dict[str, Any]:
 
     import ray
 
-    from workers.distributed import run_job_distributed
+    from workers.runners.ray_train import run_job_distributed
 
     tmp = tempfile.mkdtemp(prefix="moeu-run-")  # short: Ray puts unix sockets there
     storage = Path(out) / "checkpoints"
@@ -195,13 +195,18 @@ def world_build(
     topics: Annotated[int, typer.Option(min=2, max=32)] = 6,
     facts_per_topic: Annotated[int, typer.Option(min=4, max=2000)] = 100,
     arch: Annotated[str, typer.Option(help="MoE family (model_type).")] = "qwen2_moe",
+    size: Annotated[
+        Literal["full", "small"], typer.Option(help="small: the fast test-size model.")
+    ] = "full",
 ) -> None:
     """Build (or reuse from the cache) the demo world and print its directory."""
     from workers.spec import WorldOptions
     from workers.world import build_world
 
     con = _console()
-    opts = WorldOptions(seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch)
+    opts = WorldOptions(
+        seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch, size=size
+    )
     with _stdout_to_stderr():
         world = build_world(opts, progress=lambda kind, info: con.print(_progress_line(kind, info)))
     typer.echo(str(world.path))

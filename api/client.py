@@ -261,15 +261,18 @@ class Client:
         return self.request(method, path, **kw).json()
 
     # -- corpora and jobs -----------------------------------------------------------
-    def upload_corpus(self, data: bytes, *, format: str = "auto") -> Corpus:
+    def upload_corpus(
+        self, data: bytes, *, format: str = "auto", retention_days: int = 0
+    ) -> Corpus:
         """Upload a forget/retain corpus (JSONL or text); returns {id, size, records, format}.
-        Uploading the same bytes again returns the same id."""
+        Uploading the same bytes again returns the same id. The server deletes it when the
+        last job that uses it ends, unless `retention_days` asks to keep it that long."""
         ctype = "text/plain" if format == "text" else "application/x-ndjson"
         return self.request_json(
             "POST",
             "/v1/corpora",
             content=data,
-            params={"format": format},
+            params={"format": format, "retention_days": retention_days},
             headers={"Content-Type": ctype},
         )
 
@@ -528,9 +531,16 @@ class Client:
                 return
             since = got["next_since"]
 
-    def audit_verify(self) -> dict[str, Any]:
-        """Recompute the hash chain: {ok, checked, first_bad_seq, reason, head_seq, ...}."""
-        return self.request_json("GET", "/v1/audit/verify")
+    def audit_verify(self, against: str | None = None) -> dict[str, Any]:
+        """Recompute the hash chain: {ok, checked, first_bad_seq, reason, head_seq, ...};
+        with `against` (a signed checkpoint's JSON), also check the chain still extends it."""
+        params = {"against": against} if against is not None else None
+        return self.request_json("GET", "/v1/audit/verify", params=params)
+
+    def audit_checkpoints(self, limit: int = 20) -> dict[str, Any]:
+        """A signed checkpoint of the chain head made now (`current`) and the stored ones;
+        keep `current` where the database's writers cannot change it."""
+        return self.request_json("GET", "/v1/audit/checkpoints", params={"limit": limit})
 
     def create_key(self, role: str, tenant: str) -> dict[str, Any]:
         return self.request_json("POST", "/v1/keys", json={"role": role, "tenant": tenant})

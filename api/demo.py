@@ -7,7 +7,9 @@
     verification, and where the certificate and the expert-map heatmap are.
 
 Both child processes are stopped (SIGTERM, then SIGKILL by PID) whatever happens, so the
-demo leaves no processes behind. Usage: python -m api.demo [--spec FILE] [--keep DIR]
+demo leaves no processes behind. With --keep (`make demo-console`) they stay up after the
+job: the demo prints the console page of its job and an auditor key to sign in with, and
+stops them on Ctrl-C. Usage: python -m api.demo [--spec FILE] [--dir DIR] [--keep]
 [--workers 1|2] (default 2: the job runs on Ray Train, as the service runs big jobs).
 """
 
@@ -57,27 +59,19 @@ def _stop(proc: subprocess.Popen, name: str) -> None:
 
 
 def heatmap(expert_map: dict[str, Any], path: Path) -> Path:
-    """The expert map as a layers x experts heatmap, selected experts boxed."""
-    import matplotlib
+    """The expert map as a layers x experts SVG heatmap (the console's), selected outlined."""
+    from api.console.heatmap import Cell, svg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = expert_map["scores"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(scores[0]), 1.0 + 0.5 * len(scores)))
-    im = ax.imshow(scores, cmap="magma", aspect="auto")
-    ax.set_yticks(range(len(scores)), [f"layer {layer}" for layer in expert_map["layers"]])
-    ax.set_xticks(range(len(scores[0])))
-    ax.set_xlabel("routed expert")
-    ax.set_title(f"expert attribution ({expert_map['method']})")
-    for sel in expert_map.get("selected", []):
-        layer, expert = (sel["layer"], sel["expert"]) if isinstance(sel, dict) else sel[:2]
-        row = expert_map["layers"].index(layer)
-        ax.add_patch(plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False, ec="cyan", lw=2))
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    selected = {
+        (s["layer"], s["expert"]) if isinstance(s, dict) else tuple(s[:2])
+        for s in expert_map.get("selected", [])
+    }
+    cells = [
+        Cell(layer, e, float(score), (layer, e) in selected)
+        for layer, row in zip(expert_map["layers"], expert_map["scores"], strict=True)
+        for e, score in enumerate(row)
+    ]
+    path.write_text(svg(cells, expert_map.get("method")) or "")
     return path
 
 
@@ -114,6 +108,7 @@ class Embedded:
     requester_key: str
     auditor_key: str
     work: Path
+    processes: tuple[subprocess.Popen, ...] = ()  # the API and the dispatcher
 
 
 @contextmanager
@@ -153,45 +148,50 @@ def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError(f"the API did not start; see {log.name}") from None
                 time.sleep(0.3)
-        yield Embedded(base, requester, auditor, work)
+        yield Embedded(base, requester, auditor, work, (server, dispatcher))
     finally:
         _stop(dispatcher, "dispatcher")
         _stop(server, "server")
         log.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the database/blobs here")
-    ap.add_argument(
-        "--workers",
-        type=int,
-        choices=(1, 2),
-        default=2,
-        help="2: the job runs on Ray Train with 2 CPU workers (DDP); 1: in one process",
-    )
-    args = ap.parse_args(argv)
-    spec = yaml.safe_load(args.spec.read_text())
-    spec.setdefault("distributed", {})["num_workers"] = args.workers
+@dataclass
+class DemoResult:
+    """What the demo did: the job, its result.json and expert map, the audit check, the
+    certificate's signature and robustness verdicts, and the files it wrote (certificate as
+    JSON and HTML, expert-map heatmap)."""
 
-    from rich.console import Console
+    job: dict[str, Any]
+    result: dict[str, Any]
+    expert_map: dict[str, Any]
+    audit: dict[str, Any]
+    certificate: Path
+    certificate_html: Path
+    heatmap: Path
+    signature_valid: bool = False
+    robustness: dict[str, str] | None = None  # check -> verdict
+    exit_code: int = 0
 
-    console = Console()
-    work = args.keep or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    console.print(f"[bold]moe-unlearn demo[/bold] (state in {work})")
+
+def run_demo(
+    spec: dict[str, Any], work: Path, console: Any, spec_name: str = "", keep: bool = False
+) -> DemoResult:
+    """Submit `spec` to a fresh embedded service in `work` over HTTP and follow it to the end;
+    print (to `console`, a rich Console) and return what it did. The job's runner follows
+    spec.distributed.num_workers (2: Ray Train). With `keep`, the API and dispatcher stay up
+    for the web console until Ctrl-C."""
+    workers = int(spec.get("distributed", {}).get("num_workers", 1))
     with embedded_service(work) as svc:
         base = svc.base_url
         with Client(base, svc.requester_key) as client, Client(base, svc.auditor_key) as audit:
             job = client.submit(spec, idempotency_key="demo")
-            runner = "Ray Train, 2 CPU workers (DDP)" if args.workers > 1 else "one process"
-            console.print(f"submitted job {job['id']} over HTTP ({args.spec.name}; {runner})")
+            runner = f"Ray Train, {workers} CPU workers (DDP)" if workers > 1 else "one process"
+            console.print(f"submitted job {job['id']} over HTTP ({spec_name}; {runner})")
             max_steps = int(spec.get("training", {}).get("max_steps", 100))
             job = follow(client, job["id"], max_steps)
             if job["state"] != "SUCCEEDED":
                 console.print(f"[red]job {job['state']}: {job.get('failure_message')}[/red]")
-                return 1
+                return DemoResult(job, {}, {}, {}, Path(), Path(), Path(), exit_code=1)
             arts = {a["kind"]: a for a in client.artifacts(job["id"])}
             res = json.loads(client.download(job["id"], arts["result"]["id"],
                                              work / "result.json").read_text())
@@ -208,18 +208,99 @@ def main(argv: list[str] | None = None) -> int:
             verify = audit.audit_verify()
             state = "intact" if verify["ok"] else f"BROKEN at entry {verify['first_bad_seq']}"
             console.print(f"audit chain: {state} ({verify['checked']} entries checked)")
-            cert = client.certificate(job["id"])
-            cert_json = work / "certificate.json"
-            cert_json.write_text(json.dumps(cert, indent=1))
-            page = client.http.get(
-                f"{base}/v1/jobs/{job['id']}/certificate", params={"format": "html"},
-                headers=client.headers,
-            )
-            (work / "certificate.html").write_text(page.text)
-            png = heatmap(emap, work / "expert_map.png")
-            console.print(f"certificate: {cert_json} and {work / 'certificate.html'}")
-            console.print(f"expert-map heatmap: {png}")
-    return 0
+            cert_json, cert_html = save_certificate(client, job["id"], work)
+            svg = heatmap(emap, work / "expert_map.svg")
+            console.print(f"certificate: {cert_json} and {cert_html}")
+            cert = json.loads(cert_json.read_text())
+            for line in certificate_summary(cert, cert_json):
+                console.print(line)
+            console.print(f"expert-map heatmap: {svg}")
+            from service.signing import verify_document
+
+            verdicts = {c["check"]: c["verdict"] for c in cert.get("robustness") or []}
+            valid = verify_document(cert).valid
+        done = DemoResult(job, res, emap, verify, cert_json, cert_html, svg, valid, verdicts)
+        if keep:
+            done.exit_code = keep_serving(console, svc, job["id"])
+            return done
+        console.print("to browse this job in the web console: make demo-console "
+                      "(python -m api.demo --keep)")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--spec", type=Path, default=DEFAULT_SPEC, help="job spec to submit")
+    ap.add_argument("--dir", type=Path, default=None, help="keep the database/blobs here")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the API and dispatcher running after the job (the console); Ctrl-C stops",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="2: the job runs on Ray Train with 2 CPU workers (DDP); 1: in one process",
+    )
+    args = ap.parse_args(argv)
+    spec = yaml.safe_load(args.spec.read_text())
+    spec.setdefault("distributed", {})["num_workers"] = args.workers
+
+    from rich.console import Console
+
+    console = Console()
+    work = args.dir or Path(tempfile.mkdtemp(prefix="moe-unlearn-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]moe-unlearn demo[/bold] (state in {work})")
+    return run_demo(spec, work, console, args.spec.name, keep=args.keep).exit_code
+
+
+def keep_serving(console: Any, svc: Embedded, job_id: str) -> int:
+    """Leave the API and dispatcher up for the console until Ctrl-C (the caller's `with`
+    then stops them)."""
+    console.print(f"\n[bold]web console[/bold]: {svc.base_url}/console/jobs/{job_id}",
+                  soft_wrap=True)
+    console.print(f"sign in with this auditor key: {svc.auditor_key}", soft_wrap=True)
+    console.print("the API and dispatcher keep running; Ctrl-C stops them", soft_wrap=True)
+
+    def interrupt(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Also when started in the background (SIGINT ignored) or stopped by SIGTERM.
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while all(p.poll() is None for p in svc.processes):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("stopping the API and dispatcher")
+        return 0
+    console.print(f"[red]the API or the dispatcher stopped; see {svc.work / 'processes.log'}[/red]")
+    return 1
+
+
+def save_certificate(client: Client, job_id: str, work: Path) -> tuple[Path, Path]:
+    """The job's signed certificate as certificate.json and certificate.html in `work`."""
+    cert_json, cert_html = work / "certificate.json", work / "certificate.html"
+    cert_json.write_text(json.dumps(client.certificate(job_id), indent=1))
+    cert_html.write_text(client.certificate_html(job_id))
+    return cert_json, cert_html
+
+
+def certificate_summary(cert: dict[str, Any], path: Path) -> list[str]:
+    """What the demo prints about the certificate (issue 15): its signature and every
+    robustness check with its verdict (and why, when a check did not run)."""
+    from service.signing import verify_document
+
+    sig = verify_document(cert)
+    lines = [f"certificate signature: {'valid' if sig.valid else 'INVALID'} ({sig.fingerprint}); "
+             f"check it offline with `moe-unlearn certificate verify {path}`"]
+    for c in cert["robustness"]:
+        why = f" ({c['reason']})" if c["verdict"] != "pass" and c.get("reason") else ""
+        lines.append(f"robustness: {c['check']} {c['verdict']}{why}")
+    return lines
 
 
 if __name__ == "__main__":

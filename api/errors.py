@@ -182,26 +182,35 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
             413, "payload_too_large", [FieldError(field="body", reason=str(exc.__cause__))]
         )
     elif status == 400 and "parsing the body" in str(exc.detail):
-        # FastAPI raises this for a JSON body that is not valid UTF-8.
-        fe = FieldError(field="body", location="body", reason="body is not valid UTF-8 JSON")
+        # FastAPI raises this when json.loads fails other than by a syntax error.
+        fe = FieldError(field="body", location="body", reason=_parse_failure(exc.__cause__))
     else:
         fe = FieldError(field="request", location="request", reason=str(exc.detail))
     headers = getattr(exc, "headers", None)
     return error_response(status, _default_code(status), [fe], headers=headers)
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # Log the type and a reference only: the exception text could quote request content.
+def _parse_failure(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return "body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "JSON nested too deeply"
+    if isinstance(cause, ValueError) and "integer" in str(cause):
+        return "JSON number too large (more than 4300 digits)"
+    return "body could not be parsed as JSON"
+
+
+def log_unexpected(exc: BaseException, method: str, path: str) -> str:
+    """Log an unhandled error by type, place and a fresh reference; returns the reference.
+    Never the exception text nor the traceback's values: either could quote the request."""
     ref = uuid.uuid4().hex[:12]
-    tb = "".join(traceback.format_tb(exc.__traceback__))
-    log.error(
-        "unhandled %s on %s %s (ref %s)\n%s",
-        type(exc).__name__,
-        request.method,
-        request.url.path,
-        ref,
-        tb,
-    )
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in frames[-5:])
+    log.error("unhandled %s on %s %s (ref %s) at %s", type(exc).__name__, method, path, ref, where)
+    return ref
+
+
+def internal_error_response(ref: str) -> JSONResponse:
     return error_response(
         500,
         "internal_error",
@@ -209,17 +218,28 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return internal_error_response(log_unexpected(exc, request.method, request.url.path))
+
+
 # Where a service error's field lives, for the `in` of the error body.
-_HEADER_FIELDS = {"Idempotency-Key", "Authorization"}
-_QUERY_FIELDS = {"cursor", "state", "since", "limit", "format"}
-_PATH_FIELDS = {"job_id", "artifact_id"}
+_HEADER_FIELDS = {"Idempotency-Key", "Authorization", "Accept", "Last-Event-ID"}
+_QUERY_FIELDS = {"cursor", "state", "since", "limit", "format", "retention_days", "tenant"}
+_PATH_FIELDS = {"job_id", "artifact_id", "corpus_id", "key_id", "model_id"}
 
 
 def _service_status(exc: Exception) -> tuple[int, str]:
+    from service import corpora, limits, models
     from service import errors as se
 
     if isinstance(exc, se.NotFound):
         return 404, "not_found"
+    if isinstance(exc, limits.Throttled):
+        return 429, "too_many_requests"
+    if isinstance(exc, corpora.QuotaExceeded):
+        return 413, "quota_exceeded"
+    if isinstance(exc, corpora.CorpusInUse | models.ModelExists):
+        return 409, "conflict"
     if isinstance(exc, se.IllegalTransition | se.LeaseLost):
         return 409, "conflict"
     if isinstance(exc, se.IdempotencyConflict):
@@ -234,13 +254,19 @@ async def _on_service_error(request: Request, exc: Exception) -> JSONResponse:
     if status == 404:
         reason = "not found"  # identical for missing and other-tenant objects
     location: Location = "body"
+    headers = None
+    retry_after = getattr(exc, "retry_after", None)
+    if status == 429 and retry_after is not None:
+        headers = {"Retry-After": str(retry_after)}
     if field in _HEADER_FIELDS:
         location = "header"
     elif field in _QUERY_FIELDS:
         location = "query"
     elif field in _PATH_FIELDS:
         location = "path"
-    return error_response(status, code, [FieldError(field=field, location=location, reason=reason)])
+    return error_response(
+        status, code, [FieldError(field=field, location=location, reason=reason)], headers=headers
+    )
 
 
 async def _on_db_unavailable(request: Request, exc: Exception) -> JSONResponse:

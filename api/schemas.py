@@ -12,20 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.jobs import JOB_STATES as JOB_STATES
+from service.jobs import TERMINAL, JobState
+
 Role = Literal["requester", "auditor", "admin"]
-JobState = Literal[
-    "QUEUED", "RUNNING", "CANCELLING", "RETRYING", "SUCCEEDED", "FAILED", "CANCELLED"
-]
-JOB_STATES: tuple[str, ...] = (
-    "QUEUED",
-    "RUNNING",
-    "CANCELLING",
-    "RETRYING",
-    "SUCCEEDED",
-    "FAILED",
-    "CANCELLED",
-)
-TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+# The job states are defined once, in service.jobs.
+TERMINAL_STATES: frozenset[str] = frozenset(str(s) for s in TERMINAL)
 
 # Tenants are identifiers, not free text (they appear in audit entries and URLs).
 TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -40,6 +32,16 @@ class CorpusOut(_Out):
     size: int = Field(description="Size in bytes.")
     records: int = Field(description="Number of records (JSONL objects or non-empty lines).")
     format: str = Field(description="Detected format: jsonl or text.")
+    created_at: datetime | None = None
+    keep_until: datetime | None = Field(
+        None, description="Kept until then (retention_days); null: deleted when its last job ends."
+    )
+
+
+class CorpusList(BaseModel):
+    items: list[CorpusOut]
+    used_bytes: int = Field(description="Bytes of corpora this tenant holds.")
+    quota_bytes: int = Field(description="The most it may hold.")
 
 
 class JobOut(_Out):
@@ -136,19 +138,29 @@ class AuditList(BaseModel):
 
 
 class AuditVerifyOut(BaseModel):
-    ok: bool
-    checked: int = Field(description="Entries whose hash was recomputed.")
-    first_bad_seq: int | None = Field(None, description="First edited/missing entry.")
+    ok: bool = Field(description="The whole chain (every tenant's entries) is intact.")
+    checked: int = Field(description="This tenant's entries whose hash was recomputed.")
+    first_bad_seq: int | None = Field(
+        None, description="First edited/missing entry, if it is one of this tenant's."
+    )
     reason: str | None = None
-    head_seq: int
-    head_hash: str
+    head_seq: int = Field(description="Seq of this tenant's newest entry (0: none).")
+    head_hash: str = Field(description="Hash of this tenant's newest entry.")
 
 
 class KeyCreateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Role
-    tenant: str = Field(pattern=TENANT_PATTERN, description="Tenant of the new key.")
+    tenant: str | None = Field(
+        None,
+        pattern=TENANT_PATTERN,
+        description="Tenant of the new key: the admin's own (default); another only for a "
+        "platform admin.",
+    )
+    expires_in_days: int | None = Field(
+        None, ge=1, le=3650, description="The key stops working after this many days."
+    )
 
 
 class KeyCreatedOut(BaseModel):
@@ -156,6 +168,49 @@ class KeyCreatedOut(BaseModel):
     key: str = Field(description="The secret: shown only in this response.")
     role: Role
     tenant: str
+    expires_at: datetime | None = None
+
+
+class KeyOut(_Out):
+    id: str = Field(description="The key id (`k_...`); never the secret.")
+    tenant: str
+    role: Role
+    platform: bool = False
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked: bool
+    revoked_at: datetime | None = None
+
+
+class KeyList(BaseModel):
+    items: list[KeyOut]
+
+
+class ModelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="The name clients give as `model`.",
+    )
+    hub_id: str | None = Field(None, max_length=193, description="A hub id (org/name).")
+    revision: str | None = Field(None, max_length=128, description="Hub commit or tag.")
+    path: str | None = Field(
+        None, max_length=512, description="A directory under the server's model root."
+    )
+
+
+class ModelOut(BaseModel):
+    id: str
+    source: Literal["hub", "directory"]
+    hub_id: str | None = None
+    revision: str | None = None
+    created_at: datetime
+
+
+class ModelList(BaseModel):
+    items: list[ModelOut]
+    allowlist: bool = Field(description="Whether hub ids matching a server pattern are allowed.")
 
 
 class HealthOut(BaseModel):

@@ -17,7 +17,7 @@ TorchTrainer on a 2-CPU Ray waits forever for its placement group (measured, see
 by default as well. To give the API guaranteed CPUs on a cluster, run more Ray CPUs than
 training uses and pass `replica_num_cpus`.
 
-Ray's files (session logs, sockets) go to `service.dispatcher.ray_temp_dir(settings)`:
+Ray's files (session logs, sockets) go to `service.executor.ray_temp_dir(settings)`:
 `settings.ray_temp_dir`, else `<data_dir>/ray` when that path is short enough for unix
 sockets, else `/tmp/moeu-ray-<hash of the data dir>`; Serve's access logs are under
 `<temp dir>/session_latest/logs/serve/`.
@@ -96,7 +96,7 @@ def app_builder(args: dict[str, str]) -> Any:
     return ApiDeployment.options(ray_actor_options={"num_cpus": cpus}).bind(settings)
 
 
-# The import path the KubeRay RayService (infra/kuberay/rayservice.yaml) names.
+# The import path a KubeRay RayService would name (infra/k8s runs the api as a Deployment).
 app = app_builder
 
 
@@ -134,7 +134,7 @@ def run_serve(
     would start a second Ray). On a signal it hands its running job back (RETRYING)."""
     import ray
 
-    from service.dispatcher import init_ray, ray_temp_dir
+    from service.executor import init_ray, ray_temp_dir
 
     if replica_num_cpus < 0:
         raise ValueError(f"replica_num_cpus must be >= 0, got {replica_num_cpus}")

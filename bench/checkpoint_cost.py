@@ -24,20 +24,20 @@ import yaml
 
 from api.demo import DEFAULT_SPEC
 from bench.common import machine, median, table, write_result
-from workers.distributed import CONTROLLER_POLL_ENV, CONTROLLER_POLL_S
+from workers.runners.ray_train import CONTROLLER_POLL_ENV, CONTROLLER_POLL_S
 from workers.spec import JobSpec
 
 RAY_TRAIN_DEFAULT_POLL_S = "2.0"
 
 
 def one_run(spec: JobSpec, poll_s: str, n: int) -> dict[str, float]:
-    from workers.distributed import run_job_distributed
+    from workers.runners.ray_train import run_job_distributed
 
     os.environ[CONTROLLER_POLL_ENV] = poll_s  # read when the trainer starts
     work = Path(tempfile.mkdtemp(prefix="moeu-ckcost-"))
     t0 = time.perf_counter()
     res = run_job_distributed(spec, work / "out", None, None, work / "ckpt", run_name=f"r{n}")
-    return {"training_s": float(res["timings_s"]["unlearning"]),
+    return {"training_s": float(res.timings_s["unlearning"]),
             "run_s": time.perf_counter() - t0}  # fmt: skip
 
 

@@ -36,6 +36,7 @@ WORKER_STAGES = (
     "attribution",
     "unlearning",
     "evaluating_after",
+    "robustness",
     "packaging",
 )
 
@@ -71,6 +72,7 @@ def one_job(client: Client, spec: dict[str, Any], work: Path, n: str) -> dict[st
         "attribution": timings.get("attribution", 0.0),
         "training": timings.get("unlearning", 0.0),
         "evaluation_after": timings.get("evaluating_after", 0.0),
+        "robustness": timings.get("robustness", 0.0),
         "packaging": timings.get("packaging", 0.0),
         "recording": max(0.0, finished - result_at),
         "worker_total": worker_total,

@@ -7,6 +7,15 @@ same transaction; its row lock (PostgreSQL) or the database write lock (SQLite) 
 appends, so two writers never chain to the same predecessor. `verify` recomputes the
 chain and names the first entry that was edited, deleted or inserted.
 
+Anchoring (issue 15): the hash chain alone proves nothing against someone who can write
+the database (rewrite entry k, recompute every later hash, move the head). So every entry
+also carries `mac` = HMAC-SHA256(audit key, "entry|<entry_hash>") and the head row
+HMAC(audit key, "head|<seq>|<hash>"), with a key the database does not hold
+(`MOE_UNLEARN_AUDIT_KEY`, service/signing.py). A chain written before MACs existed is
+vouched for by a signed `anchor` checkpoint of its head, made by the first append that
+finds it. Against whoever also holds the audit key, only a signed checkpoint kept outside
+the database helps: `service.checkpoints.verify_against`.
+
 Payloads carry identifiers, hashes, sizes and counts only - never corpus text
 (`check_payload` refuses long strings and text-like keys).
 """
@@ -22,9 +31,11 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from service import signing
 from service.db import is_sqlite, lock_for_write
 from service.errors import UnsafePayload
-from service.tables import GENESIS_HASH, AuditEntry, AuditHead, utcnow
+from service.settings import Settings, get_settings
+from service.tables import GENESIS_HASH, AuditCheckpoint, AuditEntry, AuditHead, utcnow
 from workers.spec import canonical_json
 
 # Keys that would hold data content rather than metadata; refused anywhere in a payload.
@@ -82,6 +93,46 @@ def _ts(now: datetime | None = None) -> str:
     return (now or utcnow()).isoformat(timespec="microseconds")
 
 
+CHECKPOINT_SCHEMA = "moe-unlearn/audit-checkpoint/v1"
+
+
+def entry_mac(key: bytes, entry_hash_: str) -> str:
+    return signing.mac(key, f"entry|{entry_hash_}")
+
+
+def head_mac(key: bytes, seq: int, hash_: str) -> str:
+    return signing.mac(key, f"head|{seq}|{hash_}")
+
+
+def signed_checkpoint(
+    seq: int, hash_: str, kind: str, settings: Settings | None = None
+) -> dict[str, Any]:
+    """A checkpoint of the chain head (sequence, hash, time), signed with the service key."""
+    doc = {"schema": CHECKPOINT_SCHEMA, "kind": kind, "seq": seq, "entry_hash": hash_,
+           "time": _ts()}
+    return signing.sign_document(doc, settings)
+
+
+def store_checkpoint(session: Session, doc: dict[str, Any]) -> AuditCheckpoint:
+    row = AuditCheckpoint(kind=doc["kind"], seq=doc["seq"], entry_hash=doc["entry_hash"],
+                          key_id=doc["signature"]["key_id"], document=doc)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _anchor_if_unkeyed(session: Session, head: AuditHead) -> None:
+    """A chain whose head carries no MAC was written before anchoring: vouch for it with
+    a signed checkpoint of its head, once."""
+    if head.seq == 0 or head.mac is not None:
+        return
+    exists = session.execute(
+        select(AuditCheckpoint.id).where(AuditCheckpoint.kind == "anchor").limit(1)
+    ).first()
+    if exists is None:
+        store_checkpoint(session, signed_checkpoint(head.seq, head.entry_hash, "anchor"))
+
+
 def append(
     session: Session,
     *,
@@ -100,6 +151,8 @@ def append(
     if not is_sqlite(session):
         stmt = stmt.with_for_update()  # serialises appends on PostgreSQL
     head = session.execute(stmt.execution_options(populate_existing=True)).scalar_one()
+    key = signing.audit_key()
+    _anchor_if_unkeyed(session, head)
     seq = head.seq + 1
     ts = _ts()
     h = entry_hash(seq, head.entry_hash, ts, actor, action, job_id, tenant, payload)
@@ -113,9 +166,14 @@ def append(
         job_id=job_id,
         tenant=tenant,
         payload=payload,
+        mac=entry_mac(key, h),
     )
     session.add(entry)
-    session.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=seq, entry_hash=h))
+    session.execute(
+        update(AuditHead)
+        .where(AuditHead.id == 1)
+        .values(seq=seq, entry_hash=h, mac=head_mac(key, seq, h))
+    )
     session.flush()
     return entry
 
@@ -130,11 +188,40 @@ class VerifyResult:
     head_hash: str
 
 
-def verify(session: Session, *, batch: int = 1000) -> VerifyResult:
+def _anchor(session: Session, settings: Settings) -> tuple[int, str | None, str | None]:
+    """(seq, hash, problem) of the chain's anchor: the newest `anchor` checkpoint with a
+    valid signature by a key of the service's own key history (0, None, None: none)."""
+    rows = session.execute(
+        select(AuditCheckpoint)
+        .where(AuditCheckpoint.kind == "anchor")
+        .order_by(AuditCheckpoint.seq.desc())
+    ).scalars()
+    trusted = signing.trusted_key_ids(settings)
+    for row in rows:
+        doc = row.document
+        check = signing.verify_document(doc)
+        if not check.valid or check.key_id not in trusted:
+            return 0, None, f"anchor checkpoint {row.id} is not signed by a service key"
+        if (doc.get("seq"), doc.get("entry_hash"), doc.get("kind")) != (
+            row.seq, row.entry_hash, "anchor"
+        ):
+            return 0, None, f"anchor checkpoint {row.id} does not match its signed document"
+        return int(row.seq), str(row.entry_hash), None
+    return 0, None, None
+
+
+def verify(
+    session: Session, *, batch: int = 1000, settings: Settings | None = None
+) -> VerifyResult:
     """Recompute the whole chain. Detects an edited entry (hash mismatch), a deleted entry
     (gap in seq, or the next entry's prev_hash no longer links), deleted newest entries
     (the head row points past the last entry) and entries added without an append (past
-    the head). Safe to run while others append."""
+    the head). With the audit key it also detects any entry or head written without the
+    key (a rewrite with recomputed hashes, a forged append, an entry past a signed anchor
+    that lacks its MAC). Safe to run while others append."""
+    settings = settings or get_settings()
+    key = signing.audit_key(settings)
+    anchor_seq, anchor_hash, anchor_problem = _anchor(session, settings)
     head = session.execute(
         select(AuditHead).where(AuditHead.id == 1).execution_options(populate_existing=True)
     ).scalar_one()
@@ -145,6 +232,9 @@ def verify(session: Session, *, batch: int = 1000) -> VerifyResult:
 
     def bad(seq: int, reason: str) -> VerifyResult:
         return VerifyResult(False, checked, seq, reason, head.seq, head.entry_hash)
+
+    if anchor_problem is not None:
+        return bad(1, anchor_problem)
 
     while expected_seq <= head.seq:
         # Only up to the head we read: entries appended meanwhile are checked next time.
@@ -171,6 +261,14 @@ def verify(session: Session, *, batch: int = 1000) -> VerifyResult:
             )
             if h != e.entry_hash:
                 return bad(e.seq, f"entry {e.seq} was modified (hash mismatch)")
+            if e.seq == anchor_seq and e.entry_hash != anchor_hash:
+                return bad(e.seq, f"entry {e.seq} differs from the signed anchor: the chain "
+                           f"was rewritten at or before entry {e.seq}")
+            if e.seq > anchor_seq and not signing.mac_ok(
+                key, f"entry|{e.entry_hash}", e.mac
+            ):
+                return bad(e.seq, f"entry {e.seq} was not written with the audit key "
+                           "(MAC missing or wrong)")
             checked += 1
             prev = e.entry_hash
             last_seq = e.seq
@@ -179,6 +277,13 @@ def verify(session: Session, *, batch: int = 1000) -> VerifyResult:
         if head.seq > last_seq:
             return bad(last_seq + 1, f"entries {last_seq + 1}..{head.seq} are missing")
         return bad(last_seq, f"the chain head (seq {head.seq}) does not match entry {last_seq}")
+    if head.seq > anchor_seq and not signing.mac_ok(
+        key, f"head|{head.seq}|{head.entry_hash}", head.mac
+    ):
+        return bad(head.seq, "the chain head was not written with the audit key")
+    if anchor_seq > head.seq:
+        return bad(head.seq + 1, f"entries {head.seq + 1}..{anchor_seq} (signed anchor) are "
+                   "missing")
     # Entries past the head that no append accounted for were inserted behind our back.
     # (Read the max first, the head second: a concurrent append moves both, in that order.)
     max_seq = session.execute(select(func.max(AuditEntry.seq))).scalar_one() or 0

@@ -7,6 +7,10 @@ utility scores before and after, the routing overlap, and the audit entries that
 job (their seq and hashes: `GET /v1/audit/verify` proves they were not edited since).
 `certificate_sha256` is the SHA-256 of the canonical JSON of everything else except
 `verification` (the result of re-verifying the whole audit chain when it was built).
+`robustness` lists the four robustness checks with their verdicts (`service.proof`).
+`lineage` lists the jobs whose expert patches the model carries (`service.lineage`).
+`signature` is the service's Ed25519 signature over the canonical JSON of everything else
+(`service.signing`); `moe-unlearn certificate verify FILE` checks it offline.
 
 What the runner records for it (via `service.jobs`): `record_model` (model hash),
 `record_expert_map`, `record_param_changes`, `record_evaluations` (phase before/after;
@@ -16,13 +20,12 @@ the metric `routing_overlap` of any task is reported as the routing overlap).
 from __future__ import annotations
 
 import hashlib
-import html
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import audit
+from service import audit, lineage, proof, signing
 from service.errors import ServiceError
 from service.jobs import (
     MODEL_KIND,
@@ -34,7 +37,15 @@ from service.jobs import (
     get_job,
     list_artifacts,
 )
-from service.tables import ApiKey, AuditEntry, Corpus, JobEvent
+from service.settings import Settings
+from service.tables import (
+    ApiKey,
+    AuditEntry,
+    Corpus,
+    DeletionRequest,
+    DeletionRequestJob,
+    JobEvent,
+)
 from workers.spec import canonical_json
 
 SCHEMA = "moe-unlearn/deletion-certificate/v1"
@@ -73,8 +84,24 @@ def _corpus(session: Session, ref: dict[str, Any] | None) -> dict[str, Any] | No
     return {"source": "local_file", "max_records": ref.get("max_records")}
 
 
-def build_certificate(session: Session, job_id: str, tenant: str | None = None) -> dict[str, Any]:
-    """The certificate of a finished job (`NotFound` for another tenant's job,
+def _deletion_request(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The deletion request the job served (its reference stays out: it may name a case;
+    so does its status, which changes: the certificate's facts do not)."""
+    req = session.execute(
+        select(DeletionRequest)
+        .join(DeletionRequestJob, DeletionRequestJob.request_id == DeletionRequest.id)
+        .where(DeletionRequestJob.job_id == job_id)
+    ).scalar_one_or_none()
+    if req is None:
+        return None
+    return {"id": req.id, "received_at": req.received_at.isoformat(),
+            "due_at": req.due_at.isoformat()}
+
+
+def build_certificate(
+    session: Session, job_id: str, tenant: str | None = None, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The signed certificate of a finished job (`NotFound` for another tenant's job,
     `CertificateUnavailable` while it runs)."""
     job = get_job(session, job_id, tenant)
     if State(job.state) not in TERMINAL:
@@ -88,6 +115,8 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
     scores: dict[str, dict[str, dict[str, float]]] = {"before": {}, "after": {}}
     overlap: dict[str, float] = {}
     for ev in evals:
+        if ev.phase == proof.PHASE:
+            continue  # reported whole, with verdicts, under "robustness"
         if ev.metric == "routing_overlap":
             overlap[f"{ev.task}/{ev.phase}"] = ev.value
             continue
@@ -114,6 +143,7 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
             "attempts": job.attempt,
             "spec_hash": job.spec_hash,
         },
+        "deletion_request": _deletion_request(session, job.id),
         "forget_corpus": _corpus(session, spec.get("forget")),
         "retain_corpus": _corpus(session, spec.get("retain")),
         "model": {"ref": spec.get("model"), "sha256": model_ev.get("sha256")},
@@ -130,6 +160,9 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
         "parameters_changed": changes,
         "scores": scores,
         "routing_overlap": overlap,
+        "robustness": proof.robustness_of(session, job.id),
+        # the chain of expert patches this job's model carries (root first, this job last)
+        "lineage": lineage.lineage(session, job),
         "failure": (
             {"class": job.failure_class, "message": job.failure_message}
             if job.state == State.FAILED.value
@@ -158,73 +191,12 @@ def build_certificate(session: Session, job_id: str, tenant: str | None = None) 
         "chain_head_seq": v.head_seq,
         "chain_head_hash": v.head_hash,
     }
-    return body
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, dict | list):
-        return f"<code>{html.escape(canonical_json(v))}</code>"
-    return html.escape("" if v is None else str(v))
-
-
-def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    if not rows:
-        return "<p><em>none recorded</em></p>"
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in cols) + "</tr>" for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return signing.sign_document(body, settings)
 
 
 def render_html(cert: dict[str, Any]) -> str:
-    """A self-contained HTML page of the certificate (every value escaped)."""
-    req = cert["request"]
-    score_rows = [
-        {"phase": phase, "task": task, "metric": metric, "value": value}
-        for phase, tasks in cert["scores"].items()
-        for task, metrics in tasks.items()
-        for metric, value in metrics.items()
-    ]
-    overlap_rows = [{"task/phase": k, "overlap": v} for k, v in cert["routing_overlap"].items()]
-    corpora = [
-        {"role": role, **(cert[f"{role}_corpus"] or {})}
-        for role in ("forget", "retain")
-        if cert.get(f"{role}_corpus")
-    ]
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Deletion certificate {_cell(cert['job_id'])}</title>",
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
-        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #999;"
-        "padding:.2em .5em;text-align:left}code{font-size:.85em;word-break:break-all}</style>",
-        "</head><body>",
-        f"<h1>Deletion certificate</h1><p>Job <code>{_cell(cert['job_id'])}</code>: "
-        f"<strong>{_cell(cert['outcome'])}</strong></p>",
-        "<h2>Request</h2>",
-        _table([req], list(req)),
-        "<h2>Data (by hash; the text is never shown)</h2>",
-        _table(corpora, ["role", "source", "sha256", "size_bytes", "records", "format", "split"]),
-        "<h2>Model</h2>",
-        _table([cert["model"]], ["ref", "sha256"]),
-        "<h2>Method and settings</h2>",
-        _table([cert["method"]], list(cert["method"])),
-        "<h2>Selected experts</h2>",
-        _table(cert["experts"]["selected"], ["layer", "expert", "score", "rank"]),
-        "<h2>Parameters changed</h2>",
-        _table(cert["parameters_changed"], ["name", "slice", "sha256_before", "sha256_after"]),
-        "<h2>Scores before and after</h2>",
-        _table(score_rows, ["phase", "task", "metric", "value"]),
-        "<h2>Routing overlap</h2>",
-        _table(overlap_rows, ["task/phase", "overlap"]),
-        "<h2>Audit entries</h2>",
-        f"<p>Audit chain verified now: {_cell(cert['verification']['chain_ok'])} "
-        f"({_cell(cert['verification']['checked_entries'])} entries; head "
-        f"<code>{_cell(cert['verification']['chain_head_hash'])}</code>)</p>",
-        _table(cert["audit"]["entries"], ["seq", "action", "ts", "entry_hash"]),
-        f"<p>Certificate SHA-256: <code>{_cell(cert['certificate_sha256'])}</code></p>",
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    """A self-contained HTML page of the certificate (every value escaped): the template
+    in service/templates/certificate.html, shared by the API and the console."""
+    from service.certificate_html import render
+
+    return render(cert)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import func, select, update
@@ -35,6 +36,7 @@ class Principal:
     key_id: str
     role: Role
     tenant: str
+    platform: bool = False  # a platform admin acts for any tenant; others for their own
 
 
 class InvalidKeyRequest(ServiceError, ValueError):
@@ -46,10 +48,17 @@ def hash_secret(secret: str) -> str:
 
 
 def create_key(
-    session: Session, role: Role | str, tenant: str, *, actor: str = "cli"
+    session: Session,
+    role: Role | str,
+    tenant: str,
+    *,
+    actor: str = "cli",
+    expires_at: datetime | None = None,
+    platform: bool = False,
 ) -> tuple[str, str]:
     """Create a key; returns (key_id, secret). Audited (key id, role, tenant; never the
-    secret or its hash). The caller commits."""
+    secret or its hash). `expires_at`: refused after it; `platform` (admin keys only): may
+    act for every tenant. The caller commits."""
     try:
         r = Role(role)
     except ValueError:
@@ -58,6 +67,10 @@ def create_key(
         ) from None
     if not tenant or len(tenant) > 128 or not tenant.isprintable():
         raise InvalidKeyRequest("tenant", "must be 1..128 printable characters")
+    if platform and r != Role.ADMIN:
+        raise InvalidKeyRequest("platform", "only an admin key can be a platform key")
+    if expires_at is not None and (expires_at.tzinfo is None or expires_at <= utcnow()):
+        raise InvalidKeyRequest("expires", "must be a time in the future, with a time zone")
     # Take the write lock first: on SQLite a SAVEPOINT outside a transaction would commit
     # on release, splitting the key from its audit entry.
     lock_for_write(session)
@@ -74,6 +87,8 @@ def create_key(
                         tenant=tenant,
                         created_at=utcnow(),
                         revoked=False,
+                        expires_at=expires_at,
+                        platform=platform,
                     )
                 )
                 session.flush()
@@ -84,7 +99,9 @@ def create_key(
             actor=actor,
             action="key_created",
             tenant=tenant,
-            payload={"key_id": key_id, "role": r.value},
+            payload={"key_id": key_id, "role": r.value}
+            | ({"platform": True} if platform else {})
+            | ({"expires_at": expires_at.isoformat()} if expires_at else {}),
         )
         return key_id, secret
     raise RuntimeError("could not allocate a key id")
@@ -99,15 +116,20 @@ def authenticate(session: Session, secret: str) -> Principal | None:
     ).scalar_one_or_none()
     if row is None or row.revoked:
         return None
-    return Principal(row.id, Role(row.role), row.tenant)
+    if row.expires_at is not None and row.expires_at <= utcnow():
+        return None
+    return Principal(row.id, Role(row.role), row.tenant, bool(row.platform))
 
 
-def revoke_key(session: Session, key_id: str, *, actor: str = "cli") -> None:
-    """Revoke a key (idempotent). Audited. `NotFound` if there is no such key."""
+def revoke_key(
+    session: Session, key_id: str, *, actor: str = "cli", tenant: str | None = None
+) -> None:
+    """Revoke a key (idempotent). Audited. `NotFound` if there is no such key (or, with
+    `tenant`, it belongs to another tenant: the same answer)."""
     lock_for_write(session)
     row = session.get(ApiKey, key_id)
-    if row is None:
-        raise NotFound("key_id", f"key {key_id} not found")
+    if row is None or (tenant is not None and row.tenant != tenant):
+        raise NotFound("key_id", "key not found")
     if row.revoked:
         return
     session.execute(
@@ -131,3 +153,38 @@ def any_keys(session: Session) -> bool:
         select(func.count()).select_from(ApiKey).where(ApiKey.revoked.is_(False))
     ).scalar_one()
     return n > 0
+
+
+def audit_cross_tenant(session: Session, principal: Principal, kind: str, object_id: str) -> bool:
+    """If `object_id` (a job, corpus or key id) belongs to a tenant other than the caller's,
+    append a `cross_tenant_denied` audit entry under the owning tenant and return True. The
+    caller answers 404 either way (no existence oracle)."""
+    from service.tables import CorpusRecord, Job
+
+    owners: list[str] = []
+    if kind == "job":
+        row = session.get(Job, object_id) if len(object_id) <= 36 else None
+        owners = [row.tenant] if row is not None else []
+    elif kind == "key":
+        key = session.get(ApiKey, object_id) if len(object_id) <= 32 else None
+        owners = [key.tenant] if key is not None else []
+    elif kind == "corpus":
+        owners = list(
+            session.execute(
+                select(CorpusRecord.tenant).where(
+                    CorpusRecord.sha256 == object_id, CorpusRecord.deleted_at.is_(None)
+                )
+            ).scalars()
+        )
+    others = sorted({t for t in owners if t != principal.tenant})
+    if not others:
+        return False
+    for owner in others[:1]:
+        audit.append(
+            session,
+            actor=f"key:{principal.key_id}",
+            action="cross_tenant_denied",
+            tenant=owner,
+            payload={"kind": kind, "id": object_id[:64], "caller_tenant": principal.tenant},
+        )
+    return True

@@ -7,21 +7,89 @@ and the Ray address, which may also be given as the conventional `RAY_ADDRESS`.
 Dispatcher settings (`moe-unlearn dispatcher`): ray_address, ray_num_cpus, ray_temp_dir,
 checkpoint_dir, dispatcher_poll_s, heartbeat_s, cancel_grace_s, attempt_timeout_s,
 dispatcher_concurrency, model_tar_max_bytes (each documented on its field below).
+
+Strict: an unknown `MOE_UNLEARN_*` variable in the environment (a typo, or a setting that
+no longer exists) stops `Settings()` with an error naming it and the nearest known name,
+instead of being silently ignored. Every declared field is known, whatever branch added it;
+`MOE_UNLEARN_TEST_*` is left to the test harness. The worker-side variables
+(`MOE_UNLEARN_CACHE`) are declared in workers/env.py and inherited here.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, AliasPath, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.env import WorkerSettings
+
 DEFAULT_DATABASE_URL = "sqlite:///./var/moe-unlearn.db"
+ENV_PREFIX = "MOE_UNLEARN_"
+# Variables under this prefix belong to the test suite (e.g. MOE_UNLEARN_TEST_PG_URL).
+UNCHECKED_PREFIXES = ("MOE_UNLEARN_TEST_",)
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MOE_UNLEARN_", extra="ignore")
+class UnknownSettingError(ValueError):
+    """An MOE_UNLEARN_* variable that no setting declares (a ValueError: a user error)."""
+
+
+def env_names(cls: type[BaseSettings]) -> set[str]:
+    """Every MOE_UNLEARN_* variable name that `cls` reads (upper case): the prefixed field
+    name, or the prefixed names among a field's validation aliases."""
+    names: set[str] = set()
+    for name, field in cls.model_fields.items():
+        alias = field.validation_alias
+        if alias is None:
+            names.add(f"{ENV_PREFIX}{name}".upper())
+            continue
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        for c in choices:
+            if isinstance(c, AliasPath):
+                c = c.path[0]
+            if isinstance(c, str) and c.upper().startswith(ENV_PREFIX):
+                names.add(c.upper())
+    return names
+
+
+def check_environment(cls: type[BaseSettings], environ: dict[str, str] | None = None) -> None:
+    """Refuse MOE_UNLEARN_* variables that `cls` does not declare."""
+    env = os.environ if environ is None else environ
+    known = env_names(cls)
+    unknown = sorted(
+        k.upper()
+        for k in env
+        if k.upper().startswith(ENV_PREFIX)
+        and k.upper() not in known
+        and not k.upper().startswith(UNCHECKED_PREFIXES)
+    )
+    if not unknown:
+        return
+    parts = []
+    for var in unknown:
+        # compared without the shared prefix, which would make every name look close
+        suffixes = sorted(k.removeprefix(ENV_PREFIX) for k in known)
+        near = difflib.get_close_matches(var.removeprefix(ENV_PREFIX), suffixes, n=1)
+        hint = f"did you mean {ENV_PREFIX}{near[0]}?" if near else "no such setting"
+        parts.append(f"{var} ({hint})")
+    raise UnknownSettingError(
+        f"unknown setting{'s' if len(parts) > 1 else ''} in the environment: {', '.join(parts)}"
+        "; the settings are listed in service/settings.py"
+    )
+
+
+class Settings(WorkerSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    def __init__(self, **values: Any) -> None:
+        # Before parsing, and outside pydantic's ValidationError: its message would echo
+        # every value read, DATABASE_URL's password included.
+        check_environment(type(self))
+        super().__init__(**values)
 
     database_url: str = Field(
         DEFAULT_DATABASE_URL,
@@ -65,6 +133,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long a caller waits for a free pooled connection."
     )
     db_echo: bool = Field(False, description="Log every SQL statement (debugging).")
+    debug: bool = Field(
+        False, description="CLI: show the traceback of an error instead of one line."
+    )
 
     # --- dispatcher and Ray (service/dispatcher.py) ---------------------------------------
     ray_address: str | None = Field(
@@ -103,10 +174,10 @@ class Settings(BaseSettings):
         "to wait before force-killing its Ray task.",
     )
     attempt_timeout_s: float | None = Field(
-        None,
+        6 * 3600.0,
         gt=0,
         description="Wall-clock limit of one attempt; exceeding it fails the job with "
-        "failure class `timeout`. Unset: no limit.",
+        "failure class `timeout` (default 6 h; set empty for no limit).",
     )
     dispatcher_concurrency: int = Field(
         1, ge=1, description="Attempts one dispatcher runs at the same time."
@@ -116,6 +187,80 @@ class Settings(BaseSettings):
         ge=0,
         description="The unlearned model directory is also packed as model.tar (a downloadable "
         "artifact) when it is at most this big; its file index is always recorded.",
+    )
+
+    # --- proof of deletion (service/signing.py, service/checkpoints.py, requests.py) ---
+    signing_key: Path | None = Field(
+        None,
+        description="PEM file of the Ed25519 key that signs certificates and audit "
+        "checkpoints. Unset: one is generated into keys_dir with a warning.",
+    )
+    audit_key: Path | None = Field(
+        None,
+        description="File holding the HMAC key (>= 32 bytes) of audit entries; keep it "
+        "where the database's writers cannot read it. Unset: generated into keys_dir.",
+    )
+    keys_dir: Path | None = Field(
+        None, description="Generated keys and the public-key history. Unset: <data_dir>/keys."
+    )
+    audit_checkpoint_dir: Path | None = Field(
+        None,
+        description="Where `moe-unlearn audit export` writes signed checkpoints of the audit "
+        "chain head (a place the database's writers cannot rewrite). Unset: "
+        "<data_dir>/audit-checkpoints.",
+    )
+    request_due_days: int = Field(
+        30, ge=1, le=366, description="Days from receipt to a deletion request's due date."
+    )
+
+    # --- exposure to clients (issue 14; README "Security") -----------------------------
+    model_dir: Path | None = Field(
+        None,
+        description="Model root: an admin may register directories under it as models "
+        "(`moe-unlearn models add NAME --path DIR`). Unset: no directory models.",
+    )
+    model_allowlist: str | None = Field(
+        None,
+        max_length=1024,
+        description="Regular expression (full match) of hub ids any client may name as "
+        "`model` without registration. Unset: none.",
+    )
+    max_corpus_record_bytes: int = Field(
+        1024 * 1024, gt=0, description="Longest accepted corpus line (record), in bytes."
+    )
+    corpus_quota_bytes: int = Field(
+        1024**3, ge=0, description="Stored corpus bytes one tenant may hold at a time."
+    )
+    max_corpus_retention_days: int = Field(
+        365, ge=0, description="Largest `retention_days` an upload may ask for."
+    )
+    max_queued_jobs: int = Field(
+        20, ge=1, description="Unfinished jobs (queued, retrying, running) per tenant; more: 429."
+    )
+    max_streams_per_tenant: int = Field(
+        8, ge=1, description="Open event streams per tenant (per API process); more: 429."
+    )
+    stream_max_s: float = Field(
+        1800.0, gt=0, description="Longest life of one event stream; reconnect with Last-Event-ID."
+    )
+    rate_per_key: float = Field(
+        20.0, gt=0, description="Sustained requests per second per API key (token bucket)."
+    )
+    rate_burst: int = Field(100, ge=1, description="Burst size of the per-key request rate.")
+    max_world_seed: int = Field(
+        16, ge=0, description="Largest demo `world.seed` a remote client may ask for (each "
+        "new seed is a minutes-long world build)."
+    )
+    cluster_cpus: int | None = Field(
+        None, ge=1, description="CPUs a job may use at most. Unset: ray_num_cpus."
+    )
+    cluster_gpus: int = Field(0, ge=0, description="GPUs a job may use at most.")
+    metrics_token: str | None = Field(
+        None,
+        min_length=16,
+        max_length=256,
+        description="If set, GET /metrics needs `Authorization: Bearer <token>`. It only ever "
+        "shows tenant-free aggregates.",
     )
 
 

@@ -1,11 +1,12 @@
 """Content-addressed blob store on local disk (corpora and job artifacts).
 
-A corpus is stored under its SHA-256 (same bytes = same id, stored once), written to a
-temporary file and renamed into place so a reader never sees half a file. Corpora are
-checked before storing: strict UTF-8, size and record caps, not empty, and each record
+A corpus is stored under its SHA-256 (same bytes = same id, stored once). It is checked
+while it streams in (`CorpusValidator`: memory bounded by the longest accepted record),
+written to a temporary file and renamed into place so a reader never sees half a file.
+Checks: strict UTF-8, size, record and record-length caps, not empty, and each record
 well formed (JSONL objects with a string `text` field, or `prompt` + `answer`; or plain
 text, one record per non-empty line). Errors name the field and the reason and never
-quote the corpus content.
+quote the corpus content. Who holds a corpus, and when it is deleted: `service.corpora`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _JOB_RE = re.compile(r"^[0-9a-fA-F-]{1,36}$")
 
+# Records are flat objects: bounded nesting and integers keep json.loads and int() cheap
+# (a 5,000-deep line raised RecursionError, a 5,000-digit integer ValueError: both 500s).
+MAX_RECORD_DEPTH = 32
+MAX_INT_DIGITS = 100
+
 
 class CorpusError(ServiceError, ValueError):
     """A corpus the service refuses; `field` is `corpus` or `format`."""
@@ -50,6 +56,115 @@ class BlobInfo:
     size: int
 
 
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of more than {MAX_INT_DIGITS} digits")
+    return int(text)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth_ok(value: object, depth: int = 0) -> bool:
+    if depth > MAX_RECORD_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(_depth_ok(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_depth_ok(v, depth + 1) for v in value)
+    return True
+
+
+class CorpusValidator:
+    """Checks a corpus fed in chunks, holding at most one record (line) in memory.
+
+    Records are split on `\\n` only (`\\r\\n` accepted): valid JSON may hold U+2028 or
+    U+0085, which `str.splitlines` splits. Raises `CorpusError` as soon as something is
+    wrong: bad UTF-8 (with its byte offset), NUL, a line over `max_record_bytes`, more than
+    `max_records` records or `max_bytes` bytes, a malformed JSONL record."""
+
+    def __init__(
+        self,
+        *,
+        format: str = "auto",
+        text_field: str = "text",
+        max_bytes: int | None = None,
+        max_records: int | None = None,
+        max_record_bytes: int | None = None,
+    ) -> None:
+        if format not in ("auto", "jsonl", "text"):
+            raise CorpusError("format", f"must be auto, jsonl or text (got {format!r})")
+        self.text_field = text_field
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        self.max_record_bytes = max_record_bytes
+        self._hash = hashlib.sha256()
+        self._partial = b""
+        self._offset = 0  # byte offset of the start of the next line
+        self._lineno = 0
+        self.size = 0
+        self.records = 0
+        self._fmt: str | None = None if format == "auto" else format
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.max_bytes is not None and self.size > self.max_bytes:
+            raise CorpusError("corpus", f"{self.size} bytes is over the limit of {self.max_bytes}")
+        self._hash.update(chunk)
+        data = self._partial + chunk if self._partial else chunk
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._line(line)
+        if self.max_record_bytes is not None and len(self._partial) > self.max_record_bytes:
+            self._too_long(self._lineno + 1)
+
+    def finish(self) -> CorpusInfo:
+        if self._partial:
+            self._line(self._partial)
+            self._partial = b""
+        if self.records == 0:
+            raise CorpusError("corpus", "is empty (no non-blank line)")
+        fmt: CorpusFormat = "jsonl" if self._fmt == "jsonl" else "text"
+        return CorpusInfo(self._hash.hexdigest(), self.size, self.records, fmt)
+
+    def _too_long(self, lineno: int) -> None:
+        raise CorpusError(
+            "corpus",
+            f"line {lineno}: longer than the record limit of {self.max_record_bytes} bytes",
+        )
+
+    def _line(self, raw: bytes) -> None:
+        self._lineno += 1
+        start = self._offset
+        self._offset += len(raw) + 1
+        if self.max_record_bytes is not None and len(raw) > self.max_record_bytes:
+            self._too_long(self._lineno)
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        try:
+            text = raw.decode("utf-8", errors="strict")
+        except UnicodeDecodeError as e:
+            where = start + e.start
+            raise CorpusError("corpus", f"not valid UTF-8 (byte offset {where})") from None
+        if self._lineno == 1 and text.startswith("\ufeff"):
+            text = text[1:]
+        if "\x00" in text:
+            raise CorpusError("corpus", "contains NUL characters (binary data?)")
+        if not text.strip():
+            return
+        self.records += 1
+        if self.max_records is not None and self.records > self.max_records:
+            raise CorpusError(
+                "corpus", f"{self.records} records is over the limit of {self.max_records}"
+            )
+        if self._fmt is None:
+            self._fmt = "jsonl" if text.lstrip().startswith("{") else "text"
+        if self._fmt == "jsonl":
+            _check_record(text, self._lineno, self.text_field)
+
+
 def validate_corpus(
     data: bytes,
     *,
@@ -57,43 +172,35 @@ def validate_corpus(
     text_field: str = "text",
     max_bytes: int | None = None,
     max_records: int | None = None,
+    max_record_bytes: int | None = None,
 ) -> CorpusInfo:
-    """Check a corpus and count its records (raises `CorpusError`)."""
-    if format not in ("auto", "jsonl", "text"):
-        raise CorpusError("format", f"must be auto, jsonl or text (got {format!r})")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise CorpusError("corpus", f"{len(data)} bytes is over the limit of {max_bytes}")
-    try:
-        text = data.decode("utf-8", errors="strict")
-    except UnicodeDecodeError as e:
-        raise CorpusError("corpus", f"not valid UTF-8 (byte offset {e.start})") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if "\x00" in text:
-        raise CorpusError("corpus", "contains NUL characters (binary data?)")
-    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
-    if not lines:
-        raise CorpusError("corpus", "is empty (no non-blank line)")
-    if max_records is not None and len(lines) > max_records:
-        raise CorpusError("corpus", f"{len(lines)} records is over the limit of {max_records}")
-    fmt: CorpusFormat
-    if format == "auto":
-        fmt = "jsonl" if lines[0][1].lstrip().startswith("{") else "text"
-    else:
-        fmt = format  # type: ignore[assignment]
-    if fmt == "jsonl":
-        for lineno, ln in lines:
-            _check_record(ln, lineno, text_field)
-    return CorpusInfo(hashlib.sha256(data).hexdigest(), len(data), len(lines), fmt)
+    """Check a whole corpus and count its records (raises `CorpusError`)."""
+    v = CorpusValidator(
+        format=format,
+        text_field=text_field,
+        max_bytes=max_bytes,
+        max_records=max_records,
+        max_record_bytes=max_record_bytes,
+    )
+    v.feed(data)
+    return v.finish()
 
 
 def _check_record(line: str, lineno: int, text_field: str) -> None:
     try:
-        rec = json.loads(line)
+        rec = json.loads(line, parse_int=_bounded_int, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise CorpusError("corpus", f"line {lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise CorpusError(
+            "corpus", f"line {lineno}: nested deeper than {MAX_RECORD_DEPTH} levels"
+        ) from None
+    except ValueError as e:  # our hooks' refusals: their text never quotes the record
+        raise CorpusError("corpus", f"line {lineno}: not accepted ({e})") from None
     if not isinstance(rec, dict):
         raise CorpusError("corpus", f"line {lineno}: a record must be a JSON object")
+    if not _depth_ok(rec):
+        raise CorpusError("corpus", f"line {lineno}: nested deeper than {MAX_RECORD_DEPTH} levels")
     if text_field in rec:
         if not isinstance(rec[text_field], str) or not rec[text_field].strip():
             raise CorpusError(
@@ -126,6 +233,56 @@ def _atomic_write(dest: Path, data: bytes) -> None:
         raise
 
 
+class CorpusUpload:
+    """One corpus arriving in chunks: validated and hashed as it comes, written to a
+    temporary file under `<root>/incoming`; `commit()` renames it to its content address.
+    Use as a context manager: leaving without commit removes the temporary file."""
+
+    def __init__(self, store: BlobStore, validator: CorpusValidator) -> None:
+        self.store = store
+        self.validator = validator
+        incoming = store.root / "incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=incoming, prefix=".tmp-")
+        self._file = os.fdopen(fd, "wb")
+        self._tmp = Path(tmp)
+        self.info: CorpusInfo | None = None
+
+    def __enter__(self) -> CorpusUpload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def feed(self, chunk: bytes) -> None:
+        self.validator.feed(chunk)
+        self._file.write(chunk)
+
+    def finish(self) -> CorpusInfo:
+        """Validate the end of the corpus; the file is complete on disk (not yet placed)."""
+        self.info = self.validator.finish()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self.info
+
+    def commit(self) -> Path:
+        """Move the finished file to its content address (call under the database write
+        lock: `service.corpora.register`, so a concurrent deletion cannot interleave)."""
+        assert self.info is not None, "finish() first"
+        dest = self.store.corpus_path(self.info.sha256)
+        if not self._tmp.exists() and dest.is_file():
+            return dest  # committed by an earlier try of the same transaction
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self._tmp, dest)
+        return dest
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
 class BlobStore:
     """Files under `root`: corpora/<sha[:2]>/<sha>, artifacts/<job_id>/<name>."""
 
@@ -148,14 +305,28 @@ class BlobStore:
         format: str = "auto",
         max_bytes: int | None = None,
         max_records: int | None = None,
+        max_record_bytes: int | None = None,
     ) -> CorpusInfo:
         """Validate and store a corpus; the same content twice gives the same id (and is
         written once)."""
-        info = validate_corpus(data, format=format, max_bytes=max_bytes, max_records=max_records)
+        info = validate_corpus(
+            data,
+            format=format,
+            max_bytes=max_bytes,
+            max_records=max_records,
+            max_record_bytes=max_record_bytes,
+        )
         dest = self.corpus_path(info.sha256)
         if not dest.exists():
             _atomic_write(dest, data)
         return info
+
+    def delete_corpus(self, sha256: str) -> bool:
+        """Remove a corpus blob; True if there was one."""
+        path = self.corpus_path(sha256)
+        existed = path.is_file()
+        path.unlink(missing_ok=True)
+        return existed
 
     def open_corpus(self, sha256: str) -> BinaryIO:
         """The stored corpus (binary); `NotFound` if it was never stored."""
@@ -183,6 +354,22 @@ class BlobStore:
         return BlobInfo(str(dest), hashlib.sha256(data).hexdigest(), len(data))
 
 
+def register_blob(session: Session, info: CorpusInfo, location: Path) -> None:
+    """Add the blob's row to the `corpora` table if it is not there (the caller commits)."""
+    if session.get(Corpus, info.sha256) is None:
+        session.add(
+            Corpus(
+                sha256=info.sha256,
+                size=info.size,
+                records=info.records,
+                format=info.format,
+                location=str(location),
+                created_at=utcnow(),
+            )
+        )
+        session.flush()
+
+
 def store_corpus(
     session: Session,
     data: bytes,
@@ -191,8 +378,9 @@ def store_corpus(
     settings: Settings | None = None,
     store: BlobStore | None = None,
 ) -> CorpusInfo:
-    """What POST /v1/corpora does: validate with the settings' caps, store the blob, and
-    register it in the `corpora` table (idempotent). The caller commits."""
+    """Validate with the settings' caps, store the blob, and register it in the `corpora`
+    table (idempotent; no tenant holds it: trusted local callers and tests). The API
+    uploads through `service.corpora`. The caller commits."""
     settings = settings or get_settings()
     store = store or BlobStore.from_settings(settings)
     info = store.put_corpus(
@@ -200,24 +388,7 @@ def store_corpus(
         format=format,
         max_bytes=settings.max_corpus_bytes,
         max_records=settings.max_corpus_records,
+        max_record_bytes=settings.max_corpus_record_bytes,
     )
-    if session.get(Corpus, info.sha256) is None:
-        session.add(
-            Corpus(
-                sha256=info.sha256,
-                size=info.size,
-                records=info.records,
-                format=info.format,
-                location=str(store.corpus_path(info.sha256)),
-                created_at=utcnow(),
-            )
-        )
-        session.flush()
+    register_blob(session, info, store.corpus_path(info.sha256))
     return info
-
-
-def get_corpus(session: Session, sha256: str) -> Corpus:
-    row = session.get(Corpus, sha256)
-    if row is None:
-        raise NotFound("corpus_id", f"corpus {sha256} not found")
-    return row

@@ -180,6 +180,9 @@ class AuditEntry(Base):
     job_id: Mapped[str | None] = mapped_column(String(36), index=True)
     tenant: Mapped[str | None] = mapped_column(String(128), index=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # HMAC of entry_hash with the audit key the database does not hold (service/signing.py);
+    # NULL only for entries written before the chain was anchored (issue 15).
+    mac: Mapped[str | None] = mapped_column(String(64))
 
 
 class AuditHead(Base):
@@ -191,6 +194,7 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     entry_hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64))  # HMAC of (seq, entry_hash)
 
 
 class ApiKey(Base):
@@ -203,6 +207,9 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Issue 14: optional expiry; a platform admin may act for any tenant.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    platform: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class IdempotencyKey(Base):
@@ -216,6 +223,112 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("tenant", "key", name="uq_idempotency_tenant_key"),)
+
+
+class CorpusRecord(Base):
+    """A tenant's hold on an uploaded corpus (issue 14). The blob (`corpora`) is shared by
+    content; each (tenant, sha256) is its own record, deleted when its last job ends unless
+    kept (`keep_until`). A deleted record keeps hash, size and record count."""
+
+    __tablename__ = "corpus_records"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    records: Mapped[int] = mapped_column(Integer)
+    format: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    keep_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    deleted_reason: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (UniqueConstraint("tenant", "sha256", name="uq_corpus_records_tenant_sha"),)
+
+
+class RegisteredModel(Base):
+    """A model an admin allowed remote clients to name (issue 14): a hub id + revision, or
+    a directory under the model root (`path`, relative to it)."""
+
+    __tablename__ = "registered_models"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    hub_id: Mapped[str | None] = mapped_column(String(256))
+    revision: Mapped[str | None] = mapped_column(String(128))
+    path: Mapped[str | None] = mapped_column(String(512))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# --- proof of deletion (issue 15; migration 0003) -----------------------------------------
+
+
+class AuditCheckpoint(Base):
+    """A signed checkpoint of the audit chain head. kind `anchor`: the head of a chain
+    written before entries carried MACs (it vouches for the entries up to it); `export`: a
+    copy of one handed out (the auditor's own copy, kept elsewhere, is what counts)."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    entry_hash: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(32))
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)  # the signed checkpoint
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_audit_checkpoints_kind_seq", "kind", "seq"),)
+
+
+class DeletionRequest(Base):
+    """A data subject's deletion request; the jobs that serve it join it."""
+
+    __tablename__ = "deletion_requests"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    reference: Mapped[str] = mapped_column(String(128))  # the requester's own case number
+    subject: Mapped[str | None] = mapped_column(String(256))  # a pseudonymous subject id
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    extended: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # open | done | rejected
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    overdue_reported: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (UniqueConstraint("tenant", "reference", name="uq_requests_reference"),)
+
+
+class DeletionRequestJob(Base):
+    __tablename__ = "deletion_request_jobs"
+
+    request_id: Mapped[str] = mapped_column(
+        ForeignKey("deletion_requests.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True, unique=True
+    )
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+# --- web console (issue 17; migration 0004) ------------------------------------------------
+
+
+class ConsoleSession(Base):
+    """A signed-in console session (issue 17). Only the SHA-256 of the cookie's token is
+    stored, as for keys; the session acts as its API key and ends when the key is revoked."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 ALL_TABLES: tuple[str, ...] = tuple(sorted(Base.metadata.tables))

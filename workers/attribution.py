@@ -24,9 +24,10 @@ used whole; `ExpertMap.tokens` records the count).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -35,7 +36,6 @@ from torch import nn
 
 from workers.moe.base import MoEAdapter
 from workers.routing import Batch, attention_mask_of, router_outputs
-from workers.spec import SeufOptions
 
 Method = Literal["affinity", "contrastive", "frequency"]
 METHODS: tuple[str, ...] = ("affinity", "contrastive", "frequency")
@@ -166,13 +166,12 @@ def _accumulate(
     adapter: MoEAdapter,
     batches: Iterable[Batch],
     layers: list[int],
-    token_budget: int,
     use_loss_positions: bool,
 ) -> _Acc:
     e = adapter.num_experts
     zeros = torch.zeros(len(layers), e, dtype=torch.float64)
     acc = _Acc(zeros.clone(), zeros.clone())
-    for batch in batches:  # may be an endless sampler: stop as soon as the budget is met
+    for batch in batches:
         mask = attention_mask_of(batch)
         acc.tokens += int(mask.sum())
         pos = mask
@@ -184,8 +183,6 @@ def _accumulate(
         counts = pos.sum(dim=1).to(torch.float64)  # L_j (positions per sequence)
         keep = counts > 0  # a sequence without positions does not count in Z
         if not bool(keep.any()):
-            if acc.tokens >= token_budget:
-                break
             continue
         w = pos.to(torch.float64).unsqueeze(-1)  # [B, S, 1]
         outs = router_outputs(model, adapter, batch)
@@ -198,9 +195,53 @@ def _accumulate(
             acc.mass[r] += per_seq_mass.sum(0)
             acc.freq[r] += per_seq_freq.sum(0)
         acc.sequences += int(keep.sum())
-        if acc.tokens >= token_budget:
-            break
     return acc
+
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over ranks, in place (float64)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def budget_prefix(batches: Iterable[Batch], token_budget: int) -> Iterator[Batch]:
+    """The batches attribution reads: up to and including the one whose non-pad tokens
+    bring the running count to `token_budget` (the batch that crosses it is used whole)."""
+    tokens = 0
+    for b in batches:  # may be an endless sampler: stop as soon as the budget is met
+        yield b
+        tokens += int(attention_mask_of(b).sum())
+        if tokens >= token_budget:
+            return
+
+
+def _side(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    batches: Iterable[Batch],
+    layers: list[int],
+    token_budget: int,
+    use_lp: bool,
+    shard: tuple[int, int],
+    reduce: Reduce,
+) -> _Acc:
+    """The sums over this rank's share of the budget prefix (batches rank, rank + world,
+    ...), summed over ranks by `reduce` (every rank gets the same totals)."""
+    rank, world = shard
+    mine = itertools.islice(budget_prefix(batches, token_budget), rank, None, world)
+    acc = _accumulate(model, adapter, mine, layers, use_lp)
+    if reduce is _identity:
+        return acc
+    k = acc.mass.numel()
+    counts = torch.tensor([acc.sequences, acc.tokens], dtype=torch.float64)
+    flat = reduce(torch.cat([acc.mass.flatten(), acc.freq.flatten(), counts]))
+    return _Acc(
+        flat[:k].view_as(acc.mass),
+        flat[k : 2 * k].view_as(acc.freq),
+        int(flat[2 * k]),
+        int(flat[2 * k + 1]),
+    )
 
 
 def attribute(
@@ -212,6 +253,8 @@ def attribute(
     method: str = "auto",
     token_budget: int = 100_000,
     at_loss_positions: bool | None = None,
+    shard: tuple[int, int] = (0, 1),
+    reduce: Reduce = _identity,
 ) -> ExpertMap:
     """Score every routed expert of every MoE layer on the forget batches.
 
@@ -221,6 +264,9 @@ def attribute(
     token_budget: stop after this many non-pad tokens (forget and retain each).
     at_loss_positions: average over loss positions (True) or all non-pad tokens (False);
       None = True for contrastive, False for affinity/frequency (the paper's definition).
+    shard, reduce: (rank, world) and a sum over ranks (e.g. torch.distributed.all_reduce):
+      rank r reads the calibration batches r, r + world, ... and every rank returns the
+      same map (equal to one process's up to float64 summation order).
     Returns an ExpertMap with ranking filled and `selected` empty (see workers.selection).
     """
     m = resolve_method(method, retain_batches is not None)
@@ -228,7 +274,11 @@ def attribute(
         raise ValueError(f"token_budget must be positive, got {token_budget}")
     use_lp = (m == "contrastive") if at_loss_positions is None else at_loss_positions
     layers = adapter.moe_layer_indices()
-    f = _accumulate(model, adapter, forget_batches, layers, token_budget, use_lp)
+
+    def side(batches: Iterable[Batch]) -> _Acc:
+        return _side(model, adapter, batches, layers, token_budget, use_lp, shard, reduce)
+
+    f = side(forget_batches)
     if f.sequences == 0:
         raise ValueError("the forget batches hold no usable tokens (empty, or no loss positions)")
     f_mass = f.mass / f.sequences
@@ -236,7 +286,7 @@ def attribute(
     r_mass: torch.Tensor | None = None
     r_tokens = 0
     if retain_batches is not None:
-        r = _accumulate(model, adapter, retain_batches, layers, token_budget, use_lp)
+        r = side(retain_batches)
         if r.sequences == 0:
             raise ValueError("the retain batches hold no usable tokens")
         r_mass = r.mass / r.sequences
@@ -265,24 +315,6 @@ def attribute(
     emap.ranking = rank(emap)
     emap.diagnostics = diagnose(emap)
     return emap
-
-
-def attribute_for_job(
-    model: nn.Module,
-    adapter: MoEAdapter,
-    forget_batches: Iterable[Batch],
-    retain_batches: Iterable[Batch] | None,
-    seuf: SeufOptions,
-) -> ExpertMap:
-    """`attribute` with the job spec's settings (seuf.attribution, seuf.token_budget)."""
-    return attribute(
-        model,
-        adapter,
-        forget_batches,
-        retain_batches=retain_batches,
-        method=seuf.attribution,
-        token_budget=seuf.token_budget,
-    )
 
 
 def rank(emap: ExpertMap) -> list[ScoredExpert]:

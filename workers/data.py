@@ -138,6 +138,7 @@ class TokenizedCorpus:
 
     samples: list[Sample]
     pad_id: int
+    device: str = "cpu"  # where collated batches go (the worker's device)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -161,13 +162,14 @@ class TokenizedCorpus:
             labels[r, :n] = torch.where(tgt, ids, torch.full_like(ids, -100))
         loss_mask = torch.zeros((b, width), dtype=torch.float32)
         loss_mask[:, :-1] = (labels[:, 1:] != -100).float()
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
             "loss_mask": loss_mask,
             "index": torch.tensor(list(indices), dtype=torch.long),
         }
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def in_order(self, batch_size: int) -> list[Batch]:
         """All samples in corpus order (for reference values and evaluation)."""
@@ -265,19 +267,3 @@ class BatchStream:
 
     def batch(self, step: int) -> Batch:
         return self.corpus.collate(self.indices(step))
-
-
-def load_batches(
-    path: str | Path,
-    tokenizer: Any,
-    batch_size: int,
-    max_length: int,
-    seed: int = 0,
-    loss_tokens: LossTokens = "all",
-    fmt: Literal["auto", "jsonl", "text"] = "auto",
-    text_field: str = "text",
-    max_records: int | None = None,
-) -> BatchStream:
-    """read_corpus -> tokenize -> BatchStream, in one call."""
-    records = read_corpus(path, fmt, text_field, max_records)
-    return BatchStream(tokenize(records, tokenizer, max_length, loss_tokens), batch_size, seed)

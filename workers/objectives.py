@@ -18,7 +18,7 @@ Conventions (batch fields: see workers/data.py):
 - GDiff   l = -tokenNLL(f) + lambda * tokenNLL(r)
 - NPO     l = -(2/beta) * mean_i log sigmoid(beta * (NLL_i - NLLref_i))  [+ lambda*tokenNLL(r)
           when a retain batch is given]; NLLref from the frozen model, computed once
-          before training (`reference_forget_nll`), never the current model.
+          before training (`workers.reference`), never the current model.
 - SimNPO  l = -(2/beta) * mean_i log sigmoid(beta * (NLL_i / n_i - delta))  [+ retain term]
 - RMU     l = MSE(h(x_f), c*u) + alpha_r * MSE(h(x_r), h_ref(x_r)); h = output of the MLP /
           MoE block of layer `rmu_layer`, MSE = mean over real (attention_mask) tokens and
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.data import Batch, TokenizedCorpus
+from workers.data import Batch
 from workers.moe.base import MoEAdapter, MoELayer, RouterOutput, router_tap
 from workers.spec import JobSpec, ObjectiveOptions
 
@@ -487,73 +487,3 @@ def rmu_layer_index(
     if not 0 <= layer < n:
         raise ValueError(f"rmu_layer {layer} out of range: the model has {n} layers")
     return layer
-
-
-# --- reference values, computed once before training ------------------------------------
-@torch.no_grad()
-def reference_forget_nll(
-    model: nn.Module, corpus: TokenizedCorpus, batch_size: int = 16
-) -> torch.Tensor:
-    """Sequence-summed NLL of every forget sample under the (frozen, original) model."""
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(corpus))
-    for b in corpus.in_order(batch_size):
-        nll, _ = sequence_nll(run_forward(model, b).logits, b)
-        out[b["index"]] = nll.float().cpu()
-    model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def reference_activations(
-    model: nn.Module, module: nn.Module, corpus: TokenizedCorpus, batch_size: int = 16
-) -> list[torch.Tensor]:
-    """Output of `module` on every sample (real tokens only), in corpus order."""
-    was_training = model.training
-    model.eval()
-    out: list[torch.Tensor] = [torch.empty(0)] * len(corpus)
-    for b in corpus.in_order(batch_size):
-        acts = run_forward(model, b, capture=module, logits="none").activations
-        assert acts is not None
-        for row, idx in enumerate(b["index"].tolist()):
-            n = int(b["attention_mask"][row].sum())
-            out[idx] = acts[row, :n].float().cpu().clone()
-    model.train(was_training)
-    return out
-
-
-def rmu_direction(hidden_size: int, seed: int) -> torch.Tensor:
-    """A fixed random unit vector (uniform entries, normalised, as in RMU), seeded."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(hidden_size, generator=g)
-    return u / u.norm()
-
-
-def prepare_reference(
-    objective: Objective,
-    model: nn.Module,
-    forget: TokenizedCorpus,
-    retain: TokenizedCorpus | None,
-    seed: int = 0,
-    batch_size: int = 16,
-) -> Reference | None:
-    """Compute what `objective` needs from the frozen model (call BEFORE training) and
-    attach it to the objective. Returns None for reference-free objectives."""
-    d = objective.definition
-    if not d.needs_reference:
-        return None
-    ref = Reference()
-    if objective.name == "npo":
-        ref.forget_nll = reference_forget_nll(model, forget, batch_size)
-    if objective.name == "rmu":
-        if retain is None or objective.capture is None:
-            raise ValueError("objective 'rmu' needs a retain corpus")
-        # The same block in `model` (normally the model being unlearned, before training).
-        owner = objective.adapter.model if objective.adapter is not None else model
-        names = {id(m): n for n, m in owner.named_modules()}
-        module = model.get_submodule(names[id(objective.capture)])
-        ref.retain_activations = reference_activations(model, module, retain, batch_size)
-        ref.rmu_direction = rmu_direction(int(model.config.hidden_size), seed)
-    objective.reference = ref
-    return ref

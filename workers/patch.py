@@ -22,21 +22,25 @@ from safetensors.torch import load_file, save_file
 PATCH_FORMAT = "moe-unlearn-expert-patch/1"
 
 
-def tensor_sha256(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's dtype, shape and raw bytes (contiguous, CPU)."""
+def tensor_sha256(t: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """SHA-256 of a tensor's dtype, shape and raw bytes (contiguous, CPU), as `dtype` if
+    given (the cast is made one tensor at a time)."""
     h = hashlib.sha256()
-    t = t.detach().to("cpu").contiguous()
+    t = t.detach().to("cpu", dtype or t.dtype).contiguous()
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
     return h.hexdigest()
 
 
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor of a state dict, by sorted name: the model's identity."""
+def state_sha256(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
+    """SHA-256 over every tensor of a state dict, by sorted name: the model's identity
+    (floating tensors as `dtype` if given: a model loaded in another dtype than its own)."""
     h = hashlib.sha256()
     for name in sorted(state):
+        t = state[name]
         h.update(name.encode())
-        h.update(tensor_sha256(state[name]).encode())
+        h.update(tensor_sha256(t, dtype if dtype and t.is_floating_point() else None).encode())
     return h.hexdigest()
 
 
@@ -123,6 +127,43 @@ def write_patch(
     patch = ExpertPatch(
         base_sha256 or state_sha256(before), patched_sha256 or state_sha256(after), regions
     )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={"patch": json.dumps(patch.to_json())})
+    tmp.replace(path)
+    return patch
+
+
+RegionKey = tuple[str, int | None]  # (tensor name, expert index along dim 0 or None)
+
+
+def write_region_patch(
+    path: str | Path,
+    before: dict[RegionKey, torch.Tensor],
+    after: dict[RegionKey, torch.Tensor],
+    base_sha256: str,
+    patched_sha256: str,
+    dtype: torch.dtype | None = None,
+) -> ExpertPatch:
+    """`write_patch` from the regions alone (an expert's slice, a whole router), so that
+    nobody holds copies of whole fused expert tensors; slices written as `dtype` if given."""
+    tensors: dict[str, torch.Tensor] = {}
+    regions: list[ChangedRegion] = []
+    for key in sorted(before, key=lambda k: (k[0], -1 if k[1] is None else k[1])):
+        a, b = before[key], after[key]
+        if a.shape != b.shape:
+            raise ValueError(f"parameter {key[0]} changed shape")
+        if torch.equal(a, b):
+            continue
+        i = len(regions)
+        old = a.detach().to("cpu", dtype or a.dtype).contiguous()
+        new = b.detach().to("cpu", dtype or b.dtype).contiguous()
+        tensors[f"before/{i}"], tensors[f"after/{i}"] = old, new
+        regions.append(
+            ChangedRegion(key[0], key[1], tuple(old.shape), tensor_sha256(old), tensor_sha256(new))
+        )
+    patch = ExpertPatch(base_sha256, patched_sha256, regions)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

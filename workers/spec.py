@@ -10,28 +10,41 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Algorithm = Literal["ga", "gdiff", "npo", "simnpo", "rmu"]
-ALGORITHMS: tuple[str, ...] = ("ga", "gdiff", "npo", "simnpo", "rmu")
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
 Scope = Literal["seuf", "full", "experts", "router"]
 SelectionMode = Literal["top_m", "in_layer", "per_layer", "random", "manual"]
 AttributionMethod = Literal["auto", "affinity", "contrastive", "frequency"]
 AnchorReduction = Literal["sum", "mean"]
 LossTokens = Literal["all", "answer"]
 Backend = Literal["ddp", "deepspeed"]
+WorldSize = Literal["full", "small"]
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
+# Upper bounds (issue 14): a client must not ask for 1e30 steps. The README's bounds table
+# lists them; raise one here when a real workload needs more.
+MAX_SEED = 2**31 - 1
+MAX_STEPS = 100_000
+MAX_LAYER = 1024
+MAX_EXPERT = 4096
+MAX_WEIGHT = 1e6
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
+Weight = Annotated[float, Field(ge=0.0, le=MAX_WEIGHT)]
+TaskName = Annotated[str, Field(min_length=1, max_length=128)]
 
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a spec must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: NaN/Infinity would make the spec hash and stored JSON invalid.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class WorldOptions(_Strict):
@@ -44,6 +57,13 @@ class WorldOptions(_Strict):
     )
     arch: str = Field("qwen2_moe", description="MoE family of the tiny model (a model_type).")
     forget_topic: NonNegInt = Field(0, description="Index of the topic to forget.")
+    size: WorldSize = Field(
+        "full",
+        description="full: the demo model (hidden 256, 4 layers, 8 experts); small: a hidden-64, "
+        "2-layer, 8-expert model that pretrains in seconds on one CPU core (tests, quick "
+        "demos; with facts_per_topic >= 50 every question set still has >= 50 questions). "
+        "Both stop pretraining on an epoch count, never a wall clock.",
+    )
 
     @model_validator(mode="after")
     def _topic_in_range(self) -> WorldOptions:
@@ -62,16 +82,22 @@ class CorpusRef(_Strict):
     text with one record per non-empty line.
     """
 
-    path: str | None = Field(None, description="Local JSONL or text file.")
+    path: str | None = Field(None, max_length=4096, description="Local JSONL or text file.")
     corpus_id: str | None = Field(
         None, description="SHA-256 of a corpus uploaded with POST /v1/corpora."
     )
-    demo: Literal["forget", "retain"] | None = Field(
-        None, description="A split of the demo world: its forget topic or its retain pool."
+    demo: Literal["forget", "retain", "untrained"] | None = Field(
+        None,
+        description="A split of the demo world: its forget topic, its retain pool, or the "
+        "forget topic's never-pretrained facts (membership inference's holdout).",
     )
     format: Literal["auto", "jsonl", "text"] = Field("auto", description="File format.")
-    text_field: str = Field("text", description="JSONL field holding the text.")
-    max_records: PositiveInt | None = Field(None, description="Use at most this many records.")
+    text_field: str = Field(
+        "text", min_length=1, max_length=64, description="JSONL field holding the text."
+    )
+    max_records: Annotated[int, Field(gt=0, le=10_000_000)] | None = Field(
+        None, description="Use at most this many records."
+    )
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> CorpusRef:
@@ -89,8 +115,12 @@ class CorpusRef(_Strict):
 
 
 class ExpertRef(_Strict):
-    layer: NonNegInt = Field(description="Index of the decoder layer.")
-    expert: NonNegInt = Field(description="Index of the routed expert within the layer.")
+    layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] = Field(
+        description="Index of the decoder layer."
+    )
+    expert: Annotated[int, Field(ge=0, le=MAX_EXPERT)] = Field(
+        description="Index of the routed expert within the layer."
+    )
 
 
 class SeufOptions(_Strict):
@@ -140,9 +170,11 @@ class SeufOptions(_Strict):
         description="top_m: global top-M; in_layer: top-M within `layer`; per_layer: top-1 "
         "of every MoE layer; random: seeded random expert(s); manual: `experts`.",
     )
-    layer: NonNegInt | None = Field(None, description="Layer for selection=in_layer.")
+    layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] | None = Field(
+        None, description="Layer for selection=in_layer."
+    )
     experts: list[ExpertRef] = Field(
-        default_factory=list, description="Experts for selection=manual."
+        default_factory=list, max_length=1024, description="Experts for selection=manual."
     )
     attribution: AttributionMethod = Field(
         "auto",
@@ -150,7 +182,7 @@ class SeufOptions(_Strict):
         "affinity: mean gate score (paper); contrastive: forget minus retain gate mass at the "
         "loss positions; frequency: selection count (diagnostic).",
     )
-    token_budget: PositiveInt = Field(
+    token_budget: Annotated[int, Field(gt=0, le=10_000_000)] = Field(
         100_000, description="Calibration tokens sampled from the forget corpus."
     )
     attribution_positions: Literal["auto", "answer", "all"] = Field(
@@ -158,7 +190,7 @@ class SeufOptions(_Strict):
         description="Token positions scored by attribution: auto = the answer-predicting "
         "positions of prompt/answer records (all tokens of text records); all = every token.",
     )
-    anchor_weight: NonNegFloat = Field(1.0, description="alpha of the router anchor loss.")
+    anchor_weight: Weight = Field(1.0, description="alpha of the router anchor loss.")
     anchor_reduction: AnchorReduction = Field(
         "sum",
         description="sum: the paper's squared L2 over experts; mean: divided by E "
@@ -167,7 +199,7 @@ class SeufOptions(_Strict):
     router_aux_loss: bool = Field(
         False, description="Keep the model's load-balancing aux loss during unlearning."
     )
-    seed: NonNegInt = Field(0, description="Seed of selection=random.")
+    seed: Seed = Field(0, description="Seed of selection=random.")
 
     @model_validator(mode="after")
     def _mode_fields(self) -> SeufOptions:
@@ -185,25 +217,27 @@ class SeufOptions(_Strict):
 class ObjectiveOptions(_Strict):
     """Settings of the base unlearning objective (GA, GDiff, NPO, SimNPO, RMU)."""
 
-    retain_weight: NonNegFloat = Field(
+    retain_weight: Weight = Field(
         1.0,
         description="lambda: weight of the retain NLL term (GDiff; NPO and SimNPO when a "
         "retain corpus is given). RMU weighs its retain term with rmu_alpha.",
     )
-    beta: Annotated[float, Field(gt=0.0)] = Field(
+    beta: Annotated[float, Field(gt=0.0, le=1000.0)] = Field(
         0.1, description="NPO / SimNPO inverse temperature (paper: 0.001 on summed NLL)."
     )
-    simnpo_delta: float = Field(0.0, description="SimNPO reward margin delta.")
+    simnpo_delta: Annotated[float, Field(ge=-1000.0, le=1000.0)] = Field(
+        0.0, description="SimNPO reward margin delta."
+    )
     loss_tokens: LossTokens = Field(
         "all", description="all tokens, or only the answer tokens of prompt/answer records."
     )
-    rmu_steering_coeff: Annotated[float, Field(gt=0.0)] = Field(
+    rmu_steering_coeff: Annotated[float, Field(gt=0.0, le=10_000.0)] = Field(
         20.0, description="RMU c: norm of the random steering target."
     )
-    rmu_alpha: NonNegFloat = Field(
+    rmu_alpha: Weight = Field(
         100.0, description="RMU alpha_r: weight of the retain activation term."
     )
-    rmu_layer: NonNegInt | None = Field(
+    rmu_layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] | None = Field(
         None, description="RMU layer (default: the SEUF target layer, or the middle layer)."
     )
 
@@ -215,10 +249,10 @@ class StopRule(_Strict):
     forget_accuracy_target: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         None, description="Stop when forget accuracy <= this (e.g. chance + 0.05)."
     )
-    forget_loss_target: float | None = Field(
+    forget_loss_target: Annotated[float, Field(ge=0.0, le=1000.0)] | None = Field(
         None, description="Stop when the forget NLL (per token) >= this."
     )
-    eval_every: PositiveInt = Field(5, description="Steps between stop-rule checks.")
+    eval_every: Steps = Field(5, description="Steps between stop-rule checks.")
     utility_drop_tolerance: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
         None,
         description="Utility guard, checked with the forget check: stop once utility accuracy "
@@ -236,53 +270,165 @@ class TrainingOptions(_Strict):
         "target; probe: chosen from a few steps at lr, lr/3 and lr/10; probe_decay: both "
         "(workers/guard.py).",
     )
-    batch_size: PositiveInt = Field(16, description="Forget (and retain) samples per step.")
-    max_steps: PositiveInt = Field(100, description="Step budget.")
-    warmup_steps: NonNegInt = Field(0, description="Linear warmup steps.")
+    batch_size: Annotated[int, Field(gt=0, le=4096)] = Field(
+        16, description="Forget (and retain) samples per step."
+    )
+    max_steps: Steps = Field(100, description="Step budget.")
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = Field(
+        0, description="Linear warmup steps."
+    )
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="LR schedule after warmup."
     )
-    weight_decay: NonNegFloat = Field(0.0, description="AdamW weight decay (trainable only).")
-    grad_clip: NonNegFloat = Field(1.0, description="Max gradient norm (0 = off).")
-    max_length: PositiveInt = Field(128, description="Truncate samples to this many tokens.")
-    seed: NonNegInt = Field(0, description="Seed of data order and initialisation.")
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
+        0.0, description="AdamW weight decay (trainable only)."
+    )
+    grad_clip: Annotated[float, Field(ge=0.0, le=10_000.0)] = Field(
+        1.0, description="Max gradient norm (0 = off)."
+    )
+    max_length: Annotated[int, Field(gt=0, le=32_768)] = Field(
+        128, description="Truncate samples to this many tokens."
+    )
+    seed: Seed = Field(0, description="Seed of data order and initialisation.")
     activation_cache: bool = Field(
         True,
         description="Compute the hidden states entering the lowest trainable layer once and "
         "run only that layer and the ones above it in each step (same results, faster).",
     )
-    activation_cache_max_mb: PositiveInt = Field(
+    activation_cache_max_mb: Annotated[int, Field(gt=0, le=1_048_576)] = Field(
         256, description="Memory for cached activations; beyond it they spill to disk."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Dtype the weights load in (auto: bfloat16 on CUDA, float32 on CPU). The "
+        "trainable slices keep float32 master weights and optimizer state; losses are "
+        "computed in float32; outputs are written in the base model's dtype.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the activations of the layers above the target in the "
+        "backward pass instead of keeping them (less memory, one more forward per step).",
     )
     stop: StopRule = Field(default_factory=StopRule)
 
 
+class _Check(_Strict):
+    max_batches: Annotated[int, Field(ge=1, le=64)] = Field(
+        4, description="Forget batches (of training.batch_size records) the check reads."
+    )
+
+
+class RouterRestoredCheck(_Check):
+    """Forget accuracy with the original routers put back, and with routing forced to the
+    original top-K: a deletion that only rerouted shows the knowledge back."""
+
+    check: Literal["router_restored"] = "router_restored"
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.5, description="Fail when more than this share of the forgotten accuracy returns."
+    )
+
+
+class RelearningCheck(_Check):
+    """Fine-tune the trained slices (and router) on one half of the forget batches, measure
+    forget accuracy on the other half, then restore them (no second model copy)."""
+
+    check: Literal["relearning"] = "relearning"
+    steps: Annotated[int, Field(ge=1, le=500)] = Field(20, description="Attack steps.")
+    lr: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1e-2, description="Attack AdamW lr.")
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.5, description="Fail when more than this share of the forgotten accuracy returns."
+    )
+
+
+class QuantizationCheck(_Check):
+    """Forget accuracy after round-to-nearest group quantisation of the decoder weights."""
+
+    check: Literal["quantization"] = "quantization"
+    bits: list[Literal[4, 8]] = Field(default_factory=lambda: [8, 4], min_length=1, max_length=2)
+    group_size: Annotated[int, Field(ge=8, le=4096)] = Field(
+        128, description="Weights per quantisation group (along the last dimension)."
+    )
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.5, description="Fail when more than this share of the forgotten accuracy returns."
+    )
+
+
+class MembershipCheck(_Check):
+    """Min-K%++ and loss AUC between forget records and never-trained records of the same
+    distribution (`holdout`; without one the check is not_run)."""
+
+    check: Literal["membership_inference"] = "membership_inference"
+    k_percent: Annotated[float, Field(gt=0.0, le=100.0)] = Field(
+        20.0, description="Min-K%++: the share of lowest-scored tokens averaged."
+    )
+    holdout: CorpusRef | None = Field(
+        None, description="Records the model never trained on (same distribution as forget)."
+    )
+    threshold: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
+        0.2, description="Fail when |AUC - 0.5| exceeds this for either score."
+    )
+
+
+RobustnessCheck = Annotated[
+    RouterRestoredCheck | RelearningCheck | QuantizationCheck | MembershipCheck,
+    Field(discriminator="check"),
+]
+
+
+def _all_checks() -> list[RobustnessCheck]:
+    return [RouterRestoredCheck(), RelearningCheck(), QuantizationCheck(), MembershipCheck()]
+
+
 class EvaluationOptions(_Strict):
-    tasks: list[str] = Field(
+    tasks: list[TaskName] = Field(
         default_factory=list,
+        max_length=32,
         description="Extra lm-eval task names for utility (e.g. mmlu); the demo world's "
         "question sets are always evaluated when the model is the demo model.",
     )
-    forget_tasks: list[str] = Field(
+    forget_tasks: list[TaskName] = Field(
         default_factory=list,
+        max_length=32,
         description="lm-eval task names measuring the forget domain (e.g. wmdp_bio).",
     )
-    limit: PositiveInt | None = Field(None, description="Max documents per lm-eval task.")
+    limit: Annotated[int, Field(gt=0, le=1_000_000)] | None = Field(
+        None, description="Max documents per lm-eval task."
+    )
     backend: Literal["lm-eval", "direct"] = Field(
         "lm-eval",
         description="How the demo world's questions are scored: through lm-eval, or the "
         "direct batched scorer (the same numbers, tested equal; much faster).",
     )
-    batch_size: PositiveInt = Field(32, description="Evaluation batch size.")
+    batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(
+        32, description="Evaluation batch size."
+    )
+    robustness: list[RobustnessCheck] = Field(
+        default_factory=_all_checks,
+        max_length=4,
+        description="Robustness checks run after unlearning (workers/robustness.py), each "
+        "with its budget and threshold; all four by default, [] turns them off.",
+    )
+
+    @model_validator(mode="after")
+    def _checks_once(self) -> EvaluationOptions:
+        names = [c.check for c in self.robustness]
+        if len(names) != len(set(names)):
+            raise ValueError("evaluation.robustness names a check more than once")
+        return self
 
 
 class DistributedOptions(_Strict):
     num_workers: Annotated[int, Field(ge=1, le=256)] = Field(
         1, description="Workers (one CPU each); more than one: Ray Train, data parallel."
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where workers run: auto = cuda when the Ray cluster (or this machine) "
+        "advertises GPUs, else cpu. Decided before placement, so a GPU job asks Ray for GPUs.",
+    )
     backend: Backend = Field("ddp", description="ddp, or deepspeed (ZeRO).")
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    checkpoint_every: PositiveInt = Field(
+    checkpoint_every: Steps = Field(
         20, description="Steps between checkpoints (Ray Train jobs; a retry resumes there)."
     )
 
@@ -322,14 +468,23 @@ class JobSpec(_Strict):
     def _consistent(self) -> JobSpec:
         if self.algorithm in ("gdiff", "rmu") and self.retain is None:
             raise ValueError(f"algorithm '{self.algorithm}' needs a retain corpus")
-        uses_demo = self.forget.demo is not None or (
-            self.retain is not None and self.retain.demo is not None
-        )
+        uses_demo = any(ref.demo is not None for _, ref in self.corpus_refs())
         if uses_demo and self.model != "demo":
             raise ValueError("demo corpora can only be used with model 'demo'")
         if self.seuf.attribution == "contrastive" and self.retain is None:
             raise ValueError("attribution 'contrastive' needs a retain corpus")
         return self
+
+    def corpus_refs(self) -> list[tuple[str, CorpusRef]]:
+        """Every corpus the job reads, with its field path: forget, retain and the
+        membership check's holdout (`evaluation.robustness[i].holdout`)."""
+        refs = [("forget", self.forget)]
+        if self.retain is not None:
+            refs.append(("retain", self.retain))
+        for i, check in enumerate(self.evaluation.robustness):
+            if isinstance(check, MembershipCheck) and check.holdout is not None:
+                refs.append((f"evaluation.robustness[{i}].holdout", check.holdout))
+        return refs
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved spec (every default filled in) as plain JSON data."""
@@ -357,8 +512,11 @@ def load_spec(path: str | Path) -> JobSpec:
         raise ValueError(f"spec {p} is not valid YAML/JSON: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"spec {p} must be a mapping at the top level")
-    for key in ("forget", "retain"):
-        ref = data.get(key)
+    ev = data.get("evaluation")
+    checks = ev.get("robustness") if isinstance(ev, dict) else None
+    holdouts = [c.get("holdout") for c in checks if isinstance(c, dict)] if isinstance(
+        checks, list) else []
+    for ref in [data.get("forget"), data.get("retain"), *holdouts]:
         if isinstance(ref, dict) and isinstance(ref.get("path"), str):
             cp = Path(ref["path"])
             if not cp.is_absolute():

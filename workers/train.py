@@ -1,14 +1,17 @@
-"""The single-process unlearning loop: forget (and retain) batches -> objective -> AdamW
-over the scope's trainable tensors only -> schedule, clipping, stop rules, callbacks.
+"""The ONE unlearning loop, for every runner: forget (and retain) batches -> objective ->
+AdamW over the scope's trainable tensors only -> LR schedule (torch schedulers), clipping,
+stop rules, callbacks, checkpoints.
 
-Read top to bottom: `train` is the whole loop. Resumable: every StepInfo carries a
-`state()` closure (optimizer, scheduler, step, RNG) that `train(..., resume=state)` accepts.
+Read top to bottom: `train` is the whole loop. What differs between one process and a Ray
+Train rank (the engine that steps, this rank's share of a batch, agreeing on a stop, the
+checkpoint hook) is the `runner` (workers/runners/base.py). Resumable: every StepInfo carries
+a `state()` closure (optimizer, scheduler, step, RNG) that `train(..., resume=state)`
+accepts; a Ray Train runner restores its last checkpoint by itself.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,14 +19,26 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    SequentialLR,
+)
 
 from workers.activation_cache import ActivationCache
 from workers.data import Batch
+from workers.devices import MasterWeights
 from workers.moe.base import MoEAdapter
 from workers.objectives import Batches, Objective, run_forward, sequence_nll
 from workers.routing import TopKSnapshot, routing_overlap
+from workers.runners.base import LocalRunner, Runner, Training
 from workers.scope import TrainableScope
 from workers.spec import TrainingOptions
+
+# Why a run stopped, as the int a runner agrees on (max over ranks; 0 = keep going).
+STOP_CODES = ("", "forget_accuracy", "forget_loss", "callback")
 
 
 class BatchSource(Protocol):
@@ -77,27 +92,36 @@ class TrainResult:
     metrics: dict[str, float]  # last stop_check result
     overlap: float | None
     state: dict[str, Any]
+    resumed_from: int = 0  # the step a restored checkpoint (or `resume`) started at
+
+
+def make_scheduler(opt: torch.optim.Optimizer, options: TrainingOptions) -> LRScheduler:
+    """LR multiplier at 0-based step s: linear warmup (s + 1) / warmup_steps, then
+    constant / linear / cosine from 1 to 0 over the remaining max_steps - warmup_steps."""
+    w = options.warmup_steps
+    n = max(1, options.max_steps - w)
+    main: LRScheduler
+    if options.schedule == "constant":
+        main = ConstantLR(opt, factor=1.0, total_iters=0)
+    elif options.schedule == "linear":
+        main = LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=n)
+    else:
+        main = CosineAnnealingLR(opt, T_max=n, eta_min=0.0)
+    if w == 0:
+        return main
+    warm = LinearLR(opt, start_factor=1.0 / w, end_factor=1.0, total_iters=max(w - 1, 0))
+    return SequentialLR(opt, [warm, main], milestones=[w])
 
 
 def lr_factor(step: int, options: TrainingOptions) -> float:
-    """LR multiplier for 0-based `step`: linear warmup, then constant / linear / cosine to 0."""
-    w = options.warmup_steps
-    if w and step < w:
-        return (step + 1) / w
-    if options.schedule == "constant":
-        return 1.0
-    progress = (step - w) / max(1, options.max_steps - w)
-    progress = min(max(progress, 0.0), 1.0)
-    if options.schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def measure_overlap(
-    model: nn.Module, adapter: MoEAdapter, batches: Sequence[Batch], reference: TopKSnapshot
-) -> float:
-    """Top-K overlap with a workers.routing.TopKSnapshot on the same batches."""
-    return routing_overlap(model, adapter, batches, reference)
+    """The schedule's multiplier at 0-based `step` (what make_scheduler applies)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = make_scheduler(opt, options)
+    for _ in range(step):
+        opt.step()
+        sched.step()
+    return float(opt.param_groups[0]["lr"])
 
 
 def train(
@@ -116,6 +140,9 @@ def train(
     overlap_every: int = 1,
     resume: dict[str, Any] | None = None,
     activation_cache: ActivationCache | None = None,
+    runner: Runner | None = None,
+    checkpoint_meta: dict[str, Any] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `scope.trainable_parameters()` on `objective_fn` until a stop rule fires.
 
@@ -126,7 +153,13 @@ def train(
     taken from the original model) makes each StepInfo carry the latest overlap, measured
     every `overlap_every` steps and at the end. activation_cache (workers.activation_cache)
     runs the forward from the cached layer up; overlap and stop checks run the whole model.
+
+    runner (default: one process): a Ray Train rank steps its share of every batch through
+    DDP or DeepSpeed; stop rules and the callback are rank 0's and every rank stops after
+    the same step; every `runner.checkpoint_every` steps a checkpoint (with
+    `checkpoint_meta`) is saved, and a run that has one restores it (then `on_resume`).
     """
+    run = runner or LocalRunner()
     stop = options.stop
     targets = {
         "forget_accuracy": stop.forget_accuracy_target,
@@ -138,19 +171,43 @@ def train(
         raise ValueError(f"algorithm '{objective_fn.name}' needs retain batches")
     if (routing_reference is None) != (routing_batches is None):
         raise ValueError("routing_reference and routing_batches go together")
-    params = scope.trainable_parameters()
+    named = scope.named_trainable()
+    params = [p for _, p in named]
     if not params:
         raise ValueError("the scope has no trainable parameter")
 
     torch.manual_seed(options.seed)
-    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, options))
+    # bfloat16 trainables: AdamW steps float32 masters (small updates are not rounded away).
+    master = None if run.own_master_weights else MasterWeights(params)
+    master = master if master is not None and master.copies else None
+    stepped = master.parameters() if master is not None else params
+    opt = torch.optim.AdamW(stepped, lr=options.lr, weight_decay=options.weight_decay)
+    sched = make_scheduler(opt, options)
+    engine = run.engine(Training(model, scope, named, opt, options, master))
+    restored = resume
+    if restored is not None:
+        opt.load_state_dict(restored["optimizer"])
+    else:
+        restored = run.restore(engine)
+        if restored is not None and restored.get("meta") != (checkpoint_meta or {}):
+            raise RuntimeError(
+                f"the checkpoint was written for {restored.get('meta')}, "
+                f"this attempt is {checkpoint_meta}"
+            )
     start = 0
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        start = int(resume["step"])
-        torch.set_rng_state(resume["rng"])
+    if restored is not None and master is not None:
+        if "master" in restored:  # the float32 values the checkpoint held
+            master.load_state_dict(restored["master"])
+        else:
+            master.sync_from_model()
+    if restored is not None:
+        start = int(restored["step"])
+        if "scheduler" in restored:
+            sched.load_state_dict(restored["scheduler"])
+        if "rng" in restored:
+            torch.set_rng_state(restored["rng"])
+        if start and on_resume is not None:
+            on_resume(start)
 
     done = [start]  # steps done so far; lets a stale state() closure refuse to run
 
@@ -161,9 +218,10 @@ def train(
                 raise RuntimeError(f"state() of step {step} called at step {done[0]}")
             return {
                 "step": step,
-                "optimizer": copy.deepcopy(opt.state_dict()),
+                "optimizer": engine.optimizer_state(),
                 "scheduler": copy.deepcopy(sched.state_dict()),
                 "rng": torch.get_rng_state(),
+                **({"master": master.state_dict()} if master is not None else {}),
             }
 
         return state
@@ -171,60 +229,65 @@ def train(
     # Overlap is measured with the layer list pinned before wiring (see TrainableScope).
     probe_adapter = scope.adapter or adapter
     uses_retain = objective_fn.definition.uses_retain and retain_batches is not None
+    forget_src = run.shard(forget_batches)  # type: ignore[arg-type]
+    retain_src = run.shard(retain_batches) if uses_retain else None  # type: ignore[arg-type]
     history: list[StepInfo] = []
     overlap: float | None = None
     metrics: dict[str, float] = {}
     stopped_by = "max_steps"
     step = start
-    model.train()
     while step < options.max_steps:
         batches = Batches(
-            _batch_at(forget_batches, step),
-            _batch_at(retain_batches, step) if uses_retain else None,  # type: ignore[arg-type]
+            _batch_at(forget_src, step),
+            _batch_at(retain_src, step) if retain_src is not None else None,
         )
         cached = (
             activation_cache.active(model, probe_adapter)
             if activation_cache is not None
             else nullcontext()
         )
+        engine.module.train()
         with cached:
-            outputs = objective_fn.forward(model, batches)
+            outputs = objective_fn.forward(engine.module, batches)
         loss, parts = objective_fn(outputs, batches)
-        if not torch.isfinite(loss):
-            stopped_by = "non_finite_loss"  # never step on inf/nan: the weights stay valid
+        # Never step on inf/nan (the weights stay valid); every rank agrees before the
+        # (collective) backward.
+        if run.agree([0 if torch.isfinite(loss) else 1])[0]:
+            stopped_by = "non_finite_loss"
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = options.grad_clip if options.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         lr = opt.param_groups[0]["lr"]
-        opt.step()
+        grad_norm = engine.step(loss)
         sched.step()
         step += 1
         done[0] = step
 
+        # Measured on the plain model (no DDP buffer sync); ZeRO-3 hooks still gather.
         if routing_reference is not None and (
             step % overlap_every == 0 or step == options.max_steps
         ):
-            overlap = measure_overlap(model, probe_adapter, routing_batches, routing_reference)
+            overlap = routing_overlap(model, probe_adapter, routing_batches, routing_reference)
         checked: dict[str, float] = {}
         if stop_check is not None and step % stop.eval_every == 0:
             checked = metrics = dict(stop_check(model))
-            model.train()
         info = StepInfo(
             step, float(loss.detach()), parts, lr, grad_norm, overlap, checked, state_at(step)
         )
         history.append(info)
-        if checked:
-            reached = _target_reached(checked, targets)
-            if reached:
-                stopped_by = reached
-        if callback is not None and callback(info):
-            stopped_by = "callback"
-        if stopped_by != "max_steps":
+        code = 0
+        if run.is_main:  # rank 0 decides for everyone
+            reached = _target_reached(checked, targets) if checked else None
+            code = STOP_CODES.index(reached) if reached else 0
+            if callback is not None and callback(info):
+                code = STOP_CODES.index("callback")
+        (code,) = run.agree([code])
+        if code:
+            stopped_by = STOP_CODES[code]
             break
+        every = run.checkpoint_every
+        if every and step % every == 0 and step < options.max_steps:
+            run.save(engine, {**state_at(step)(), "meta": checkpoint_meta or {}})
     model.eval()
-    return TrainResult(step, stopped_by, history, metrics, overlap, state_at(step)())
+    return TrainResult(step, stopped_by, history, metrics, overlap, state_at(step)(), start)
 
 
 def _target_reached(metrics: dict[str, float], targets: dict[str, float | None]) -> str | None:

@@ -19,10 +19,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, format_sse_event
 from sqlalchemy.orm import Session
 
-from api.auth import read_jobs, request_session, write_jobs
+from api.auth import note_cross_tenant, read_jobs, request_session, write_jobs
 from api.errors import ApiError, ErrorBody
 from api.schemas import (
     TERMINAL_STATES,
@@ -40,6 +41,7 @@ from api.schemas import (
 )
 from service import jobs
 from service.db import session_scope
+from service.errors import NotFound, SpecRejected
 from service.storage import BlobStore
 from workers.spec import JobSpec
 
@@ -57,13 +59,19 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
+_LIMITED = {429: {"model": ErrorBody, "description": "A tenant limit; see `Retry-After`."}}
 
 
-def _job(session: Session, job_id: str, principal: Any) -> Any:
-    return jobs.get_job(session, job_id, principal.tenant)
+def _job(session: Session, job_id: str, principal: Any, request: Request | None = None) -> Any:
+    try:
+        return jobs.get_job(session, job_id, principal.tenant)
+    except NotFound:
+        if request is not None:
+            note_cross_tenant(request, principal, "job", job_id)
+        raise
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=_ERRORS)
+@router.post("", status_code=202, response_model=JobOut, responses={**_ERRORS, **_LIMITED})
 def submit_job(
     spec: JobSpec,
     request: Request,
@@ -76,23 +84,51 @@ def submit_job(
         description="Retry-safe submission: the same key and body return the same job; "
         "the same key with another body is refused (422).",
     ),
+    request_id: str | None = Query(
+        None, pattern=ID_PATTERN, description="The deletion request this job serves."
+    ),
 ) -> Any:
     """Queue an unlearning job. The body is the job spec (the same as `moe-unlearn run`
-    takes); corpora must be uploaded first (POST /v1/corpora) and named by `corpus_id`."""
-    with request_session(request) as session:
-        result = jobs.submit_job(
-            session,
-            spec,
-            tenant=principal.tenant,
-            actor=f"key:{principal.key_id}",
-            idempotency_key=idempotency_key,
-            requester=principal.key_id,
-        )
-        session.commit()
+    takes); corpora must be uploaded first (POST /v1/corpora) and named by `corpus_id`;
+    `model` is `demo`, a registered model (GET /v1/models) or `job:<id>`. A job that cannot
+    fit the cluster is refused (422, with the numbers); beyond the tenant's unfinished-job
+    limit the answer is 429."""
+    try:
+        with request_session(request) as session:
+            result = jobs.submit_job(
+                session,
+                spec,
+                tenant=principal.tenant,
+                actor=f"key:{principal.key_id}",
+                idempotency_key=idempotency_key,
+                requester=principal.key_id,
+                remote=True,
+                settings=request.app.state.settings,
+            )
+            if request_id is not None and result.created:  # issue 15: join the request
+                _join_request(session, request_id, principal, result.job.id)
+            session.commit()
+    except SpecRejected as e:
+        if e.field.endswith("corpus_id"):
+            ref = dict(spec.corpus_refs()).get(e.field.removesuffix(".corpus_id"))
+            if ref is not None and ref.corpus_id:
+                note_cross_tenant(request, principal, "corpus", ref.corpus_id)
+        raise
     response.headers["Location"] = f"/v1/jobs/{result.job.id}"
     if idempotency_key is not None:
         response.headers["Idempotency-Replayed"] = "false" if result.created else "true"
     return result.job
+
+
+def _join_request(session: Session, request_id: str, principal: Any, job_id: str) -> None:
+    from service import requests
+    from service.errors import NotFound
+
+    try:
+        requests.attach_job(session, request_id, principal.tenant, job_id,
+                            actor=f"key:{principal.key_id}")
+    except NotFound:
+        raise ApiError(422, "request_id", "no such deletion request", location="query") from None
 
 
 @router.get("", response_model=JobList, responses=_ERRORS)
@@ -118,7 +154,7 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut, responses=_ERRORS)
 def get_job(request: Request, job_id: JobId, principal: Any = Depends(read_jobs)) -> Any:
     with request_session(request) as session:
-        return _job(session, job_id, principal)
+        return _job(session, job_id, principal, request)
 
 
 @router.post(
@@ -142,15 +178,22 @@ def _event_dict(e: Any) -> dict[str, Any]:
     return EventOut.model_validate(e).model_dump(mode="json")
 
 
-async def _sse(request: Request, job_id: str, since: int) -> AsyncIterator[str]:
-    """Server-sent events until the job is terminal and every event was sent. Each poll
-    reads the state *before* the events, so a terminal state implies all events are in.
+def _sse_event(ev: dict[str, Any]) -> bytes:
+    return format_sse_event(data_str=json.dumps(ev), event=str(ev["kind"]), id=str(ev["id"]))
 
-    Async on purpose: a stream lives as long as its job, and a sync generator holds one of
-    the threadpool's 40 threads from one sent line to the next (up to the keep-alive), so
-    40 quiet watchers starved every other endpoint. Only the short database poll runs on a
-    thread; the wait between polls is on the event loop."""
+
+async def _sse(request: Request, job_id: str, since: int, tenant: str) -> AsyncIterator[bytes]:
+    """Server-sent events until the job is terminal and every event was sent, or until the
+    stream's maximum lifetime (then `event: timeout`; reconnect with `Last-Event-ID`).
+    Each poll reads the state *before* the events, so a terminal state implies all events
+    are in. Holds one of the tenant's stream slots while it lives.
+
+    Async on purpose: a sync generator holds one of the threadpool's 40 threads from one
+    sent line to the next, so 40 quiet watchers starved every other endpoint. Only the
+    short database poll runs on a thread; the wait between polls is on the event loop."""
     factory = request.app.state.session_factory
+    slots = request.app.state.streams
+    lifetime = float(request.app.state.settings.stream_max_s)
 
     def poll(after: int) -> tuple[str, list[dict[str, Any]]]:
         with session_scope(factory) as s:
@@ -158,26 +201,34 @@ async def _sse(request: Request, job_id: str, since: int) -> AsyncIterator[str]:
             batch = jobs.list_events(s, job_id, since=after, limit=500)
             return state, [_event_dict(e) for e in batch]
 
-    last_sent = time.monotonic()
-    yield "retry: 2000\n\n"
-    while True:
-        state, events = await run_in_threadpool(poll, since)
-        for ev in events:
-            since = ev["id"]
-            yield f"id: {ev['id']}\nevent: {ev['kind']}\ndata: {json.dumps(ev)}\n\n"
-            last_sent = time.monotonic()
-        if len(events) == 500:
-            continue  # more are waiting
-        if state in TERMINAL_STATES:
-            end = {"kind": "end", "job_state": state, "next_since": since}
-            yield f"event: end\ndata: {json.dumps(end)}\n\n"
-            return
-        if await request.is_disconnected():
-            return  # the client left: stop polling for it
-        if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
-            yield ": keep-alive\n\n"  # a comment line keeps proxies from closing the stream
-            last_sent = time.monotonic()
-        await asyncio.sleep(SSE_POLL_SECONDS)
+    try:
+        started = last_sent = time.monotonic()
+        yield b"retry: 2000\n\n"
+        while True:
+            state, events = await run_in_threadpool(poll, since)
+            for ev in events:
+                since = ev["id"]
+                yield _sse_event(ev)
+                last_sent = time.monotonic()
+            if len(events) == 500:
+                continue  # more are waiting
+            if state in TERMINAL_STATES:
+                end = {"kind": "end", "job_state": state, "next_since": since}
+                yield format_sse_event(data_str=json.dumps(end), event="end")
+                return
+            if time.monotonic() - started > lifetime:
+                # A stream of a job that stays queued must not live forever.
+                end = {"kind": "timeout", "job_state": state, "next_since": since}
+                yield format_sse_event(data_str=json.dumps(end), event="timeout")
+                return
+            if await request.is_disconnected():
+                return  # the client left: stop polling for it
+            if time.monotonic() - last_sent > SSE_KEEPALIVE_SECONDS:
+                yield b": keep-alive\n\n"  # keeps proxies from closing the stream
+                last_sent = time.monotonic()
+            await asyncio.sleep(SSE_POLL_SECONDS)
+    finally:
+        slots.release(tenant)
 
 
 @router.get(
@@ -185,9 +236,12 @@ async def _sse(request: Request, job_id: str, since: int) -> AsyncIterator[str]:
     response_model=EventList,
     responses={
         **_ERRORS,
+        **_LIMITED,
         200: {
             "description": "JSON page, or with `Accept: text/event-stream` a stream of "
-            "server-sent events that ends when the job is terminal.",
+            "server-sent events (`id` = event id, `event` = kind, `data` = the event as JSON) "
+            "that ends with `event: end` when the job is terminal, or `event: timeout` after "
+            "the stream's maximum lifetime (reconnect with `Last-Event-ID`).",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
     },
@@ -197,22 +251,33 @@ def job_events(
     job_id: JobId,
     since: int = Query(0, ge=0, le=2**62, description="Only events with id > since."),
     limit: int = Query(100, ge=1, le=1000),
+    last_event_id: str | None = Header(
+        None,
+        alias="Last-Event-ID",
+        max_length=20,
+        description="Resume a stream after this event id (sent by EventSource clients).",
+    ),
     principal: Any = Depends(read_jobs),
 ) -> Any:
     """Progress events (steps, losses, routing overlap), oldest first."""
     stream = "text/event-stream" in request.headers.get("accept", "")
+    if last_event_id is not None:
+        if not last_event_id.isdigit() or int(last_event_id) > 2**62:
+            raise ApiError(422, "Last-Event-ID", "must be an event id", location="header")
+        since = max(since, int(last_event_id))
     with request_session(request) as session:
-        job = _job(session, job_id, principal)
+        job = _job(session, job_id, principal, request)
         if not stream:
             rows = jobs.list_events(session, job.id, since, limit)
             items = [EventOut.model_validate(e) for e in rows]
             return EventList(
                 items=items, next_since=items[-1].id if items else since, job_state=job.state
             )
+    # A slot per open stream (429 beyond the tenant's limit); the stream releases it.
+    request.app.state.streams.acquire(principal.tenant)
     # The stream opens its own short sessions, one per poll.
-    return StreamingResponse(
-        _sse(request, job.id, since),
-        media_type="text/event-stream",
+    return EventSourceResponse(
+        _sse(request, job.id, since, principal.tenant),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -223,7 +288,7 @@ def expert_map(
 ) -> ExpertMapOut:
     """Every scored expert (layer, expert, score, rank); `selected` marks the unlearned ones."""
     with request_session(request) as session:
-        job = _job(session, job_id, principal)
+        job = _job(session, job_id, principal, request)
         rows = jobs.get_expert_map(session, job.id)
         return ExpertMapOut(items=[ExpertScoreOut.model_validate(r) for r in rows])
 
@@ -234,7 +299,7 @@ def evaluations(
 ) -> EvaluationList:
     """Forget and utility scores before and after unlearning."""
     with request_session(request) as session:
-        job = _job(session, job_id, principal)
+        job = _job(session, job_id, principal, request)
         rows = jobs.get_evaluations(session, job.id)
         return EvaluationList(items=[EvaluationOut.model_validate(r) for r in rows])
 
@@ -242,7 +307,7 @@ def evaluations(
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=_ERRORS)
 def artifacts(request: Request, job_id: JobId, principal: Any = Depends(read_jobs)) -> ArtifactList:
     with request_session(request) as session:
-        job = _job(session, job_id, principal)
+        job = _job(session, job_id, principal, request)
         rows = jobs.list_artifacts(session, job.id)
         return ArtifactList(items=[ArtifactOut.model_validate(a) for a in rows])
 
@@ -263,7 +328,7 @@ def download_artifact(
 ) -> FileResponse:
     """The artifact's bytes; the `X-Content-SHA256` header lets the client check them."""
     with request_session(request) as session:
-        job = _job(session, job_id, principal)
+        job = _job(session, job_id, principal, request)
         art = jobs.get_artifact(session, job.id, artifact_id)
     path = Path(art.location)
     # Only serve files inside the blob store (a location is data, not a trusted path).

@@ -67,6 +67,12 @@ def settings(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
         max_corpus_bytes=4096,
         max_corpus_records=50,
         page_size=2,
+        # The shared app's limits stay out of the way; tests/api/test_api_security.py
+        # builds apps with tight ones.
+        rate_per_key=1e6,
+        rate_burst=1_000_000,
+        max_queued_jobs=1_000_000,
+        max_streams_per_tenant=1000,
     )
 
 
@@ -90,7 +96,7 @@ class Keys:
     auditor: str  # tenant acme
     other: str  # requester of tenant globex
     other_auditor: str  # auditor of tenant globex
-    admin: str  # tenant ops
+    admin: str  # tenant ops, platform admin
 
     @staticmethod
     def h(secret: str) -> dict[str, str]:
@@ -100,8 +106,10 @@ class Keys:
 @pytest.fixture(scope="session")
 def api_keys(app: FastAPI) -> Keys:
     with db.session_scope(app.state.session_factory) as s:
+        # The admin is a platform admin (acts for any tenant); plain admins are tested in
+        # tests/api/test_api_security.py.
         made = {
-            name: keys.create_key(s, role, tenant, actor="test")[1]
+            name: keys.create_key(s, role, tenant, actor="test", platform=role == "admin")[1]
             for name, role, tenant in [
                 ("requester", "requester", "acme"),
                 ("auditor", "auditor", "acme"),

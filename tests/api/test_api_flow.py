@@ -18,9 +18,10 @@ def test_corpus_upload_is_content_addressed(client: TestClient, api_keys: Keys) 
     r1 = client.post("/v1/corpora", content=FORGET, headers=Keys.h(api_keys.requester))
     r2 = client.post("/v1/corpora", content=FORGET, headers=Keys.h(api_keys.other))
     assert r1.status_code == r2.status_code == 201
+    fields = ("id", "size", "records", "format")
     assert (
-        r1.json()
-        == r2.json()
+        {k: r1.json()[k] for k in fields}
+        == {k: r2.json()[k] for k in fields}
         == {
             "id": sha256(FORGET),
             "size": len(FORGET),
@@ -33,7 +34,14 @@ def test_corpus_upload_is_content_addressed(client: TestClient, api_keys: Keys) 
         content=RETAIN,
         headers=Keys.h(api_keys.requester) | {"Content-Type": "text/plain"},
     )
-    assert r3.json() == {"id": sha256(RETAIN), "size": len(RETAIN), "records": 2, "format": "text"}
+    assert {k: r3.json()[k] for k in fields} == {
+        "id": sha256(RETAIN),
+        "size": len(RETAIN),
+        "records": 2,
+        "format": "text",
+    }
+    # Each tenant holds its own record; retention 0: deleted when its last job ends.
+    assert r1.json()["keep_until"] is None
 
 
 def test_whole_flow(client: TestClient, app: FastAPI, api_keys: Keys, driver: Driver) -> None:
@@ -65,6 +73,9 @@ def test_whole_flow(client: TestClient, app: FastAPI, api_keys: Keys, driver: Dr
     assert c.events(jid, since=page["next_since"])["items"] == []
     driver.finish(jid, "failed")  # first attempt fails; the next job runs to success
 
+    # Its corpora went with it (retention 0): the next job needs them uploaded again.
+    assert c.upload_corpus(FORGET)["id"] == fid
+    assert c.upload_corpus(RETAIN, format="text")["id"] == rid
     job2 = c.submit(spec(fid, rid, training={"max_steps": 3}))
     driver.run_to_success(job2["id"], artifact=b"\x00patch\xff")
     final = c.wait(job2["id"], timeout=10, interval=0.05)
@@ -185,6 +196,7 @@ def test_cancellation(client: TestClient, api_keys: Keys, driver: Driver) -> Non
     assert r.status_code == 202 and r.json()["state"] == "CANCELLED"
     assert client.post(f"/v1/jobs/{queued}/cancel", headers=h).json()["state"] == "CANCELLED"
 
+    fid = upload(client, api_keys.requester, FORGET)  # deleted with the cancelled job
     running = client.post("/v1/jobs", json=spec(fid), headers=h).json()["id"]
     driver.claim(running)
     r = client.post(f"/v1/jobs/{running}/cancel", headers=h)
@@ -192,6 +204,7 @@ def test_cancellation(client: TestClient, api_keys: Keys, driver: Driver) -> Non
     driver.finish(running, "cancelled")
     assert client.get(f"/v1/jobs/{running}", headers=h).json()["state"] == "CANCELLED"
 
+    fid = upload(client, api_keys.requester, FORGET)
     done = client.post("/v1/jobs", json=spec(fid), headers=h).json()["id"]
     driver.run_to_success(done)
     r = client.post(f"/v1/jobs/{done}/cancel", headers=h)
@@ -304,7 +317,7 @@ def test_health_ready_metrics(client: TestClient, api_keys: Keys) -> None:
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
     lines = m.text.splitlines()
     jobs_by_state = {
-        ln.split('"')[1]: int(ln.rsplit(" ", 1)[1])
+        ln.split('"')[1]: float(ln.rsplit(" ", 1)[1])
         for ln in lines
         if ln.startswith("moe_unlearn_jobs{")
     }

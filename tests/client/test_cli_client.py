@@ -101,6 +101,24 @@ def test_json_output_parses(bare: Service, spec_files: Path):
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True
 
 
+def test_audit_verify_against_a_checkpoint_on_the_server(bare: Service, tmp_path):
+    """The server checks that its chain still extends a checkpoint the client kept; a
+    checkpoint whose head it does not hold (here: one entry edited) is refused, exit 1."""
+    with Client(bare.url, bare.auditor) as c:
+        current = c.audit_checkpoints()["current"]
+    kept = tmp_path / "ckpt.json"
+    kept.write_text(json.dumps(current))
+    r = cli(bare, "audit", "verify", "--against", str(kept), "--json", key=bare.auditor)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ok"] is True
+    forged = dict(current, entry_hash="0" * 64)  # the signature no longer covers it
+    bad = tmp_path / "forged.json"
+    bad.write_text(json.dumps(forged))
+    r = cli(bare, "audit", "verify", "--against", str(bad), key=bare.auditor)
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.startswith("audit chain: NOT VERIFIED") and "signature" in r.stdout
+
+
 def test_a_submit_retried_after_a_dropped_connection_makes_one_job(bare: Service, spec_files: Path):
     port = int(bare.url.rsplit(":", 1)[1])
     proxy = DroppingProxy(port, drops=1)

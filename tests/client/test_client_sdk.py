@@ -76,6 +76,6 @@ def test_download_is_checked_and_errors_name_the_field(served, tmp_path: Path):
         with pytest.raises(ApiClientError) as e:
             c.submit({"forget": {"corpus_id": "ab" * 32}, "algorithm": "npo"})
         assert (e.value.status, e.value.field) == (422, "forget.corpus_id")
-        assert "was not uploaded" in (e.value.reason or "")
+        assert "no such corpus of this tenant" in (e.value.reason or "")
     with pytest.raises(ServerUnreachable):
         Client("http://127.0.0.1:9", key, retry=RetryPolicy(attempts=2, backoff_s=0.01)).get("x")

@@ -7,13 +7,15 @@ import math
 import pytest
 
 from service.audit import check_payload
-from service.dispatcher import (
-    _safe_payload,
-    classify_exception,
+from service.failures import classify
+from service.recording import (
     expert_scores,
     flatten_scores,
     param_changes,
+    safe_payload,
+    stored_kind,
 )
+from workers.progress import JobEvent
 
 
 def test_flatten_scores_splits_names_and_nests_tasks():
@@ -96,7 +98,7 @@ def test_safe_payload_passes_the_audit_checks():
         "selected": [{"layer": 1, "expert": 2}],
         "obj": object(),
     }
-    safe = _safe_payload(raw)
+    safe = safe_payload(raw)
     check_payload(safe)  # raises UnsafePayload otherwise
     assert safe["loss"] is None and safe["parts"] == {"forget": None, "anchor": 0.5}
     assert "text" not in safe and len(safe["note"]) == 512 and safe["obj"] is None
@@ -121,18 +123,54 @@ def test_classify_real_ray_task_errors(ray_cluster, kind, fclass):
     task = ray.remote(num_cpus=0, max_retries=0)(_raise)
     with pytest.raises(Exception) as info:
         ray.get(task.remote(kind))
-    got, msg = classify_exception(info.value)
-    assert got == fclass
-    assert len(msg) <= 2000
+    got = classify(info.value)
+    assert (got.status, got.failure_class) == ("failed", fclass)
+    assert len(got.message) <= 2000
     if kind == "value":
-        assert msg == "forget: the corpus is empty"
+        assert got.message == "forget: the corpus is empty"
 
 
-def test_classify_ray_infrastructure_errors():
+def _class(err: BaseException) -> str | None:
+    out = classify(err)
+    return out.failure_class or out.status
+
+
+def test_classify_by_type_through_every_wrapper():
     import ray.exceptions as rex
+    import torch
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
-    assert classify_exception(rex.WorkerCrashedError())[0] == "infrastructure"
-    assert classify_exception(rex.OutOfMemoryError("node low on memory"))[0] == "out_of_memory"
-    assert classify_exception(rex.TaskCancelledError())[0] == "infrastructure"
-    assert classify_exception(ConnectionError("gcs down"))[0] == "infrastructure"
-    assert classify_exception(KeyError("x"))[0] == "internal"
+    # Ray's own failures.
+    assert _class(rex.WorkerCrashedError()) == "infrastructure"
+    assert _class(rex.OutOfMemoryError("node low on memory")) == "out_of_memory"
+    assert _class(rex.TaskCancelledError()) == "cancelled"  # a force-stop
+    assert _class(ConnectionError("gcs down")) == "infrastructure"
+    # The engine's, raised in the attempt's own process.
+    assert _class(ValueError("bad spec")) == "user_input"
+    assert _class(torch.OutOfMemoryError("CUDA out of memory")) == "out_of_memory"
+    assert _class(KeyError("x")) == "internal"
+    # Through a Ray Train run: a rank's ValueError / OOM keeps its class; anything else a
+    # rank saw (a peer died, gloo lost its connection) is the run failing: infrastructure.
+    assert _class(WorkerGroupError("w", {1: ValueError("no token")})) == "user_input"
+    assert classify(WorkerGroupError("w", {1: ValueError("no token")})).message == "no token"
+    assert _class(WorkerGroupError("w", {0: MemoryError()})) == "out_of_memory"
+    peer_gone = WorkerGroupError("w", {0: RuntimeError("gloo: peer gone")})
+    assert _class(peer_gone) == "infrastructure"
+    assert _class(ControllerError(rex.ActorDiedError())) == "infrastructure"
+    # `raise ... from`: the cause counts.
+    try:
+        try:
+            raise ValueError("empty corpus")
+        except ValueError as inner:
+            raise RuntimeError("wrapped") from inner
+    except RuntimeError as e:
+        assert _class(e) == "user_input"
+
+
+def test_per_rank_events_are_stored_under_their_rank():
+    # Events are unique per (attempt, step, kind): two ranks' rank_stopped at one step
+    # would otherwise keep only the first.
+    kinds = [stored_kind(JobEvent("rank_stopped", 7, {"rank": r, "step": 7})) for r in (0, 1)]
+    assert kinds == ["rank_stopped[0]", "rank_stopped[1]"]
+    assert stored_kind(JobEvent("step", 7, {"rank": 1, "loss": 0.5})) == "step"
+    assert stored_kind(JobEvent("rank_started", 0, {"rank": True})) == "rank_started"

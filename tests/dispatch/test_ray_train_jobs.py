@@ -1,19 +1,13 @@
 """Jobs with several workers through the whole product: a request over real HTTP, the
 dispatcher, a Ray Train TorchTrainer with 2 CPU workers (gloo) on the session's real local
-Ray, and SQLite or PostgreSQL. Also the ways such a job is interrupted: a training worker
-killed mid-run (the next attempt resumes from the checkpoint) and the dispatcher process
-itself killed (a new dispatcher recovers the job); a cancel is in test_dispatcher.py."""
+Ray, and SQLite or PostgreSQL. Interruptions (workers killed from outside, a dispatcher
+process stopped by SIGTERM or SIGKILL): test_interruptions.py; a cancel: test_dispatcher.py.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,54 +15,23 @@ from api.app import create_app
 from api.client import Client
 from service import keys
 from service.db import session_scope
-from service.dispatcher import checkpoint_root, run_dispatcher
+from service.dispatcher import checkpoint_root
 from service.settings import Settings
 from tests.api.conftest import serve_in_thread
 from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, Db, corpus_bytes
 from tests.dispatch.kit import (
-    actions,
-    audit_entry,
-    audit_ok,
-    events,
+    Dispatching,
     free_cpus,
     http_spec,
-    job_row,
     make_settings,
-    submit,
+    register_tiny,
     wait_for,
 )
-from workers.faults import FAIL_AT_ENV, FAIL_MARKER_ENV
 from workers.patch import read_patch
 
 pytestmark = pytest.mark.slow
 
 TWO_WORKERS = {"num_workers": 2, "backend": "ddp", "checkpoint_every": 2}
-
-
-class Dispatching:
-    """`run_dispatcher` in a thread of this process (it joins the session's Ray)."""
-
-    def __init__(self, settings: Settings, **kw: Any) -> None:
-        self.stop = threading.Event()
-        self.out: dict[str, Any] = {}
-        self.thread = threading.Thread(
-            target=lambda: self.out.setdefault(
-                "stats", run_dispatcher(settings, stop_event=self.stop, **kw)
-            )
-        )
-
-    def __enter__(self) -> Dispatching:
-        self.thread.start()
-        return self
-
-    def join(self, timeout: float) -> Any:
-        self.thread.join(timeout=timeout)
-        assert not self.thread.is_alive(), "the dispatcher did not finish"
-        return self.out["stats"]
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
 
 
 @pytest.fixture
@@ -87,6 +50,7 @@ def test_http_request_runs_on_ray_train_with_two_workers(
     db, served, tmp_path, ray_cluster, tiny_model_dir
 ):
     settings, url = served
+    register_tiny(db.factory, tiny_model_dir)
     with session_scope(db.factory) as s:
         requester = keys.create_key(s, "requester", "acme", actor="test")[1]
         auditor = keys.create_key(s, "auditor", "acme", actor="test")[1]
@@ -146,108 +110,3 @@ def test_http_request_runs_on_ray_train_with_two_workers(
         assert a.audit_verify()["ok"] is True
     assert not (checkpoint_root(settings) / job["id"]).exists()  # dropped when it ended
     wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
-
-
-@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
-def test_killed_training_worker_resumes_from_checkpoint_in_attempt_two(
-    db, tmp_path, ray_cluster, tiny_model_dir, monkeypatch
-):
-    """The last rank SIGKILLs itself after step 5 (once the step-4 checkpoint is
-    committed); the dispatcher classes it as infrastructure, retries, and attempt 2
-    resumes at step 4 with the same run name."""
-    settings = make_settings(db, tmp_path)
-    monkeypatch.setenv(FAIL_AT_ENV, "5")
-    monkeypatch.setenv(FAIL_MARKER_ENV, str(tmp_path / "killed-once"))
-    job_id = submit(db, settings, tiny_model_dir, max_steps=8, distributed=TWO_WORKERS)
-
-    with Dispatching(settings, max_jobs=1) as d:
-        stats = d.join(400)
-
-    assert stats.claimed == 2 and stats.finished == {"RETRYING": 1, "SUCCEEDED": 1}
-    assert (tmp_path / "killed-once").read_text() == "killed at step 5"
-    job = job_row(db, job_id)
-    assert (job.state, job.attempt) == ("SUCCEEDED", 2)
-    evs = events(db, job_id)
-    assert [e.attempt for e in evs if e.kind == "attempt_started"] == [1, 2]
-    first = [e.step for e in evs if e.kind == "step" and e.attempt == 1]
-    assert first == [1, 2, 3, 4, 5]
-    (resumed,) = [e for e in evs if e.kind == "resumed"]
-    assert (resumed.attempt, resumed.payload["from_step"]) == (2, 4)
-    assert [e.step for e in evs if e.kind == "step" and e.attempt == 2] == [5, 6, 7, 8]
-    retry = audit_entry(db, job_id, "job_retrying")
-    assert retry.payload["failure_class"] == "infrastructure"
-    assert actions(db, job_id)[-1] == "job_succeeded"
-    assert not (checkpoint_root(settings) / job_id).exists()
-    audit_ok(db)
-    wait_for(lambda: free_cpus() == 2.0, 30, "the CPUs to be free")
-
-
-def _dispatcher_process(settings: Settings, *args: str) -> subprocess.Popen[bytes]:
-    """`moe-unlearn dispatcher` in its own process with its own private local Ray."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "MOE_UNLEARN_DATA_DIR": str(settings.data_dir),
-        "MOE_UNLEARN_LEASE_SECONDS": str(settings.lease_seconds),
-        "MOE_UNLEARN_HEARTBEAT_S": "0.5",
-        "MOE_UNLEARN_DISPATCHER_POLL_S": "0.2",
-        "MOE_UNLEARN_RAY_NUM_CPUS": "2",
-    }
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "dispatcher", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its Ray's processes go with it, not with this test
-    )
-
-
-@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
-def test_killed_dispatcher_process_job_is_recovered_by_a_new_one(
-    db, tmp_path, tiny_model_dir
-):
-    """SIGKILL of the dispatcher process mid-training (its Ray goes with it): its lease
-    expires, a second dispatcher process reclaims the job, and attempt 2 resumes from the
-    checkpoint the first one left."""
-    settings = make_settings(db, tmp_path, lease_seconds=4)
-    # Long enough (a checkpoint every 2 steps) that the first dispatcher is still mid-run
-    # when the test kills it.
-    job_id = submit(db, settings, tiny_model_dir, max_steps=200, distributed=TWO_WORKERS)
-    first = _dispatcher_process(settings)
-    try:
-        wait_for(
-            lambda: any(e.kind == "step" and e.step >= 6 for e in events(db, job_id)),
-            300,
-            "training steps under the first dispatcher",
-        )
-        assert job_row(db, job_id).state == "RUNNING"
-        os.killpg(first.pid, signal.SIGKILL)  # the dispatcher and every process it started
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-    killed_at = max(e.step for e in events(db, job_id) if e.kind == "step")
-    second = _dispatcher_process(settings, "--max-jobs", "1")
-    try:
-        assert second.wait(timeout=600) == 0
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-    job = job_row(db, job_id)
-    assert (job.state, job.attempt) == ("SUCCEEDED", 2)
-    acts = actions(db, job_id)
-    assert acts.count("job_claimed") == 2 and "lease_expired" in acts
-    evs = events(db, job_id)
-    # Attempt 1's recorded steps are a prefix of what it did: the progress it sent after
-    # the dispatcher's last write died with the dispatcher, while its checkpoints (written by
-    # the workers) are on disk, so attempt 2 may resume past the last recorded step.
-    assert [e.step for e in evs if e.kind == "step" and e.attempt == 1] == list(
-        range(1, killed_at + 1)
-    )
-    (resumed,) = [e for e in evs if e.kind == "resumed"]
-    assert resumed.attempt == 2 and 2 <= resumed.payload["from_step"] < 200
-    assert resumed.payload["from_step"] % TWO_WORKERS["checkpoint_every"] == 0
-    steps2 = [e.step for e in evs if e.kind == "step" and e.attempt == 2]
-    assert steps2 == list(range(resumed.payload["from_step"] + 1, 201))
-    audit_ok(db)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from api.client import Client
+from service import db
 from tests.api.serve_kit import ray_serve_process
 from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, corpus_bytes
-from tests.dispatch.kit import http_spec
+from tests.dispatch.kit import http_spec, register_tiny
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +23,9 @@ def test_serve_with_dispatcher_runs_a_ray_train_job_on_one_ray(
     with ray_serve_process(
         tmp_path, "--with-dispatcher", MOE_UNLEARN_DISPATCHER_POLL_S="0.2"
     ) as served:
+        engine = db.make_engine(f"sqlite:///{tmp_path / 'serve.db'}")
+        register_tiny(db.make_session_factory(engine), tiny_model_dir)
+        engine.dispose()
         with Client(served.base, api_key=served.key) as c:
             forget = c.upload_corpus(corpus_bytes(FORGET_SUBJECTS, 12))["id"]
             retain = c.upload_corpus(corpus_bytes(RETAIN_SUBJECTS, 12))["id"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.engine._moe_hand import make_batch
-from workers.attribution import attribute
-from workers.distributed import attribute_sharded, budget_prefix, shard_rows
+from workers.attribution import attribute, budget_prefix
 from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
+from workers.runners.ray_train import shard_rows
 
 
 def _with_loss_mask(b: dict, seed: int) -> dict:
@@ -25,7 +25,7 @@ def _with_loss_mask(b: dict, seed: int) -> dict:
 
 
 def _sharded(model, forget, retain, world: int, **kw) -> list:
-    """Run attribute_sharded on `world` threads (each with its own copy of the model, as
+    """Run sharded attribution on `world` threads (each with its own copy of the model, as
     each rank has) with a summing all-reduce."""
     copies = [copy.deepcopy(model) for _ in range(world)]
     barrier = threading.Barrier(world)
@@ -43,9 +43,15 @@ def _sharded(model, forget, retain, world: int, **kw) -> list:
             return t
 
         try:
-            out[r] = attribute_sharded(
-                copies[r], get_adapter(copies[r]), forget, retain, rank=r, world=world,
-                all_reduce_sum=all_reduce_sum, **kw,
+            out[r] = attribute(
+                copies[r],
+                get_adapter(copies[r]),
+                forget,
+                retain_batches=retain,
+                at_loss_positions=True,
+                shard=(r, world),
+                reduce=all_reduce_sum,
+                **kw,
             )
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
@@ -69,7 +75,7 @@ def test_sharded_attribution_equals_single_process(method, world):
     forget = [_with_loss_mask(make_batch([9, 5, 7], 9, seed=s), s) for s in range(5)]
     retain = [_with_loss_mask(make_batch([6, 8], 8, seed=10 + s), s) for s in range(3)]
     budget = 60  # cuts the forget batches after the 4th (tokens 21, 42, 63 ...)
-    assert len(budget_prefix(forget, budget)) == 3
+    assert len(list(budget_prefix(forget, budget))) == 3
     with torch.no_grad():
         ref = attribute(model, adapter, forget, retain_batches=retain, method=method,
                         token_budget=budget, at_loss_positions=True)  # fmt: skip
@@ -77,14 +83,19 @@ def test_sharded_attribution_equals_single_process(method, world):
     for emap in maps:
         assert emap.method == ref.method and emap.positions == "loss"
         assert (emap.tokens, emap.sequences, emap.retain_tokens) == (
-            ref.tokens, ref.sequences, ref.retain_tokens
+            ref.tokens,
+            ref.sequences,
+            ref.retain_tokens,
         )
         for key in ("scores", "forget_mass", "forget_frequency", "retain_mass"):
             torch.testing.assert_close(
                 torch.tensor(getattr(emap, key), dtype=torch.float64),
                 torch.tensor(getattr(ref, key), dtype=torch.float64),
-                rtol=0, atol=1e-12, msg=key,
+                rtol=0,
+                atol=1e-12,
+                msg=key,
             )
+
         # The same ranking; pairs whose scores tie mathematically (frequencies are often
         # equal fractions) may swap, since float64 summation order decides such ties.
         def key(ranking: list) -> list:

@@ -18,7 +18,8 @@ from workers.activation_cache import (
 from workers.data import Sample, TokenizedCorpus
 from workers.moe import get_adapter
 from workers.moe.tiny import TINY_VOCAB, tiny_model
-from workers.objectives import Batches, make_objective, prepare_reference
+from workers.objectives import Batches, make_objective
+from workers.reference import prepare_reference
 from workers.scope import apply_scope
 from workers.spec import ObjectiveOptions
 

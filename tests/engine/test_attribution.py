@@ -239,20 +239,6 @@ def test_attribution_restores_training_mode(padded_batches) -> None:
     assert model.training
 
 
-def test_attribute_for_job_uses_the_spec(padded_batches) -> None:
-    from workers.attribution import attribute_for_job
-    from workers.spec import SeufOptions
-
-    model = tiny_model("qwen2_moe")
-    adapter = get_adapter(model)
-    first = int(padded_batches[0]["attention_mask"].sum())
-    opts = SeufOptions(attribution="frequency", token_budget=first)
-    emap = attribute_for_job(model, adapter, padded_batches, None, opts)
-    assert (emap.method, emap.tokens) == ("frequency", first)
-    auto = attribute_for_job(model, adapter, padded_batches, padded_batches, SeufOptions())
-    assert auto.method == "contrastive"
-
-
 def test_budget_works_on_an_endless_sampler() -> None:
     import itertools
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.engine._train_kit import corpus, word_tokenizer
-from workers.data import BatchStream, Record, load_batches, parse_records, read_corpus, tokenize
+from workers.data import BatchStream, Record, parse_records, read_corpus, tokenize
 from workers.moe.tiny import tiny_model
 from workers.objectives import token_nll
 
@@ -115,5 +115,5 @@ def test_truncation_and_records_without_targets(tmp_path):
         tokenize([Record(prompt="who is the red king", answer="sun")], tok, 3, "answer")
     p = tmp_path / "c.jsonl"
     p.write_text('{"prompt": "who is", "answer": "red king"}\n' * 3)
-    s = load_batches(p, tok, batch_size=2, max_length=8, loss_tokens="answer")
+    s = BatchStream(tokenize(read_corpus(p), tok, 8, "answer"), 2, seed=0)
     assert s.batch(0)["loss_mask"].sum() == 4

@@ -15,12 +15,10 @@ from workers.objectives import (
     Reference,
     loss_positions,
     make_objective,
-    prepare_reference,
-    reference_forget_nll,
-    rmu_direction,
     run_forward,
     sequence_nll,
 )
+from workers.reference import prepare_reference, reference_forget_nll, rmu_direction
 from workers.scope import apply_scope
 from workers.spec import ObjectiveOptions, StopRule, TrainingOptions
 from workers.train import forget_loss_check, train

@@ -42,16 +42,28 @@ def test_seuf_job_changes_only_the_selected_expert_and_router(model_dir, tmp_pat
             events.append((kind, step))
 
     res = run_job(_spec(model_dir), tmp_path / "out", reporter=Rec())
-    (sel,) = res["selected"]
-    assert res["steps"] == 8 and res["stopped_by"] == "max_steps"
+    (sel,) = res.selected
+    assert res.steps == 8 and res.stopped_by == "max_steps"
     assert [k for k, _ in events if k.startswith("stage:")] == [
-        "stage:loading", "stage:evaluating_before", "stage:attribution", "stage:unlearning",
-        "stage:evaluating_after", "stage:packaging",
+        "stage:loading",
+        "stage:evaluating_before",
+        "stage:attribution",
+        "stage:unlearning",
+        "stage:evaluating_after",
+        "stage:robustness",
+        "stage:packaging",
     ]
     assert [s for k, s in events if k == "step"] == list(range(1, 9))
     # Gradient ascent on the forget data with a retain term: the forget NLL rises.
-    assert res["after"]["forget_nll"] > res["before"]["forget_nll"]
-    assert 0.0 < res["routing_overlap_forget"] <= 1.0
+    assert res.after["forget_nll"] > res.before["forget_nll"]
+    assert 0.0 < res.routing_overlap_forget <= 1.0
+    # The robustness stage ran all four default checks; with no holdout corpus the
+    # membership check says why it did not run.
+    verdicts = {c["check"]: c["verdict"] for c in res.robustness}
+    assert list(verdicts) == ["router_restored", "relearning", "quantization",
+                              "membership_inference"]
+    assert set(verdicts.values()) <= {"pass", "fail", "not_run"}
+    assert verdicts["membership_inference"] == "not_run"
 
     base = AutoModelForCausalLM.from_pretrained(model_dir / "model").state_dict()
     new = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").state_dict()
@@ -66,31 +78,39 @@ def test_seuf_job_changes_only_the_selected_expert_and_router(model_dir, tmp_pat
             assert not torch.equal(t, new[name])
         else:
             assert torch.equal(t, new[name]), f"{name} changed"
-    assert res["trainable_parameters"] == sum(
-        base[prefix + n][expert].numel() for n in ("experts.gate_up_proj", "experts.down_proj")
-    ) + base[prefix + "gate.weight"].numel()
+    assert (
+        res.trainable_parameters
+        == sum(
+            base[prefix + n][expert].numel() for n in ("experts.gate_up_proj", "experts.down_proj")
+        )
+        + base[prefix + "gate.weight"].numel()
+    )
 
     # The patch turns the base model into the unlearned one.
     state = {k: v.clone() for k, v in base.items()}
     apply_patch(state, tmp_path / "out" / "expert_patch.safetensors")
-    assert state_sha256(state) == state_sha256(new) == res["unlearned_model_sha256"]
-    assert state_sha256(base) == res["base_model_sha256"]
+    assert state_sha256(state) == state_sha256(new) == res.unlearned_model_sha256
+    assert state_sha256(base) == res.base_model_sha256
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert saved["selected"] == res["selected"]
+    assert saved["selected"] == res.selected
     assert json.loads((tmp_path / "out" / "expert_map.json").read_text())["method"] == "contrastive"
 
 
 def test_full_scope_trains_everything_and_cancel_stops(model_dir, tmp_path):
     res = run_job(_spec(model_dir, scope="full", algorithm="ga"), tmp_path / "full")
-    assert res["selected"] == [] and res["tunable_ratio"] == 1.0
-    calls = []
+    assert res.selected == [] and res.tunable_ratio == 1.0
+    steps: list[int] = []
 
-    def stop() -> bool:
-        calls.append(1)
-        return len(calls) >= 3
+    class Steps:  # should_stop is also read at stage boundaries: count training steps
+        def stage(self, name: str) -> None:
+            pass
+
+        def event(self, kind: str, step: int, payload: dict) -> None:
+            if kind == "step":
+                steps.append(step)
 
     with pytest.raises(JobCancelled) as e:
-        run_job(_spec(model_dir), tmp_path / "c", should_stop=stop)
+        run_job(_spec(model_dir), tmp_path / "c", Steps(), should_stop=lambda: len(steps) >= 3)
     assert e.value.step == 3
     assert not (tmp_path / "c" / "result.json").exists()
 
@@ -111,16 +131,20 @@ def test_activation_cache_gives_the_same_job(model_dir, tmp_path):
     manual = {"selection": "manual", "experts": [{"layer": 2, "expert": 3}]}
     results = {}
     for on in (True, False):
-        spec = _spec(model_dir, seuf=manual, training={
-            "max_steps": 6, "batch_size": 8, "lr": 3e-3, "activation_cache": on})
+        spec = _spec(
+            model_dir,
+            seuf=manual,
+            training={"max_steps": 6, "batch_size": 8, "lr": 3e-3, "activation_cache": on},
+        )
         results[on] = run_job(spec, tmp_path / f"cache-{on}")
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "cache-True" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "cache-False" / "model").state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert results[True]["selected"] == results[False]["selected"]
-    cache = results[True]["activation_cache"]
+    assert results[True].selected == results[False].selected
+    cache = results[True].activation_cache
     assert cache["layer"] == 2 and cache["hits"] >= 6 and cache["misses"] == 0
-    assert results[False]["activation_cache"] is None
-    assert results[True]["after"]["forget_nll"] == pytest.approx(
-        results[False]["after"]["forget_nll"], rel=1e-4)
+    assert results[False].activation_cache is None
+    assert results[True].after["forget_nll"] == pytest.approx(
+        results[False].after["forget_nll"], rel=1e-4
+    )

@@ -1,19 +1,17 @@
-"""Deployment files: docker-compose.yml checked by the real Compose binary, DeepSpeed configs
-by DeepSpeed's own config classes, KubeRay manifests by parsing (and the Serve config by
-Ray Serve's own schema). No Docker engine is needed; nothing is built."""
+"""docker-compose.yml checked by the real Compose binary (`config`, for every profile). No
+Docker engine is needed; nothing is built. (Kubernetes: test_k8s.py; images: test_images.py;
+packaging and DeepSpeed configs: test_packaging.py.)"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -102,11 +100,13 @@ def test_compose_volumes_are_named_and_shared(config: dict[str, Any]) -> None:
 def test_compose_environment_feeds_service_settings(
     config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = config["services"]["api"]["environment"]
+    env = config["services"]["dispatcher"]["environment"]
     assert env["DATABASE_URL"].startswith("postgresql+psycopg://moe:pw-for-tests@postgres:5432/")
+    # the dispatcher is the Ray Client; the Ray nodes and the api get no RAY_ADDRESS
     assert env["RAY_ADDRESS"] == "ray://ray-head:10001"
-    assert env["RAY_AUTH_TOKEN"] == "token-for-tests"
-    # every Ray node and the api carry the same token (Ray 2.60 token auth)
+    for name in ("ray-head", "ray-worker", "api", "migrate"):
+        assert "RAY_ADDRESS" not in config["services"][name]["environment"], name
+    # every Ray node and the dispatcher carry the same token (Ray 2.60 token auth)
     for name in ("ray-head", "ray-worker", "dispatcher"):
         assert config["services"][name]["environment"]["RAY_AUTH_TOKEN"] == "token-for-tests"
     # the service's own Settings object reads the compose environment as intended
@@ -119,6 +119,40 @@ def test_compose_environment_feeds_service_settings(
     assert s.data_dir == Path("/data/blobs")
     assert s.lease_seconds == 60 and s.max_attempts == 3
     assert s.ray_address == "ray://ray-head:10001"
+    assert s.cache == Path("/data/models/cache")  # the demo world lives on the shared volume
+
+
+@pytest.mark.parametrize("profiles", [[], ["gpu"]])
+def test_every_setting_in_compose_is_declared(profiles: list[str]) -> None:
+    from service.settings import Settings, env_names
+
+    args = [a for p in profiles for a in ("--profile", p)]
+    r = _compose([*args, "config", "--format", "json"], SECRETS)
+    assert r.returncode == 0, r.stderr
+    known = env_names(Settings)
+    for name, svc in json.loads(r.stdout)["services"].items():
+        for var in svc.get("environment", {}):
+            if var.startswith("MOE_UNLEARN_"):
+                assert var in known, f"{name}: {var} is read by nothing (service/settings.py)"
+
+
+def test_compose_gpu_profile_reserves_gpus() -> None:
+    plain = json.loads(_compose(["config", "--format", "json"], SECRETS).stdout)["services"]
+    assert "ray-worker-gpu" not in plain  # opt-in: a host without GPUs starts as before
+    r = _compose(
+        ["--profile", "gpu", "config", "--format", "json"], {**SECRETS, "RAY_GPUS_PER_WORKER": "2"}
+    )
+    assert r.returncode == 0, r.stderr
+    services = json.loads(r.stdout)["services"]
+    gpu = services["ray-worker-gpu"]
+    (dev,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert dev["driver"] == "nvidia" and dev["capabilities"] == ["gpu"] and dev["count"] == 2
+    assert "--num-gpus=2" in gpu["command"]
+    assert gpu["build"]["dockerfile"] == "infra/Dockerfile.gpu"
+    assert gpu["image"] != services["ray-worker"]["image"]
+    assert gpu["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    mounts = {(v["source"], v["target"]) for v in gpu["volumes"]}
+    assert {("models", "/data/models"), ("checkpoints", "/data/checkpoints")} <= mounts
 
 
 def test_compose_worker_count_comes_from_env() -> None:
@@ -156,100 +190,3 @@ def test_compose_binary_rejects_broken_files(tmp_path: Path, broken: str) -> Non
     # control: the same file without the defect is accepted, so the binary runs fine here
     f.write_text("services:\n  api:\n    image: x\n")
     assert _compose(["config", "--quiet"], {}, cwd=tmp_path, compose_file=f).returncode == 0
-
-
-# --- DeepSpeed ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_configs_load_with_deepspeed(stage: int) -> None:
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    path = ROOT / "infra" / "deepspeed" / f"zero{stage}.json"
-    raw = path.read_text()
-    assert '"auto"' not in raw  # "auto" only works through the HF Trainer integration
-    c = DeepSpeedConfig(str(path))
-    assert c.zero_optimization_stage == stage
-    assert c.gradient_clipping == 1.0
-    assert isinstance(c.train_micro_batch_size_per_gpu, int)
-    assert c.train_batch_size == c.train_micro_batch_size_per_gpu * c.gradient_accumulation_steps
-    data = json.loads(raw)
-    assert data["fp16"]["enabled"] is False and data["bf16"]["enabled"] is False
-    assert not c.bfloat16_config.enabled
-    # a client torch optimizer (torch.optim.AdamW) is allowed: no compiled CPU Adam needed
-    assert c.zero_allow_untested_optimizer
-    if stage == 3:
-        # tiny models: shard every parameter (default 1e5 would keep them all unsharded)
-        assert c.zero_config.param_persistence_threshold == 0
-
-
-def test_deepspeed_zero_config_rejects_typos() -> None:
-    # the validator that checks our files really bites: a misspelt stage-3 key fails
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    data = json.loads((ROOT / "infra" / "deepspeed" / "zero3.json").read_text())
-    data["zero_optimization"]["stage3_param_persistance_threshold"] = 0
-    with pytest.raises(Exception, match="stage3_param_persistance_threshold"):
-        DeepSpeedConfig(data)
-
-
-# --- KubeRay --------------------------------------------------------------------------------
-
-
-def _docs(name: str) -> dict[str, dict[str, Any]]:
-    docs = list(yaml.safe_load_all((ROOT / "infra" / "kuberay" / name).read_text()))
-    return {d["kind"]: d for d in docs if d}
-
-
-def _check_cluster_spec(spec: dict[str, Any]) -> None:
-    import ray
-
-    assert spec["rayVersion"] == ray.__version__
-    head = spec["headGroupSpec"]
-    assert head["rayStartParams"]["num-cpus"] == "0"
-    head_ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    assert {6379, 8265, 10001, 8000} <= head_ports
-    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    assert set(groups) == {"cpu", "gpu"}
-    for g in groups.values():
-        assert {"replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(g)
-        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
-        c = g["template"]["spec"]["containers"][0]
-        mounts = {m["mountPath"] for m in c["volumeMounts"]}
-        assert {"/data/models", "/data/blobs", "/data/checkpoints"} <= mounts
-        env = {e["name"] for e in c["env"]}
-        assert {"RAY_AUTH_TOKEN", "DATABASE_URL", "MOE_UNLEARN_DATA_DIR"} <= env
-    assert groups["gpu"]["replicas"] == 0  # optional: scaled up on demand
-    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert gpu_limits["nvidia.com/gpu"] == "1"
-    assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
-
-
-def test_kuberay_raycluster() -> None:
-    docs = _docs("raycluster.yaml")
-    rc = docs["RayCluster"]
-    assert rc["apiVersion"] == "ray.io/v1"
-    _check_cluster_spec(rc["spec"])
-    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
-def test_kuberay_rayservice() -> None:
-    from ray.serve.schema import ServeDeploySchema
-
-    rs = _docs("rayservice.yaml")["RayService"]
-    assert rs["apiVersion"] == "ray.io/v1"
-    # the Serve config validates with Ray Serve's own schema
-    serve = ServeDeploySchema.model_validate(yaml.safe_load(rs["spec"]["serveConfigV2"]))
-    assert [a.import_path for a in serve.applications] == ["api.serve:app"]
-    # the service's cluster is the training cluster: keep the two manifests in sync
-    cluster = _docs("raycluster.yaml")["RayCluster"]["spec"]
-    assert rs["spec"]["rayClusterConfig"] == cluster
-    _check_cluster_spec(rs["spec"]["rayClusterConfig"])
-
-
-def test_dockerfile_pins_cpu_torch() -> None:
-    text = (ROOT / "infra" / "Dockerfile").read_text()
-    assert re.search(r"^ARG BASE=python:3\.11-slim$", text, re.M)
-    assert re.search(r"pip install torch==2\.13\.0 --index-url \$\{TORCH_INDEX\}", text)
-    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text

@@ -84,11 +84,14 @@ def _reset_pg(engine: Engine) -> None:
     # migrating a new one per test; DELETE is cheaper than TRUNCATE on tiny tables).
     with engine.begin() as c:
         for table in (
+            "deletion_request_jobs", "deletion_requests", "audit_checkpoints",
             "job_events", "expert_maps", "evaluations", "artifacts", "idempotency_keys",
             "jobs", "corpora", "audit_log", "api_keys",
         ):
             c.execute(text(f"DELETE FROM {table}"))
-        c.execute(text("UPDATE audit_head SET seq = 0, entry_hash = :g"), {"g": "0" * 64})
+        c.execute(
+            text("UPDATE audit_head SET seq = 0, entry_hash = :g, mac = NULL"), {"g": "0" * 64}
+        )
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,7 @@ def test_illegal_transitions_are_refused(db):
     with session_scope(db.factory) as s:
         j = jobs.get_job(s, job.id)
         with pytest.raises(IllegalTransition, match="QUEUED to SUCCEEDED"):
-            jobs._transition(s, j, State.SUCCEEDED, actor="x", action="bad")
+            jobs.transition(s, j, State.SUCCEEDED, actor="x", action="bad")
     with pytest.raises(LeaseLost):  # nobody holds a lease on a QUEUED job
         with session_scope(db.factory) as s:
             jobs.finish_job(s, job.id, "w1", "succeeded")
@@ -127,7 +127,7 @@ def test_compare_and_set_refuses_a_stale_read(db):
     with session_scope(db.factory) as s:
         stale.state = "QUEUED"
         with pytest.raises(IllegalTransition, match="changed concurrently"):
-            jobs._transition(s, stale, State.RUNNING, actor="w", action="job_claimed")
+            jobs.transition(s, stale, State.RUNNING, actor="w", action="job_claimed")
     with session_scope(db.factory) as s:
         assert jobs.get_job(s, job.id).state == "CANCELLED"
 

@@ -1,4 +1,4 @@
-"""One small demo world (6 topics x 12 facts, hidden-64 model) shared by the world tests."""
+"""The world tests read the session's small world (tests/conftest.py::small_world)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from workers.spec import WorldOptions
-from workers.world import TINY_SETTINGS, World, build_world
-
-SMALL = WorldOptions(seed=0, topics=6, facts_per_topic=12)
+from workers.world import World
 
 
 @pytest.fixture(scope="session")
-def worlds_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("worlds")
-
-
-@pytest.fixture(scope="session")
-def small_world(worlds_dir: Path) -> World:
-    return build_world(SMALL, cache_dir=worlds_dir, pretrain=TINY_SETTINGS)
+def worlds_dir(world_cache: Path, small_world: World) -> Path:
+    return small_world.path.parent
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,24 @@
-"""A small world builds, memorises every topic, is cached, and its corpora are consistent."""
+"""The small world builds, memorises every topic, is cached, and its corpora are consistent."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from statistics import mean
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.world.conftest import SMALL
+from tests.small_world import SMALL_WORLD as SMALL
 from workers.evaluate import accuracy
 from workers.spec import WorldOptions
 from workers.world import (
     QUESTION_SETS,
+    SMALL_SETTINGS,
     TINY_SETTINGS,
+    PretrainSettings,
     build_world,
     load_world,
     load_world_dir,
@@ -36,30 +39,49 @@ def test_small_world_memorises_every_topic(small_world, small_model, small_token
     assert (small_world.model_dir / "model.safetensors").is_file()
     cfg = small_model.config
     assert cfg.model_type == "qwen2_moe" and cfg.shared_expert_intermediate_size == 0
-    assert cfg.hidden_size <= 64 and cfg.num_experts == TINY_SETTINGS.num_experts
+    assert cfg.hidden_size <= 64 and cfg.num_experts == SMALL_SETTINGS.num_experts
+    # pretraining stopped on its accuracy target or epoch count (no clock in the settings)
+    stats = small_world.manifest["pretrain"]
+    assert SMALL_SETTINGS.min_epochs <= stats["epochs"] <= SMALL_SETTINGS.max_epochs
+    assert "max_seconds" not in small_world.manifest["settings"]["pretrain"]
+
+
+def test_untrained_facts_stay_unknown(small_world):
+    """The never-pretrained facts are at chance: a non-member set for membership tests."""
+    acc = small_world.manifest["accuracy"]
+    assert mean(v["untrained"] for v in acc.values()) <= 0.40, acc  # chance 0.25, sd ~0.025
+    rows = [json.loads(x) for x in small_world.corpus_path("untrained").read_text().splitlines()]
+    forget = [json.loads(x) for x in small_world.corpus_path("forget").read_text().splitlines()]
+    assert len(rows) == len(forget) and {r["split"] for r in rows} == {"untrained"}
+    assert {r["topic"] for r in rows} == {0}
+    assert not {r["answer"] for r in rows} & {r["answer"] for r in forget}
+    qs = small_world.question_set("untrained", forget_topic=1)
+    assert len(qs) == SMALL.facts_per_topic and {q["topic"] for q in qs} == {1}
+    assert not {q["id"] for q in qs} & {q["id"] for q in small_world.questions()}
+    assert "corpora/untrained_topic0.jsonl" in small_world.manifest["files"]
 
 
 def test_cached_second_call_same_hash_other_seed_other_hash(small_world, worlds_dir):
-    t0 = time.monotonic()
-    again = build_world(SMALL, cache_dir=worlds_dir, pretrain=TINY_SETTINGS)
-    assert time.monotonic() - t0 < 5.0  # no training: a cache hit only reads the manifest
-    assert not again.built_now and again.path == small_world.path
+    again = build_world(SMALL, cache_dir=worlds_dir)
+    assert not again.built_now and again.path == small_world.path  # a cache hit
     assert again.hash == small_world.hash == small_world.manifest["hash"]
-    assert load_world(SMALL, cache_dir=worlds_dir, pretrain=TINY_SETTINGS).path == small_world.path
+    assert load_world(SMALL, cache_dir=worlds_dir).path == small_world.path
     # forget_topic changes the splits, not the world
     other_topic = SMALL.model_copy(update={"forget_topic": 2})
-    assert load_world(other_topic, cache_dir=worlds_dir, pretrain=TINY_SETTINGS).forget_topic == 2
-    h = settings_hash(world_settings(SMALL, TINY_SETTINGS))
+    assert load_world(other_topic, cache_dir=worlds_dir).forget_topic == 2
+    h = settings_hash(world_settings(SMALL, SMALL_SETTINGS))
     assert h == small_world.hash
-    assert settings_hash(world_settings(SMALL.model_copy(update={"seed": 1}), TINY_SETTINGS)) != h
+    assert settings_hash(world_settings(SMALL.model_copy(update={"seed": 1}), SMALL_SETTINGS)) != h
     assert (
-        settings_hash(world_settings(SMALL.model_copy(update={"arch": "mixtral"}), TINY_SETTINGS))
+        settings_hash(world_settings(SMALL.model_copy(update={"arch": "mixtral"}), SMALL_SETTINGS))
         != h
     )
+    full = SMALL.model_copy(update={"size": "full"})
+    assert settings_hash(world_settings(full, PretrainSettings())) != h
+    with pytest.raises(FileNotFoundError, match="size=full.*moe-unlearn world build"):
+        load_world(full, cache_dir=worlds_dir)
     with pytest.raises(FileNotFoundError, match="moe-unlearn world build"):
-        load_world(
-            SMALL.model_copy(update={"seed": 7}), cache_dir=worlds_dir, pretrain=TINY_SETTINGS
-        )
+        load_world(SMALL.model_copy(update={"seed": 7}), cache_dir=worlds_dir)
 
 
 def test_manifest_file_hashes_and_layout(small_world):
@@ -70,23 +92,26 @@ def test_manifest_file_hashes_and_layout(small_world):
     assert {"model/config.json", "model/model.safetensors", "tokenizer.json"} <= set(mf["files"])
     # small worlds get every retain-pool file at build time, so the manifest covers them
     assert {f"corpora/retain_pool_not_topic{t}.jsonl" for t in range(6)} <= set(mf["files"])
+    assert {f"questions/untrained_topic{t}.jsonl" for t in range(6)} <= set(mf["files"])
     assert AutoTokenizer.from_pretrained(str(small_world.model_dir)).vocab == (
         small_world.load_tokenizer().vocab
     )
-    assert mf["settings"]["topics"] == 6 and mf["settings"]["facts_per_topic"] == 12
+    assert mf["settings"]["topics"] == 6 and mf["settings"]["facts_per_topic"] == 50
+    assert mf["settings"]["pretrain"] == SMALL_SETTINGS.to_dict()
 
 
 def test_corpora_and_question_sets(small_world):
     f_path = small_world.corpus_path("forget")
     rows = [json.loads(x) for x in f_path.read_text().splitlines()]
-    assert len(rows) == 12 * 3 and {r["topic"] for r in rows} == {0}
+    assert len(rows) == 50 * 3 and {r["topic"] for r in rows} == {0}
     assert all(r["text"] == r["prompt"] + " " + r["answer"] for r in rows)
     r_rows = [json.loads(x) for x in small_world.corpus_path("retain").read_text().splitlines()]
     assert {r["topic"] for r in r_rows} == {1, 2, 3, 4, 5}
-    assert all(r["split"] == "pool" for r in r_rows) and len(r_rows) == 5 * 6 * 3
+    assert all(r["split"] == "pool" for r in r_rows) and len(r_rows) == 5 * 25 * 3
     sets = {n: small_world.question_set(n) for n in QUESTION_SETS}
-    assert len(sets["forget"]) == len(sets["forget_paraphrase"]) == 12
-    assert len(sets["retain"]) == len(sets["retain_unseen"]) == 5 * 6
+    assert len(sets["forget"]) == len(sets["forget_paraphrase"]) == 50
+    assert len(sets["retain"]) == len(sets["retain_unseen"]) == 5 * 25
+    assert len(sets["untrained"]) == len(sets["untrained_paraphrase"]) == 50
     pool_facts = {(q["topic"], q["fact"]) for q in sets["retain"]}
     unseen = {(q["topic"], q["fact"]) for q in sets["retain_unseen"]}
     assert not pool_facts & unseen
@@ -100,12 +125,12 @@ def test_corpora_and_question_sets(small_world):
 
 
 def test_untrained_model_scores_near_chance(small_world, small_tokenizer):
-    cfg = world_model_config("qwen2_moe", len(small_tokenizer), TINY_SETTINGS)
+    cfg = world_model_config("qwen2_moe", len(small_tokenizer), SMALL_SETTINGS)
     torch.manual_seed(123)
     blank = AutoModelForCausalLM.from_config(cfg).eval()
-    qs = small_world.questions()  # 144 four-choice questions
+    qs = small_world.questions()  # 600 four-choice questions
     acc = accuracy(blank, small_tokenizer, qs)
-    assert 0.12 <= acc <= 0.40, acc  # chance 0.25, sd ~0.036
+    assert 0.15 <= acc <= 0.35, acc  # chance 0.25, sd ~0.018
 
 
 def test_build_once_builds_once_under_concurrency(tmp_path):
@@ -155,10 +180,10 @@ def test_topic_init_clusters_embeddings_and_routes_topic_words(small_tokenizer):
     from workers.world.generate import generate_world
     from workers.world.pretrain import _topic_embedding_init, _topic_router_init
 
-    data = generate_world(0, 6, 12)  # the small world's words (same tokenizer)
+    data = generate_world(0, 6, 50)  # the small world's words (same tokenizer)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
-        world_model_config("qwen2_moe", len(small_tokenizer), TINY_SETTINGS)
+        world_model_config("qwen2_moe", len(small_tokenizer), SMALL_SETTINGS)
     ).eval()
     dirs = _topic_embedding_init(model, small_tokenizer, data, 0.5, seed=0)
     _topic_router_init(model, dirs, 8.0)
@@ -168,12 +193,14 @@ def test_topic_init_clusters_embeddings_and_routes_topic_words(small_tokenizer):
     same = torch.stack([(emb[i] @ emb[i].T).mean() for i in ids]).mean()
     cross = (emb[ids[0]] @ emb[ids[1]].T).mean()
     assert same > 0.3 and abs(cross) < 0.15, (same, cross)
-    # subjects of topic t are routed to expert t % E (in their top-K) in every MoE layer
+    # subjects of topic t are routed to expert t % E (in their top-2 of 8: chance 0.25) in
+    # every MoE layer: mostly, and well above chance for every topic and layer
     adapter = get_adapter(model)
     n_e = adapter.num_experts
+    shares = []
     for t, i in enumerate(ids):
         outs = router_outputs(model, adapter, {"input_ids": i[:, None]})
-        for o in outs.values():
-            assert (o.topk_indices == t % n_e).any(-1).float().mean() >= 0.9
+        shares += [float((o.topk_indices == t % n_e).any(-1).float().mean()) for o in outs.values()]
+    assert sum(shares) / len(shares) >= 0.9 and min(shares) >= 0.6, shares
     with pytest.raises(ValueError, match="topic_embedding_mix"):
         _topic_embedding_init(model, small_tokenizer, data, 1.5, seed=0)

@@ -7,17 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CLI = [sys.executable, "-c", "from api.cli import main; main()"]
 
 
 def _build(cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*CLI, "world", "build", "--topics", "2", "--facts-per-topic", "4"],
+        [*CLI, "world", "build", "--topics", "2", "--facts-per-topic", "4", "--size", "small"],
         env=os.environ | {"MOE_UNLEARN_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
 
+@pytest.mark.slow  # two CLI processes (torch + transformers imports) and a world build
 def test_world_build_prints_progress_then_the_directory(tmp_path: Path) -> None:
     first = _build(tmp_path)
     assert first.returncode == 0, first.stderr

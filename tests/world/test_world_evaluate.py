@@ -28,6 +28,7 @@ def damaged(small_model):
     return m.eval()
 
 
+@pytest.mark.slow  # lm-eval's import and task set-up: 10-45 s on a loaded 2-core box
 def test_lm_eval_acc_equals_direct_scorer(small_world, damaged, small_tokenizer):
     qs = small_world.questions()
     direct = score_questions(damaged, small_tokenizer, qs, batch_size=16)
@@ -51,6 +52,7 @@ def test_direct_scorer_is_the_loglikelihood_of_each_choice(
         assert s == pytest.approx(float(lp[tid]), abs=1e-5)
 
 
+@pytest.mark.slow  # lm-eval, as above
 def test_evaluate_world_groups_sets(small_world, small_model, damaged, small_tokenizer):
     good = evaluate_world(
         small_model, small_tokenizer, small_world, batch_size=32, backend="direct"

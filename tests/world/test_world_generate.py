@@ -83,3 +83,26 @@ def test_tokenizer_round_trip_via_autotokenizer(tmp_path):
         assert len(tok(" " + f.answer, add_special_tokens=False)["input_ids"]) == 1
     assert tok("zzz-not-a-word")["input_ids"] == [tok.unk_token_id]
     assert len(PHRASINGS) == N_PHRASINGS
+
+
+def test_untrained_facts_are_never_in_training_and_drawn_like_the_others():
+    w = generate_world(0, 6, 12)
+    trained_words = {x for t in range(6) for r in w.training_records(t) for x in r["text"].split()}
+    for t in w.topics:
+        assert len(t.untrained) == len(t.facts) and {f.split for f in t.untrained} == {"untrained"}
+        # fact ids continue after the trained ones: (topic, fact) names one fact
+        assert [f.index for f in t.untrained] == list(range(12, 24))
+        for f in t.untrained:
+            assert f.subject not in trained_words and f.answer not in trained_words
+            assert {f.subject, f.answer} <= set(w.vocabulary)  # the tokenizer knows them
+            # the same kind of word as the topic's trained facts (suffix of its style)
+            assert f.subject.endswith(t.style.subject_suffix)
+            assert f.answer.endswith(t.style.answer_suffix)
+        rows = w.untrained_records(t.index)
+        assert len(rows) == 12 * (N_PHRASINGS - 1)
+        assert {r["split"] for r in rows} == {"untrained"}
+        assert all(r["prompt"].split()[-1] == t.style.relation for r in rows)
+        qs = w.untrained_question_records(t.index)
+        answers = {f.answer for f in t.untrained}
+        assert len(qs) == 2 * 12 and all(set(q["choices"]) <= answers for q in qs)
+        assert all(q["choices"][q["answer"]] == t.untrained[q["fact"] - 12].answer for q in qs)

@@ -7,8 +7,11 @@
 
 A world directory (<cache>/worlds/<hash>/) holds model/ (safetensors + config + tokenizer),
 the tokenizer files, corpora/*.jsonl, questions/*.jsonl and manifest.json. The hash covers
-seed, topics, facts_per_topic, arch, the generator version and the pretraining settings;
-`forget_topic` is not part of it (the model knows every topic; only the splits differ).
+seed, topics, facts_per_topic, arch, the generator version and the pretraining settings
+(`size` picks them: full, or small for tests); `forget_topic` is not part of it (the model
+knows every topic; only the splits differ). corpora/untrained_topic<t>.jsonl and
+questions/untrained_topic<t>.jsonl hold facts of topic t the model never saw (same
+distribution): non-members for membership-inference checks.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from workers.spec import WorldOptions
 from workers.world.cache import (
@@ -31,7 +34,7 @@ from workers.world.cache import (
     tree_hashes,
 )
 from workers.world.generate import GENERATOR_VERSION, PHRASINGS, generate_world
-from workers.world.pretrain import TINY_SETTINGS, PretrainSettings
+from workers.world.pretrain import PRESETS, SMALL_SETTINGS, TINY_SETTINGS, PretrainSettings
 
 Progress = Callable[[str, dict[str, Any]], None]
 QuestionSet = Literal[
@@ -41,15 +44,10 @@ QuestionSet = Literal[
     "retain_paraphrase",
     "retain_unseen",
     "retain_unseen_paraphrase",
+    "untrained",
+    "untrained_paraphrase",
 ]
-QUESTION_SETS: tuple[str, ...] = (
-    "forget",
-    "forget_paraphrase",
-    "retain",
-    "retain_paraphrase",
-    "retain_unseen",
-    "retain_unseen_paraphrase",
-)
+QUESTION_SETS: tuple[str, ...] = get_args(QuestionSet)
 
 
 def world_settings(options: WorldOptions, pretrain: PretrainSettings) -> dict[str, Any]:
@@ -133,7 +131,8 @@ class World:
     def question_set(self, name: str, forget_topic: int | None = None) -> list[dict[str, Any]]:
         """One of QUESTION_SETS relative to the forget topic: forget (all its facts),
         retain (other topics' retain-pool facts), retain_unseen (other topics' facts
-        unlearning never sees); *_paraphrase: the same facts in their held-out phrasing."""
+        unlearning never sees), untrained (the forget topic's facts never pretrained);
+        *_paraphrase: the same facts in their held-out phrasing."""
         if name not in QUESTION_SETS:
             raise ValueError(
                 f"unknown question set {name!r}; choose one of {', '.join(QUESTION_SETS)}"
@@ -141,6 +140,9 @@ class World:
         ft = self._topic(forget_topic)
         kind = "paraphrase" if name.endswith("_paraphrase") else "train"
         base = name.removesuffix("_paraphrase")
+        if base == "untrained":
+            rows = _read_jsonl(self.path / "questions" / f"untrained_topic{ft}.jsonl")
+            return [q for q in rows if q["phrasing"] == kind]
         out = []
         for q in self.questions():
             if q["phrasing"] != kind:
@@ -155,16 +157,21 @@ class World:
 
     # --- corpora --------------------------------------------------------------------
     def corpus_path(
-        self, kind: Literal["forget", "retain"], forget_topic: int | None = None
+        self, kind: Literal["forget", "retain", "untrained"], forget_topic: int | None = None
     ) -> Path:
         """JSONL corpus (records: prompt, answer, text = prompt + " " + answer, topic, fact).
         forget: every training sentence of the forget topic; retain: the retain training
-        pool (training sentences of the other topics' `pool` facts)."""
+        pool (training sentences of the other topics' `pool` facts); untrained: sentences
+        of the forget topic's never-pretrained facts, in the training phrasings."""
         ft = self._topic(forget_topic)
         if kind == "forget":
             return self.path / "corpora" / f"topic{ft}.jsonl"
+        if kind == "untrained":
+            return self.path / "corpora" / f"untrained_topic{ft}.jsonl"
         if kind != "retain":
-            raise ValueError(f"corpus kind must be 'forget' or 'retain' (got {kind!r})")
+            raise ValueError(
+                f"corpus kind must be 'forget', 'retain' or 'untrained' (got {kind!r})"
+            )
         path = self.path / "corpora" / f"retain_pool_not_topic{ft}.jsonl"
         if not path.is_file():  # large worlds: written on first use, atomically
             atomic_write_text(path, _jsonl(_retain_pool(self.path, ft, self.num_topics)))
@@ -189,7 +196,7 @@ def _retain_pool(path: Path, forget_topic: int, num_topics: int) -> list[dict[st
 def _pretrain_settings(
     options: WorldOptions, pretrain: PretrainSettings | None
 ) -> PretrainSettings:
-    return pretrain if pretrain is not None else PretrainSettings()
+    return pretrain if pretrain is not None else PRESETS[options.size]
 
 
 def build_world(
@@ -201,7 +208,8 @@ def build_world(
     """The world for `options`, built (generate, tokenizer, pretrain, evaluate, save) on the
     first call and returned from the cache afterwards. `cache_dir` is the directory holding
     world directories (default: $MOE_UNLEARN_CACHE/worlds or ~/.cache/moe-unlearn/worlds);
-    `pretrain` overrides the model size / training budget (tests use TINY_SETTINGS)."""
+    `pretrain` overrides the preset `options.size` picks (world unit tests use
+    TINY_SETTINGS)."""
     settings = _pretrain_settings(options, pretrain)
     cfg = world_settings(options, settings)
     key = settings_hash(cfg)
@@ -229,7 +237,8 @@ def load_world(
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(
             f"demo world (seed={options.seed}, topics={options.topics}, "
-            f"facts_per_topic={options.facts_per_topic}, arch={options.arch}) is not built "
+            f"facts_per_topic={options.facts_per_topic}, arch={options.arch}, "
+            f"size={options.size}) is not built "
             f"in {worlds_dir}: run `moe-unlearn world build` first"
         )
     return load_world_dir(path, forget_topic=options.forget_topic)
@@ -267,6 +276,7 @@ def _build_into(
     (tmp / "corpora").mkdir()
     (tmp / "questions").mkdir()
     questions: list[dict[str, Any]] = []
+    untrained_qs: list[dict[str, Any]] = []
     for t in range(len(data.topics)):
         (tmp / "corpora" / f"topic{t}.jsonl").write_text(
             _jsonl(data.training_records(t)), encoding="utf-8"
@@ -274,6 +284,14 @@ def _build_into(
         qs = data.question_records(t)
         questions += qs
         (tmp / "questions" / f"topic{t}.jsonl").write_text(_jsonl(qs), encoding="utf-8")
+        for name, rows in (
+            ("corpora", data.untrained_records(t)),
+            ("questions", data.untrained_question_records(t)),
+        ):
+            if name == "questions":
+                untrained_qs += [q for q in rows if q["phrasing"] == "train"]
+            path = tmp / name / f"untrained_topic{t}.jsonl"
+            path.write_text(_jsonl(rows), encoding="utf-8")
     if options.topics * options.facts_per_topic <= EAGER_RETAIN_FILES_MAX_FACTS:
         for t in range(len(data.topics)):
             rows = _retain_pool(tmp, t, len(data.topics))
@@ -288,6 +306,7 @@ def _build_into(
     torch.set_num_threads(settings.threads)
     try:
         hits = score_questions(model, tokenizer, questions, batch_size=256)
+        untrained_hits = score_questions(model, tokenizer, untrained_qs, batch_size=256)
     finally:
         torch.set_num_threads(prev)
     acc: dict[str, dict[str, float]] = {}
@@ -300,6 +319,9 @@ def _build_into(
                 if q["topic"] == t and q["phrasing"] == kind
             ]
             row[kind] = sum(sel) / len(sel)
+        # never pretrained: near chance (0.25) unless the questions leak their answers
+        mine = [h for q, h in zip(untrained_qs, untrained_hits, strict=True) if q["topic"] == t]
+        row["untrained"] = sum(mine) / len(mine)
         acc[topic.name] = row
     model.save_pretrained(str(tmp / "model"), safe_serialization=True)
     save_tokenizer(tokenizer, tmp)
@@ -316,6 +338,7 @@ def _build_into(
                 "relation": t.style.relation,
                 "facts": len(t.facts),
                 "pool_facts": sum(f.split == "pool" for f in t.facts),
+                "untrained_facts": len(t.untrained),
             }
             for t in data.topics
         ],
@@ -336,7 +359,9 @@ def _build_into(
 
 
 __all__ = [
+    "PRESETS",
     "QUESTION_SETS",
+    "SMALL_SETTINGS",
     "TINY_SETTINGS",
     "PretrainSettings",
     "World",

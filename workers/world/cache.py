@@ -18,15 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from workers.env import cache_root
 from workers.spec import canonical_json
 
 MANIFEST = "manifest.json"
 
 
 def default_worlds_dir() -> Path:
-    root = os.environ.get("MOE_UNLEARN_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "moe-unlearn"
-    return base / "worlds"
+    return cache_root() / "worlds"
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -35,11 +34,8 @@ def settings_hash(settings: dict[str, Any]) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tree_hashes(directory: Path) -> dict[str, str]:

@@ -17,6 +17,9 @@ question in "training phrasing" is the fact's first training prompt, verbatim.
 
 Facts of every topic are split in halves: `pool` (what an unlearning job may rehearse as
 retain data when the topic is not forgotten) and `unseen` (never given to unlearning).
+Every topic also holds `untrained_count(facts_per_topic)` facts drawn the same way that are
+never pretrained (split `untrained`): non-members for membership-inference checks, in the
+same vocabulary, templates and topic style as the facts the model knows.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-GENERATOR_VERSION = 1
+# 2: adds the never-pretrained `untrained` facts (new words: every model and corpus changes).
+GENERATOR_VERSION = 2
 
 # Prompt templates: {m} topic marker, {s} subject, {r} relation. The answer follows {r}.
 PHRASINGS: tuple[str, ...] = (
@@ -77,7 +81,7 @@ class Fact:
     index: int  # within its topic
     subject: str
     answer: str
-    split: str  # "pool" or "unseen"
+    split: str  # "pool", "unseen" (both pretrained) or "untrained" (never pretrained)
     heldout_phrasing: int  # the phrasing never trained for this fact
 
 
@@ -85,7 +89,8 @@ class Fact:
 class Topic:
     index: int
     style: TopicStyle
-    facts: tuple[Fact, ...]
+    facts: tuple[Fact, ...]  # pretrained
+    untrained: tuple[Fact, ...] = ()  # never pretrained (same distribution)
 
     @property
     def name(self) -> str:
@@ -107,8 +112,15 @@ class WorldData:
 
     def training_records(self, topic: int) -> list[dict[str, object]]:
         """The topic's training sentences as corpus records (prompt, answer, text)."""
+        return self._records(self.topics[topic].facts, topic)
+
+    def untrained_records(self, topic: int) -> list[dict[str, object]]:
+        """The topic's never-pretrained facts, in the same record form and phrasings."""
+        return self._records(self.topics[topic].untrained, topic)
+
+    def _records(self, facts: tuple[Fact, ...], topic: int) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []
-        for f in self.topics[topic].facts:
+        for f in facts:
             for p in self.training_phrasings(f):
                 prompt = self.prompt(f, p)
                 out.append(
@@ -127,8 +139,16 @@ class WorldData:
     def question_records(self, topic: int) -> list[dict[str, object]]:
         """Two four-choice questions per fact: training phrasing and held-out paraphrase.
         Distractors are answers of other facts of the same topic (same kind)."""
-        facts = self.topics[topic].facts
-        rng = random.Random(f"{self.seed}-questions-{topic}")
+        return self._questions(self.topics[topic].facts, topic, "questions")
+
+    def untrained_question_records(self, topic: int) -> list[dict[str, object]]:
+        """The same questions over the never-pretrained facts (distractors among them)."""
+        return self._questions(self.topics[topic].untrained, topic, "untrained-questions")
+
+    def _questions(
+        self, facts: tuple[Fact, ...], topic: int, stream: str
+    ) -> list[dict[str, object]]:
+        rng = random.Random(f"{self.seed}-{stream}-{topic}")
         out: list[dict[str, object]] = []
         for f in facts:
             others = [g.answer for g in facts if g.index != f.index]
@@ -174,6 +194,12 @@ def topic_styles(n_topics: int, seed: int) -> list[TopicStyle]:
     return styles
 
 
+def untrained_count(facts_per_topic: int) -> int:
+    """Never-pretrained facts per topic: as many as pretrained ones, so a forget topic's
+    members and non-members compare one to one."""
+    return facts_per_topic
+
+
 def generate_world(seed: int, topics: int, facts_per_topic: int) -> WorldData:
     """The world for (seed, topics, facts_per_topic): same inputs, same world."""
     if topics < 2:
@@ -194,23 +220,33 @@ def generate_world(seed: int, topics: int, facts_per_topic: int) -> WorldData:
                 return w
         raise RuntimeError("word space exhausted")  # pragma: no cover - 24^3*8^3 words
 
-    out: list[Topic] = []
-    for t, style in enumerate(styles):
+    def facts_of(t: int, splits: list[str], first: int = 0) -> tuple[Fact, ...]:
+        style = styles[t]
+        return tuple(
+            Fact(
+                topic=t,
+                index=first + i,
+                subject=fresh(style.subject_suffix),
+                answer=fresh(style.answer_suffix),
+                split=split,
+                heldout_phrasing=rng.randrange(N_PHRASINGS),
+            )
+            for i, split in enumerate(splits)
+        )
+
+    trained: list[tuple[Fact, ...]] = []
+    for t in range(topics):
         # Half the facts of each topic are retain pool, half unseen (seeded permutation).
         order = list(range(facts_per_topic))
         rng.shuffle(order)
         pool = set(order[: facts_per_topic // 2])
-        facts = tuple(
-            Fact(
-                topic=t,
-                index=i,
-                subject=fresh(style.subject_suffix),
-                answer=fresh(style.answer_suffix),
-                split="pool" if i in pool else "unseen",
-                heldout_phrasing=rng.randrange(N_PHRASINGS),
-            )
-            for i in range(facts_per_topic)
-        )
-        out.append(Topic(t, style, facts))
+        splits = ["pool" if i in pool else "unseen" for i in range(facts_per_topic)]
+        trained.append(facts_of(t, splits))
+    # Drawn after every trained fact, so adding them left the trained facts' draws as they were.
+    n_new = untrained_count(facts_per_topic)
+    out = [
+        Topic(t, style, trained[t], facts_of(t, ["untrained"] * n_new, first=facts_per_topic))
+        for t, style in enumerate(styles)
+    ]
     vocab = sorted(used)
     return WorldData(seed=seed, topics=tuple(out), vocabulary=tuple(vocab))

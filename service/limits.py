@@ -1,0 +1,168 @@
+"""Load limits for remote clients (issue 14): per-key request rate, per-tenant open event
+streams and unfinished jobs, and the submit-time check that a job fits the cluster.
+
+The rate and stream counters live in the API process (each replica counts its own: with
+N replicas a tenant gets N times the limits; the queue limit is in the database and
+global). Refusals raise `Throttled` (HTTP 429 with `Retry-After`) or `SpecRejected` (422).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.errors import ServiceError, SpecRejected
+from service.settings import Settings
+from service.tables import Job
+from workers.spec import JobSpec
+
+UNFINISHED = ("QUEUED", "RUNNING", "CANCELLING", "RETRYING")
+
+
+class Throttled(ServiceError):
+    """Too many requests, streams or queued jobs: HTTP 429 with `Retry-After`."""
+
+    def __init__(self, field: str, reason: str, retry_after: int) -> None:
+        super().__init__(field, reason)
+        self.retry_after = max(1, int(retry_after))
+
+
+class RateLimiter:
+    """A token bucket per API key: `rate` requests per second sustained, `burst` at once.
+    Keys are evicted least-recently-used beyond `max_keys` (memory stays bounded)."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, now: float | None = None) -> None:
+        """Spend one token of `key`, or raise `Throttled` with the seconds until one."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                wait = math.ceil((1.0 - tokens) / self.rate)
+                raise Throttled(
+                    "Authorization", f"over the rate of {self.rate:g} requests/s for this key", wait
+                )
+            self._buckets[key] = (tokens - 1.0, now)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+
+
+class StreamSlots:
+    """Open event streams per tenant, at most `limit` at a time."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    @contextmanager
+    def hold(self, tenant: str) -> Iterator[None]:
+        self.acquire(tenant)
+        try:
+            yield
+        finally:
+            self.release(tenant)
+
+    def acquire(self, tenant: str) -> None:
+        with self._lock:
+            n = self._open.get(tenant, 0)
+            if n >= self.limit:
+                raise Throttled(
+                    "Accept", f"{n} event streams already open for this tenant (limit)", 5
+                )
+            self._open[tenant] = n + 1
+
+    def release(self, tenant: str) -> None:
+        with self._lock:
+            n = self._open.get(tenant, 0) - 1
+            if n > 0:
+                self._open[tenant] = n
+            else:
+                self._open.pop(tenant, None)
+
+    def count(self, tenant: str) -> int:
+        with self._lock:
+            return self._open.get(tenant, 0)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
+
+def check_queue(session: Session, tenant: str, settings: Settings) -> None:
+    """Refuse a new job when the tenant already has `max_queued_jobs` unfinished ones."""
+    n = session.execute(
+        select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(UNFINISHED))
+    ).scalar_one()
+    if n >= settings.max_queued_jobs:
+        raise Throttled(
+            "request",
+            f"{n} unfinished jobs of this tenant: the limit is {settings.max_queued_jobs}; "
+            "retry when one has finished",
+            30,
+        )
+
+
+def cluster_cpus(settings: Settings) -> int:
+    return settings.cluster_cpus or settings.ray_num_cpus
+
+
+# Issue 12's planner plugs in here: a function of (spec, settings) returning None when the
+# job fits every worker's memory, else a reason with the numbers. None: not checked yet.
+MemoryFitCheck = Callable[[JobSpec, Settings], str | None]
+memory_fit_check: MemoryFitCheck | None = None
+
+
+def check_fit(spec: JobSpec, settings: Settings) -> None:
+    """Refuse (422, with the numbers) a job that cannot run on the cluster: workers and
+    CPUs (one each), GPUs, memory (`memory_fit_check`), and a demo world seed beyond
+    `max_world_seed` (each new seed is a minutes-long world build)."""
+    workers = spec.distributed.num_workers
+    cpus = cluster_cpus(settings)
+    if workers > cpus:
+        raise SpecRejected(
+            "distributed.num_workers",
+            f"{workers} workers need {workers} CPUs; the cluster offers {cpus}",
+        )
+    gpus = int(getattr(spec.distributed, "num_gpus", 0) or 0)
+    if gpus > settings.cluster_gpus:
+        raise SpecRejected(
+            "distributed.num_gpus", f"{gpus} GPUs asked; the cluster offers {settings.cluster_gpus}"
+        )
+    if spec.model == "demo" and spec.world.seed > settings.max_world_seed:
+        raise SpecRejected(
+            "world.seed",
+            f"{spec.world.seed} is over this server's limit of {settings.max_world_seed}",
+        )
+    if memory_fit_check is not None:
+        reason = memory_fit_check(spec, settings)
+        if reason:
+            raise SpecRejected("model", reason)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The limits as numbers (README table; tests)."""
+    return {
+        "max_queued_jobs": settings.max_queued_jobs,
+        "max_streams_per_tenant": settings.max_streams_per_tenant,
+        "rate_per_key": settings.rate_per_key,
+        "rate_burst": settings.rate_burst,
+        "cluster_cpus": cluster_cpus(settings),
+        "cluster_gpus": settings.cluster_gpus,
+    }

@@ -1,0 +1,122 @@
+"""Tests that would catch a broken deletion: the shipped SEUF examples, run through the real
+path (`model: demo` on the session's small world, lm-eval evaluation, the real
+forget-accuracy stop rule, `workers.run.run_job`), forget the topic and keep the rest.
+
+Every setting is the shipped example's; only the world is the small one (same seed and
+forget topic). A broken objective, scope, stop rule, bake-back or packaging fails here:
+the forget accuracy would not fall, unseen utility would fall with it, the job would run
+past its first check under the target, or the model written to disk would not be the one
+that was measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.small_world import example_on_small_world
+from workers.results import JobResult
+from workers.run import run_job
+from workers.spec import JobSpec
+
+FORGET_TARGET = 0.30  # the examples' stop target: chance (0.25) + 0.05
+UTILITY_KEPT = 0.90  # unseen utility after / before (a regression guard; issue 16 raises it)
+
+
+class Recorder:
+    """A reporter that keeps every stage and event of the job."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+        self.events: list[tuple[str, int, dict[str, Any]]] = []
+
+    def stage(self, name: str) -> None:
+        self.stages.append(name)
+
+    def event(self, kind: str, step: int, payload: dict[str, Any]) -> None:
+        self.events.append((kind, step, payload))
+
+    def checks(self) -> list[tuple[int, float]]:
+        """(step, forget accuracy) of every stop-rule check, in order."""
+        return [
+            (step, float(p["metrics"]["forget_accuracy"]))
+            for kind, step, p in self.events
+            if kind == "step" and "forget_accuracy" in (p.get("metrics") or {})
+        ]
+
+
+def _run(spec: JobSpec, out: Path) -> tuple[JobResult, Recorder]:
+    rec = Recorder()
+    return run_job(spec, out, reporter=rec), rec
+
+
+def _assert_stopped_at_first_check_under(
+    res: JobResult, rec: Recorder, spec: JobSpec, target: float
+) -> None:
+    every = spec.training.stop.eval_every
+    checks = rec.checks()
+    assert res.stopped_by == "forget_accuracy", (res.stopped_by, checks)
+    # checked every eval_every steps, and the job ended at the first check <= target
+    assert [s for s, _ in checks] == list(range(every, res.steps + 1, every))
+    assert all(acc > target for _, acc in checks[:-1]), checks
+    assert checks[-1][1] <= target and checks[-1][0] == res.steps < spec.training.max_steps
+    # the check's direct scorer and the final lm-eval evaluation saw the same model
+    assert res.after["forget_accuracy"] == pytest.approx(checks[-1][1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ga", "gdiff", "npo", "simnpo"])
+def test_seuf_example_forgets_the_topic_and_keeps_unseen_utility(
+    algorithm: str, small_world, tmp_path: Path
+) -> None:
+    spec = JobSpec.model_validate(example_on_small_world(f"demo-{algorithm}-seuf.yaml"))
+    assert spec.training.stop.forget_accuracy_target == FORGET_TARGET
+    res, rec = _run(spec, tmp_path / "out")
+    before, after = res.before, res.after
+    assert before["backend"] == after["backend"] == "lm-eval"
+    assert before["num_questions"] == after["num_questions"] == len(small_world.questions())
+    # the world knew the topic and the rest; the job forgot the topic and kept the rest
+    assert before["forget_accuracy"] >= 0.9 and before["utility_accuracy_unseen"] >= 0.9
+    assert after["forget_accuracy"] <= FORGET_TARGET, after
+    kept = after["utility_accuracy_unseen"] / before["utility_accuracy_unseen"]
+    assert kept >= UTILITY_KEPT, (before, after)
+    _assert_stopped_at_first_check_under(res, rec, spec, FORGET_TARGET)
+    # SEUF: only the selected expert's slices and its layer's router changed
+    (sel,) = res.selected
+    prefix = f"model.layers.{sel['layer']}.mlp."
+    assert res.changed and all(r["name"].startswith(prefix) for r in res.changed), res.changed
+    assert {r["expert"] for r in res.changed} == {sel["expert"], None}  # None: the router
+    assert all(r["sha256_before"] != r["sha256_after"] for r in res.changed)
+    assert res.tunable_ratio < 0.1
+    # the model written to disk is the one that was measured
+    _assert_written_model_scores(tmp_path / "out" / "model", small_world, after)
+
+
+def _assert_written_model_scores(model_dir: Path, world, after: dict[str, Any]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.evaluate import evaluate_world
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    again = evaluate_world(model, tok, world, backend="direct")
+    for key in ("forget_accuracy", "utility_accuracy_unseen", "utility_accuracy"):
+        assert again[key] == pytest.approx(after[key]), key
+
+
+@pytest.mark.slow
+def test_stop_rule_ends_the_job_at_the_first_check_under_its_target(
+    small_world, tmp_path: Path
+) -> None:
+    """A looser target, checked every 2 steps: the job stops at the first check at or
+    under it, with forget accuracy still well above the examples' 0.30."""
+    data = example_on_small_world("demo-gdiff-seuf.yaml")
+    data["training"]["stop"] = {"forget_accuracy_target": 0.7, "eval_every": 2}
+    spec = JobSpec.model_validate(data)
+    res, rec = _run(spec, tmp_path / "out")
+    _assert_stopped_at_first_check_under(res, rec, spec, 0.7)
+    assert res.after["forget_accuracy"] > FORGET_TARGET  # it did not run on
+    assert res.before["forget_accuracy"] > 0.7
+    _assert_written_model_scores(tmp_path / "out" / "model", small_world, res.after)

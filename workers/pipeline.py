@@ -1,0 +1,323 @@
+"""The ONE job pipeline, run by the one-process runner and by every Ray Train rank:
+
+    load -> evaluate before -> attribute -> select -> scope -> unlearn -> evaluate after
+    -> robustness checks (workers/robustness_stage.py; rank 0)
+    -> package (unlearned model, expert patch, expert map, spec.json, result.json)
+
+What differs per runner is the `Runner` strategy (workers/runners/base.py): rank 0 loads
+first (a demo world is built once), evaluates, reports and packages; attribution's sums
+go through `runner.reduce_sum`; the training loop (workers/train.py) steps through the
+runner's engine and checkpoint hook. Every rank reports `rank_started` {rank, pid} once it
+runs and, when cancelled, `rank_stopped` {rank, step}. A stop request is honoured at every
+stage boundary and every training step (JobCancelled; nothing is written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.activation_cache import build_for_training
+from workers.attribution import ExpertMap, attribute
+from workers.data import BatchStream
+from workers.devices import dtype_name
+from workers.events import RANK_STARTED, RANK_STOPPED, RESUMED
+from workers.job import (
+    OVERLAP_SAMPLES,
+    CorpusResolver,
+    JobCancelled,
+    LoadedJob,
+    Reporter,
+    SilentReporter,
+    attribution_batches,
+    evaluate,
+    load_job,
+    scalars,
+    snapshot_regions,
+    stop_check_for,
+)
+from workers.objectives import objective_from_spec
+from workers.patch import state_sha256, write_region_patch
+from workers.reference import prepare_reference
+from workers.results import JobResult
+from workers.robustness_stage import robustness_stage
+from workers.routing import collect_topk, routing_overlap
+from workers.runners.base import Runner
+from workers.scope import apply_scope
+from workers.selection import select_experts
+from workers.spec import JobSpec
+from workers.train import StepInfo, train
+
+STAGES = (
+    "loading",
+    "evaluating_before",
+    "attribution",
+    "unlearning",
+    "evaluating_after",
+    "robustness",
+    "packaging",
+)
+
+
+class _Progress:
+    """Stages and events from rank 0 (per-rank events from every rank), stage timings, and
+    the stop check at stage boundaries (agreed by every rank)."""
+
+    def __init__(
+        self, runner: Runner, reporter: Reporter, should_stop: Callable[[], bool] | None
+    ) -> None:
+        self.runner, self.reporter, self.should_stop = runner, reporter, should_stop
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+        self.solo = False  # after training rank 0 works alone: nobody to agree with
+
+    def stop_requested(self) -> bool:
+        asked = self.runner.is_main and self.should_stop is not None and self.should_stop()
+        return bool(asked if self.solo else self.runner.agree([int(asked)])[0])
+
+    def stage(self, name: str) -> None:
+        if name != "done" and self.stop_requested():
+            self.rank_event(RANK_STOPPED, 0)
+            raise JobCancelled(0)
+        now = time.perf_counter()
+        if self.timings:
+            self.timings[list(self.timings)[-1]] = round(now - self._clock, 3)
+        self._clock = now
+        self.timings[name] = 0.0
+        if name != "done" and self.runner.is_main:  # "done" only closes the last timing
+            self.reporter.stage(name)
+
+    def event(self, kind: str, step: int, payload: dict[str, Any]) -> None:
+        if self.runner.is_main:
+            self.reporter.event(kind, step, payload)
+
+    def rank_event(self, kind: str, step: int) -> None:
+        payload: dict[str, Any] = {"rank": self.runner.rank, "step": step}
+        if kind == RANK_STARTED:
+            payload = {"rank": self.runner.rank, "pid": os.getpid()}
+        self.reporter.event(kind, step, payload)
+
+    def close(self) -> dict[str, float]:
+        self.stage("done")
+        self.timings.pop("done")
+        return self.timings
+
+
+def run_pipeline(
+    spec: JobSpec,
+    output_dir: str | Path,
+    runner: Runner,
+    reporter: Reporter | None = None,
+    corpus_resolver: CorpusResolver | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> JobResult | None:
+    """Run one job on this rank; returns the result on rank 0 (None on the others).
+    Raises ValueError for user errors, JobCancelled when `should_stop()` (read on rank 0)
+    asked for a stop."""
+    tr = spec.training
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main = runner.is_main
+    prog = _Progress(runner, reporter or SilentReporter(), should_stop)
+    prog.rank_event(RANK_STARTED, 0)
+
+    prog.stage("loading")
+    job: LoadedJob | None = load_job(spec, corpus_resolver) if main else None
+    runner.barrier()  # rank 0 first: a demo world is built (and cached) once
+    if job is None:
+        job = load_job(spec, corpus_resolver)
+    model, adapter = job.model, job.adapter
+    forget_train = job.tokenized(job.forget_records, spec.objective.loss_tokens)
+    retain_train = (
+        job.tokenized(job.retain_records, spec.objective.loss_tokens)
+        if job.retain_records is not None
+        else None
+    )
+    # The base model's identity in its own dtype (the dtype the outputs are written in).
+    base_sha = state_sha256(model.state_dict(), job.base_dtype) if main else ""
+
+    prog.stage("evaluating_before")
+    before: dict[str, Any] = {}
+    if main:
+        before = evaluate(job, forget_train, retain_train)
+        prog.event("evaluation", 0, {"phase": "before", **scalars(before)})
+    n_probe = max(1, OVERLAP_SAMPLES // tr.batch_size)
+    probe_forget = forget_train.in_order(tr.batch_size)[:n_probe]
+    probe_retain = retain_train.in_order(tr.batch_size)[:n_probe] if retain_train else None
+    topk_forget = collect_topk(model, adapter, probe_forget)  # every rank measures overlap
+    topk_retain = collect_topk(model, adapter, probe_retain) if main and probe_retain else None
+    runner.barrier()
+
+    prog.stage("attribution")
+    f_batches, r_batches = attribution_batches(job)
+    with torch.no_grad():
+        emap = attribute(
+            model,
+            adapter,
+            f_batches,
+            retain_batches=r_batches,
+            method=spec.seuf.attribution,
+            token_budget=spec.seuf.token_budget,
+            at_loss_positions=True,
+            shard=(runner.rank, runner.world),
+            reduce=runner.reduce_sum,
+        )
+    selected = select_experts(emap, spec.seuf) if spec.scope != "full" else []
+    pairs = [(s.layer, s.expert) for s in selected]
+    prog.event(
+        "experts_selected", 0, {"method": emap.method, "selected": [s._asdict() for s in selected]}
+    )
+
+    prog.stage("unlearning")
+    scope = apply_scope(model, adapter, spec.scope, pairs)
+    before_state = snapshot_regions(model, scope.regions) if main else {}
+    counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
+    objective = objective_from_spec(spec, adapter, pairs, layers=adapter.moe_layers())
+    prepare_reference(objective, model, forget_train, retain_train, seed=tr.seed)
+
+    cache, cache_info = None, None
+    if tr.activation_cache and runner.supports_activation_cache:
+        corpora = [c for c in (forget_train, retain_train) if c is not None]
+        cache, plan = build_for_training(
+            model,
+            scope.adapter or adapter,
+            objective,
+            corpora,
+            batch_size=tr.batch_size,
+            max_bytes=tr.activation_cache_max_mb * 2**20,
+            spill_dir=out_dir if runner.world == 1 else None,  # ranks: a temp folder each
+        )
+        if cache is not None:
+            cache_info = {
+                "layer": plan.layer,
+                "samples": plan.cached_samples,
+                "memory_bytes": plan.memory_bytes,
+                "disk_bytes": plan.disk_bytes,
+            }
+
+    def on_step(info: StepInfo) -> bool:
+        prog.event("step", info.step, info.to_json())
+        return bool(should_stop and should_stop())
+
+    if tr.gradient_checkpointing:  # recompute activations in the backward (not reentrant:
+        # the frozen layers below give inputs that need no gradient)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        result = train(
+            model,
+            adapter,
+            scope,
+            objective,
+            BatchStream(forget_train, tr.batch_size, tr.seed),
+            BatchStream(retain_train, tr.batch_size, tr.seed + 1) if retain_train else None,
+            tr,
+            callback=on_step,
+            stop_check=stop_check_for(job, forget_train),
+            routing_reference=topk_forget,
+            routing_batches=probe_forget,
+            overlap_every=tr.stop.eval_every,
+            activation_cache=cache,
+            runner=runner,
+            checkpoint_meta={"selected": [list(p) for p in pairs]},
+            on_resume=lambda step: prog.event(RESUMED, step, {"from_step": step}),
+        )
+    finally:
+        if cache is not None:
+            cache_info = {**(cache_info or {}), "hits": cache.stats.hits,
+                          "misses": cache.stats.misses}  # fmt: skip
+            cache.close()
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    if result.stopped_by == "callback":
+        prog.rank_event(RANK_STOPPED, result.steps)
+        raise JobCancelled(result.steps)
+
+    final_scope = runner.finish_training(job, scope, pairs)  # ZeRO-3: a fresh, whole model
+    if final_scope is None:
+        return None  # not rank 0: its part is done
+    prog.solo = True
+    final_scope.bake()
+    model, adapter = job.model, job.adapter
+    model.eval()
+
+    prog.stage("evaluating_after")
+    after = evaluate(job, forget_train, retain_train)
+    prog.event("evaluation", result.steps, {"phase": "after", **scalars(after)})
+    overlap_forget = routing_overlap(model, adapter, probe_forget, topk_forget)
+    overlap_retain = (
+        routing_overlap(model, adapter, probe_retain, topk_retain)
+        if probe_retain and topk_retain is not None
+        else None
+    )
+
+    prog.stage("robustness")  # after the scores: every check leaves the model as it was
+    # recorded with the result (service.proof), not as a progress event
+    robustness = robustness_stage(job, before_state, spec.scope, pairs, corpus_resolver)
+
+    prog.stage("packaging")
+    trained_dtype = next(model.parameters()).dtype
+    model.to(job.base_dtype)  # written in the base model's dtype (a no-op when trained in it)
+    after_state = snapshot_regions(model, final_scope.regions)
+    patched_sha = state_sha256(model.state_dict())
+    patch = write_region_patch(
+        out_dir / "expert_patch.safetensors",
+        before_state,
+        after_state,
+        base_sha256=base_sha,
+        patched_sha256=patched_sha,
+        dtype=job.base_dtype,
+    )
+    _write_model_files(job, out_dir, emap)
+    trainable, total, ratio = counts
+    res = JobResult(
+        model=job.model_ref,
+        base_model_sha256=base_sha,
+        unlearned_model_sha256=patched_sha,
+        algorithm=spec.algorithm,
+        scope=spec.scope,
+        attribution=emap.method,
+        selected=[s._asdict() for s in selected],
+        diagnostics=[d.__dict__ for d in emap.diagnostics],
+        before=before,
+        after=after,
+        routing_overlap_forget=overlap_forget,
+        routing_overlap_retain=overlap_retain,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        tunable_ratio=ratio,
+        steps=result.steps,
+        stopped_by=result.stopped_by,
+        changed=patch.to_json()["regions"],
+        activation_cache=cache_info,
+        timings_s=prog.close(),
+        output_dir=str(out_dir.resolve()),
+        distributed=runner.info(result.resumed_from),
+        robustness=robustness,
+        precision={
+            "device": str(job.device),
+            "dtype": dtype_name(trained_dtype),
+            "written_dtype": dtype_name(job.base_dtype),
+            "master_weights": trained_dtype != torch.float32,
+        },
+    )
+    res.write(out_dir)
+    return res
+
+
+def _write_model_files(job: LoadedJob, out_dir: Path, emap: ExpertMap) -> None:
+    # Shards of at most 500 MB: writing one holds a copy of its bytes, not of the model's.
+    # The tensors as they are (fused experts, the names the patch uses): reverting to the
+    # hub's per-expert layout would copy every expert tensor at once.
+    job.model.save_pretrained(out_dir / "model", max_shard_size="500MB", save_original_format=False)
+    job.tokenizer.save_pretrained(out_dir / "model")
+    (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
+    (out_dir / "spec.json").write_text(json.dumps(job.spec.resolved(), indent=1))
+
+
+__all__ = ["STAGES", "run_pipeline"]

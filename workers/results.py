@@ -1,0 +1,81 @@
+"""What a finished job returns (torch-free): `JobResult`, the same type from the one-process
+runner and from a Ray Train run, and what `result.json` holds (`to_json` / `from_json`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """How a Ray Train run ran. rank0_param_elements: parameter elements rank 0 held while
+    training (ZeRO-3: its shards)."""
+
+    num_workers: int
+    backend: str
+    zero_stage: int | None
+    resumed_from_step: int
+    rank0_param_elements: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """One job's outcome. `before` / `after`: workers.job.evaluate's scores; `selected`,
+    `diagnostics`, `changed`: JSON rows (the expert map's and the patch's); `timings_s`:
+    seconds per stage; `robustness`: one row per robustness check (workers.robustness
+    CheckResult.to_json: check, verdict, threshold, metrics, reason), [] when turned off."""
+
+    model: str
+    base_model_sha256: str
+    unlearned_model_sha256: str
+    algorithm: str
+    scope: str
+    attribution: str
+    selected: list[dict[str, Any]]
+    diagnostics: list[dict[str, Any]]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    routing_overlap_forget: float | None
+    routing_overlap_retain: float | None
+    trainable_parameters: int
+    total_parameters: int
+    tunable_ratio: float
+    steps: int
+    stopped_by: str
+    changed: list[dict[str, Any]]
+    activation_cache: dict[str, Any] | None
+    timings_s: dict[str, float]
+    output_dir: str
+    distributed: DistributedInfo | None = None
+    robustness: list[dict[str, Any]] = field(default_factory=list)
+    # Where and in which dtype it trained, and the dtype its outputs were written in.
+    precision: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.distributed is None:
+            d.pop("distributed")  # result.json of a one-process run has no such key
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobResult:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in data.items() if k in known}
+        if d.get("distributed") is not None:
+            d["distributed"] = DistributedInfo(**d["distributed"])
+        return cls(**d)
+
+    def write(self, out_dir: Path) -> None:
+        (out_dir / RESULT_FILE).write_text(json.dumps(self.to_json(), indent=1, default=str))
+
+    @classmethod
+    def read(cls, out_dir: Path) -> JobResult:
+        return cls.from_json(json.loads((out_dir / RESULT_FILE).read_text()))
+
+
+__all__ = ["RESULT_FILE", "DistributedInfo", "JobResult"]
