@@ -158,7 +158,7 @@ def run_one(
         # Per layer (str(layer) -> overlap) where the engine reports it (issue 13).
         "routing_overlap_retain_per_layer": res.get("routing_overlap_retain_per_layer"),
         "selection": res.get("selection"),
-        "selection_warning": res.get("selection_warning"),
+        "selection_warning": (res.get("selection") or {}).get("selection_warning"),
         "outcome": res.get("outcome"),
         "scope_run": res.get("scope"),
         "tunable_ratio": res["tunable_ratio"],

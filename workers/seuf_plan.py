@@ -32,7 +32,12 @@ from workers.selection import (
     select_auto,
     select_experts,
 )
-from workers.spec import JobSpec
+from workers.spec import JobSpec, TrainingOptions
+
+# A fallback to full parameters trains at the full-parameter examples' step size and budget
+# (METHOD.md: ~1e-4 for all parameters; a SEUF step size of 3e-3 would wreck them).
+FULL_FALLBACK_LR = 1e-4
+FULL_FALLBACK_STEPS = 300
 
 
 @dataclass
@@ -110,3 +115,17 @@ def attach_projection(
 def close_all(routers: Iterable[ProjectedRouter]) -> None:
     for r in routers:
         r.close()
+
+
+def training_for(plan: SelectionPlan, spec: JobSpec) -> TrainingOptions:
+    """The training settings the plan's scope needs: the spec's, or after a fallback to
+    full parameters its step size capped and its budget widened (FULL_FALLBACK_*)."""
+    tr = spec.training
+    if plan.scope == "full" and spec.scope != "full":
+        return tr.model_copy(
+            update={
+                "lr": min(tr.lr, FULL_FALLBACK_LR),
+                "max_steps": max(tr.max_steps, FULL_FALLBACK_STEPS),
+            }
+        )
+    return tr
