@@ -14,14 +14,30 @@ robustness checks turned off (`evaluation.robustness: []`; bench.robustness meas
 Writes bench/results/quality.json (runs + `ratios`), quality.md (a table like the paper's
 Table 3) and quality.png (utility vs forget). Results are saved after every run and merged
 with earlier ones by key (algorithm/variant/seed), so a partial run keeps what it measured.
+
+The sweep (issue 13: defaults must hold on worlds nobody tuned them on):
+
+    python -m bench.quality --sweep --list-worlds
+    python -m bench.quality --sweep [--worlds 0 3 | olmoe-s1234-t8-f3] [--algorithms ...]
+        [--variants full seuf ...] [--facts 40]
+
+draws its own worlds (3 MoE families x 2 seeds from a seed range no example uses, 6-12
+topics, forget topic varied; `draw_worlds`), runs every algorithm x SWEEP_VARIANTS on each,
+and adds `sweep` to quality.json: per world and per (algorithm, variant) the forget reached,
+unseen utility kept, retain routing overlap, and min / mean over worlds, with the issue's
+acceptance checks. Shards (`--worlds`, in separate processes or at separate times) merge by
+key under a file lock: sweep/<world>/<algorithm>/<variant>.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
+import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -33,6 +49,18 @@ from bench.common import RESULTS, machine
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ALGORITHMS = ("gdiff", "npo", "simnpo", "ga", "rmu")
 VARIANTS = ("seuf", "full", "seuf_no_anchor", "random", "top3", "affinity")
+# The sweep's variants: the shipped examples (full, seuf), the router left untrained
+# (experts), GRIP's projection with the anchor (nullspace), adaptive selection (auto), and
+# the step size of METHOD.md's held-out runs (lr1e3).
+SWEEP_VARIANTS = ("full", "seuf", "experts", "nullspace", "auto", "lr1e3")
+ALL_VARIANTS = tuple(dict.fromkeys(VARIANTS + SWEEP_VARIANTS))
+# Fields the engine must honour for a variant to mean anything: run only where it does.
+NEEDS_FIELD = {"nullspace": "router_projection", "auto": "num_experts_auto"}
+SWEEP_FAMILIES = ("qwen2_moe", "olmoe", "mixtral")
+SWEEP_SEEDS = (1000, 10_000)  # the bench's own range: no example or test uses these seeds
+SWEEP_TOPICS = (6, 12)
+SWEEP_DRAW = 13  # seed of the draw itself (the worlds are fixed by it)
+SWEEP_FACTS = 40  # facts per topic: a full sweep fits about two hours on 2 cores
 # The seed check: the shipped SEUF example on other worlds, same topic. Targets from issue 3.
 KEPT_TARGET = {0: 0.95}
 KEPT_TARGET_OTHER = 0.90
@@ -50,14 +78,23 @@ def base_spec(algorithm: str, variant: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def variant_spec(algorithm: str, variant: str, seed: int, topic: int = 0) -> dict[str, Any]:
-    """The example spec with the variant's one change, the world seed and forget topic, and
-    direct scoring."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(VARIANTS)}")
+def variant_spec(
+    algorithm: str,
+    variant: str,
+    seed: int,
+    topic: int = 0,
+    world: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The example spec with the variant's one change, the world seed and forget topic (or
+    a whole `world` block, for the sweep), and direct scoring."""
+    if variant not in ALL_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(ALL_VARIANTS)}")
     d = copy.deepcopy(base_spec(algorithm, variant))
-    d.setdefault("world", {})["seed"] = seed
-    d["world"]["forget_topic"] = topic
+    if world is not None:
+        d["world"] = dict(world)
+    else:
+        d.setdefault("world", {})["seed"] = seed
+        d["world"]["forget_topic"] = topic
     d.setdefault("evaluation", {})["backend"] = "direct"
     d["evaluation"]["robustness"] = []  # the quality table measures scores, not the checks
     seuf = d.setdefault("seuf", {})
@@ -71,15 +108,31 @@ def variant_spec(algorithm: str, variant: str, seed: int, topic: int = 0) -> dic
     elif variant == "affinity":
         seuf["attribution"] = "affinity"  # the paper's mean gate score, every token
         seuf["attribution_positions"] = "all"
+    elif variant == "experts":
+        d["scope"] = "experts"  # the selected experts only: no router trains
+    elif variant == "nullspace":
+        seuf["router_projection"] = "nullspace"
+    elif variant == "auto":
+        seuf["num_experts"] = "auto"
+    elif variant == "lr1e3":
+        d.setdefault("training", {})["lr"] = 1e-3
+    if variant == "full":
+        d.pop("seuf", None)
     return d
 
 
-def run_one(algorithm: str, variant: str, seed: int, topic: int = 0) -> dict[str, Any]:
-    """One job through workers.run.run_job (the code path of `moe-unlearn run`)."""
+def run_one(
+    algorithm: str,
+    variant: str,
+    seed: int,
+    topic: int = 0,
+    world: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One job through the engine's run_job (the code path of `moe-unlearn run`)."""
     from workers.run import run_job
     from workers.spec import JobSpec
 
-    spec_data = variant_spec(algorithm, variant, seed, topic)
+    spec_data = variant_spec(algorithm, variant, seed, topic, world)
     spec = JobSpec.model_validate(spec_data)
     out = Path(tempfile.mkdtemp(prefix=f"quality-{algorithm}-{variant}-"))
     t0 = time.perf_counter()
@@ -92,15 +145,22 @@ def run_one(algorithm: str, variant: str, seed: int, topic: int = 0) -> dict[str
     return {
         "algorithm": algorithm,
         "variant": variant,
-        "seed": seed,
-        "topic": topic,
+        "seed": spec.world.seed,
+        "topic": spec.world.forget_topic,
         "spec": spec.resolved(),
         "selected": res["selected"],
         "attribution": res["attribution"],
+        "diagnostics": res.get("diagnostics"),
         "before": {k: b.get(k) for k in _METRICS},
         "after": {k: a.get(k) for k in _METRICS},
         "routing_overlap_forget": res["routing_overlap_forget"],
         "routing_overlap_retain": res["routing_overlap_retain"],
+        # Per layer (str(layer) -> overlap) where the engine reports it (issue 13).
+        "routing_overlap_retain_per_layer": res.get("routing_overlap_retain_per_layer"),
+        "selection": res.get("selection"),
+        "selection_warning": (res.get("selection") or {}).get("selection_warning"),
+        "outcome": res.get("outcome"),
+        "scope_run": res.get("scope"),
         "tunable_ratio": res["tunable_ratio"],
         "steps": res["steps"],
         "stopped_by": res["stopped_by"],
@@ -109,7 +169,12 @@ def run_one(algorithm: str, variant: str, seed: int, topic: int = 0) -> dict[str
     }
 
 
-_METRICS = ("forget_accuracy", "utility_accuracy", "utility_accuracy_unseen")
+_METRICS = (
+    "forget_accuracy",
+    "utility_accuracy",
+    "utility_accuracy_unseen",
+    "utility_accuracy_uncovered_topics",
+)
 
 
 def _kept(r: dict[str, Any], key: str) -> float | None:
@@ -253,9 +318,12 @@ def save(runs: dict[str, dict[str, Any]]) -> None:
         "forget_target": FORGET_TARGET,
         "runs": runs,
         "ratios": rat,
+        "sweep": sweep_summary(runs),
     }
-    (RESULTS / "quality.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    (RESULTS / "quality.md").write_text(markdown(runs, rat))
+    tmp = RESULTS / f".quality.json.{os.getpid()}"
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(RESULTS / "quality.json")  # atomic: a reader never sees half a file
+    (RESULTS / "quality.md").write_text(markdown(runs, rat) + sweep_markdown(payload["sweep"]))
     if runs:
         plot(runs, RESULTS / "quality.png")
 
@@ -270,6 +338,221 @@ def load_runs() -> dict[str, dict[str, Any]]:
         return {}
 
 
+def merge_save(new: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Merge `new` runs into quality.json by key, under a file lock (shards running at the
+    same time each keep the others' runs). Returns every run now stored."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # The lock lives outside the repository (one per results folder): nothing to commit.
+    tag = hashlib.sha256(str(RESULTS.resolve()).encode()).hexdigest()[:12]
+    with (Path(tempfile.gettempdir()) / f"moe-unlearn-quality-{tag}.lock").open("a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            runs = load_runs()
+            runs.update(new)
+            save(runs)
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return runs
+
+
+# --- the sweep ------------------------------------------------------------------------
+
+
+def draw_worlds(
+    families: tuple[str, ...] = SWEEP_FAMILIES,
+    per_family: int = 2,
+    draw: int = SWEEP_DRAW,
+    facts: int = SWEEP_FACTS,
+) -> list[dict[str, Any]]:
+    """The sweep's worlds, drawn from the bench's own ranges (seed, topic count, forget
+    topic), the same list every time for the same arguments. Each is a spec `world:` block
+    plus its `key`."""
+    rng = random.Random(draw)
+    n = len(families) * per_family
+    # Forget topics without repeats while they last (every world has >= SWEEP_TOPICS[0]).
+    forgets = rng.sample(range(SWEEP_TOPICS[0]), min(n, SWEEP_TOPICS[0]))
+    out: list[dict[str, Any]] = []
+    for arch in families:
+        for _ in range(per_family):
+            seed = rng.randrange(*SWEEP_SEEDS)
+            topics = rng.randint(*SWEEP_TOPICS)
+            forget = forgets[len(out)] if len(out) < len(forgets) else rng.randrange(topics)
+            out.append(
+                {
+                    "key": f"{arch}-s{seed}-t{topics}-f{forget}",
+                    "arch": arch,
+                    "seed": seed,
+                    "topics": topics,
+                    "forget_topic": forget,
+                    "facts_per_topic": facts,
+                }
+            )
+    return out
+
+
+def pick_worlds(worlds: list[dict[str, Any]], wanted: list[str] | None) -> list[dict[str, Any]]:
+    """A shard: worlds by index in the draw or by key; ValueError naming the valid ones."""
+    if not wanted:
+        return worlds
+    keys = [w["key"] for w in worlds]
+    out = []
+    for w in wanted:
+        if w.isdigit() and int(w) < len(worlds):
+            out.append(worlds[int(w)])
+        elif w in keys:
+            out.append(worlds[keys.index(w)])
+        else:
+            raise ValueError(f"unknown world {w!r}: use 0..{len(worlds) - 1} or one of {keys}")
+    return out
+
+
+def engine_supports(variant: str) -> bool:
+    """Whether the engine honours the variant's field (workers' SUPPORTS set, added by the
+    wiring of issue 13); an unsupported variant is reported as not run, never run as a
+    copy of another one."""
+    need = NEEDS_FIELD.get(variant)
+    if need is None:
+        return True
+    import importlib
+
+    for mod in ("workers.run", "workers.pipeline"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        if need in getattr(m, "SUPPORTS", ()):
+            return True
+    return False
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def retain_overlap_from_target(r: dict[str, Any]) -> float | None:
+    """Retain routing overlap averaged over the MoE layers from the target layer up (the
+    frozen layers below score 1.0 for free); the overall figure when the engine gives no
+    per-layer one, and for full-parameter runs (every layer trains)."""
+    per = r.get("routing_overlap_retain_per_layer")
+    if not per:
+        return r.get("routing_overlap_retain")
+    target = min((s["layer"] for s in r.get("selected") or []), default=None)
+    vals = [v for k, v in per.items() if target is None or int(k) >= target]
+    return _mean(vals)
+
+
+def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per world and per (algorithm, variant): forget after, unseen utility kept, retain
+    overlap from the target layer; min / mean over worlds; the issue's acceptance checks
+    (forget <= 0.30 with >= 95% kept and retain overlap >= 0.95 on >= 5 of 6 worlds; SEUF
+    keeps >= full - 0.01 on every world)."""
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, r in runs.items():
+        if not key.startswith("sweep/"):
+            continue
+        world = key.split("/")[1]
+        ku = _kept(r, "utility_accuracy_unseen")
+        kc = _kept(r, "utility_accuracy_uncovered_topics")
+        fa = r["after"]["forget_accuracy"]
+        ov = retain_overlap_from_target(r)
+        cells.setdefault(f"{r['algorithm']}/{r['variant']}", {})[world] = {
+            "forget_after": fa,
+            "kept_unseen": ku,
+            "kept_uncovered": kc,
+            "retain_overlap": ov,
+            "steps": r["steps"],
+            "stopped_by": r["stopped_by"],
+            "selection_warning": r.get("selection_warning"),
+            "meets": bool(ku is not None and fa is not None and fa <= FORGET_TARGET and ku >= 0.95),
+            "meets_with_overlap": bool(
+                ku is not None
+                and fa is not None
+                and fa <= FORGET_TARGET
+                and ku >= 0.95
+                and ov is not None
+                and ov >= 0.95
+            ),
+        }
+    summary: dict[str, Any] = {}
+    for cell, per_world in sorted(cells.items()):
+        alg, variant = cell.split("/")
+        kept = [w["kept_unseen"] for w in per_world.values() if w["kept_unseen"] is not None]
+        ovs = [w["retain_overlap"] for w in per_world.values() if w["retain_overlap"] is not None]
+        entry: dict[str, Any] = {
+            "worlds": per_world,
+            "n_worlds": len(per_world),
+            "kept_unseen_min": min(kept, default=None),
+            "kept_unseen_mean": _mean(kept),
+            "retain_overlap_min": min(ovs, default=None),
+            "retain_overlap_mean": _mean(ovs),
+            "forget_after_max": max((w["forget_after"] for w in per_world.values()), default=None),
+            "worlds_meeting": sum(w["meets"] for w in per_world.values()),
+            "worlds_meeting_with_overlap": sum(w["meets_with_overlap"] for w in per_world.values()),
+        }
+        full = cells.get(f"{alg}/full")
+        if variant != "full" and full:
+            diffs = {
+                world: w["kept_unseen"] - full[world]["kept_unseen"]
+                for world, w in per_world.items()
+                if world in full
+                and w["kept_unseen"] is not None
+                and full[world]["kept_unseen"] is not None
+            }
+            entry["kept_minus_full"] = diffs
+            entry["at_least_full_every_world"] = bool(diffs) and all(
+                d >= -0.01 for d in diffs.values()
+            )
+        summary[cell] = entry
+    return summary
+
+
+def sweep_markdown(summary: dict[str, Any]) -> str:
+    if not summary:
+        return ""
+    lines = [
+        "",
+        "Sweep (bench draws its worlds; kept = unseen utility after / before; overlap = "
+        "retain routing overlap from the target layer up):",
+        "",
+        "| algorithm/variant | worlds | meets (forget <= 0.30, kept >= 0.95) | kept min / mean "
+        "| overlap min / mean | max forget | kept - full >= -0.01 everywhere |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cell, e in summary.items():
+        lines.append(
+            f"| {cell} | {e['n_worlds']} | {e['worlds_meeting']} | "
+            f"{_f(e['kept_unseen_min'])} / {_f(e['kept_unseen_mean'])} | "
+            f"{_f(e['retain_overlap_min'], 2)} / {_f(e['retain_overlap_mean'], 2)} | "
+            f"{_f(e['forget_after_max'], 2)} | {e.get('at_least_full_every_world', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sweep_plan(
+    worlds: list[dict[str, Any]], algorithms: list[str], variants: list[str]
+) -> list[tuple[str, dict[str, Any], str, str]]:
+    """(key, world, algorithm, variant) for every run of a shard, world by world (a world is
+    built once, then every run on it reuses the cache)."""
+    return [
+        (f"sweep/{w['key']}/{alg}/{v}", w, alg, v)
+        for w in worlds
+        for alg in algorithms
+        for v in variants
+    ]
+
+
+def _print_run(r: dict[str, Any]) -> None:
+    b, a = r["before"], r["after"]
+    print(
+        f"   forget {b['forget_accuracy']:.2f} -> {a['forget_accuracy']:.2f}"
+        f"  unseen {b['utility_accuracy_unseen']:.3f} -> "
+        f"{a['utility_accuracy_unseen']:.3f}  steps {r['steps']} "
+        f"({r['stopped_by']})  retain overlap {_f(r['routing_overlap_retain'], 2)}  "
+        f"{r['wall_s']:.0f}s  selected {r['selected']}",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -278,18 +561,47 @@ def main(argv: list[str] | None = None) -> None:
         "--variants",
         nargs="+",
         default=None,
-        choices=VARIANTS,
-        help="default: every variant (affinity for gdiff only)",
+        choices=ALL_VARIANTS,
+        help="default: every variant (affinity for gdiff only); with --sweep: SWEEP_VARIANTS",
     )
     ap.add_argument("--topics", type=int, nargs="+", default=[0], help="forget topics")
     ap.add_argument("--fresh", action="store_true", help="drop earlier results first")
+    ap.add_argument("--sweep", action="store_true", help="the drawn worlds (see above)")
+    ap.add_argument("--worlds", nargs="+", default=None, help="sweep shard: indices or keys")
+    ap.add_argument("--facts", type=int, default=SWEEP_FACTS, help="sweep facts per topic")
+    ap.add_argument("--list-worlds", action="store_true", help="print the sweep's worlds")
+    ap.add_argument("--skip-done", action="store_true", help="sweep: keep runs already stored")
     args = ap.parse_args(argv)
 
+    if args.sweep:
+        worlds = pick_worlds(draw_worlds(facts=args.facts), args.worlds)
+        if args.list_worlds:
+            for i, w in enumerate(draw_worlds(facts=args.facts)):
+                print(i, w["key"], json.dumps({k: v for k, v in w.items() if k != "key"}))
+            return
     import torch
 
     torch.set_num_threads(1)  # shared machine: one thread, one job at a time
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    runs = {} if args.fresh else load_runs()
+    if args.fresh:
+        save({})
+    if args.sweep:
+        variants = args.variants or list(SWEEP_VARIANTS)
+        done = load_runs() if args.skip_done else {}
+        for key, w, alg, v in sweep_plan(worlds, args.algorithms, variants):
+            if key in done:
+                continue
+            if not engine_supports(v):
+                print(f"== {key}: not run (the engine does not honour {NEEDS_FIELD[v]})")
+                continue
+            print(f"== {key}", flush=True)
+            world = {k: val for k, val in w.items() if k != "key"}
+            r = run_one(alg, v, w["seed"], w["forget_topic"], world)
+            r["world"] = w["key"]
+            merge_save({key: r})
+            _print_run(r)
+        print(sweep_markdown(sweep_summary(load_runs())))
+        return
     plan = []
     for topic in args.topics:
         for seed in args.seeds:
@@ -302,16 +614,9 @@ def main(argv: list[str] | None = None) -> None:
         key = f"{alg}/{v}/seed{seed}" + (f"/topic{topic}" if topic else "")
         print(f"== {key}", flush=True)
         r = run_one(alg, v, seed, topic)
-        runs[key] = r
-        save(runs)  # after every run: a partial bench keeps what it measured
-        b, a = r["before"], r["after"]
-        print(
-            f"   forget {b['forget_accuracy']:.2f} -> {a['forget_accuracy']:.2f}"
-            f"  unseen {b['utility_accuracy_unseen']:.3f} -> "
-            f"{a['utility_accuracy_unseen']:.3f}  steps {r['steps']} "
-            f"({r['stopped_by']})  {r['wall_s']:.0f}s  selected {r['selected']}",
-            flush=True,
-        )
+        merge_save({key: r})  # after every run: a partial bench keeps what it measured
+        _print_run(r)
+    runs = load_runs()
     print(markdown(runs, ratios(runs)))
 
 

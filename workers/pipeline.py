@@ -47,13 +47,16 @@ from workers.patch import state_sha256, write_region_patch
 from workers.reference import prepare_reference
 from workers.results import JobResult
 from workers.robustness_stage import robustness_stage
-from workers.routing import collect_topk, routing_overlap
+from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
 from workers.scope import apply_scope
-from workers.selection import select_experts
+from workers.selection import SelectionCost
+from workers.seuf_plan import attach_projection, close_all, plan_selection, training_for
 from workers.spec import JobSpec
 from workers.train import StepInfo, train
 
+# Spec options of issue 13 this pipeline acts on (bench/quality.py runs their variants).
+SUPPORTS = ("router_projection", "num_experts_auto")
 STAGES = (
     "loading",
     "evaluating_before",
@@ -168,14 +171,23 @@ def run_pipeline(
             shard=(runner.rank, runner.world),
             reduce=runner.reduce_sum,
         )
-    selected = select_experts(emap, spec.seuf) if spec.scope != "full" else []
-    pairs = [(s.layer, s.expert) for s in selected]
+    cost = SelectionCost.of(model, adapter) if spec.seuf.num_experts == "auto" else None
+    sel_plan = plan_selection(emap, spec, cost)  # issue 13: auto, fallback, warning
+    selected, pairs, tr = sel_plan.selected, sel_plan.pairs, training_for(sel_plan, spec)
     prog.event(
         "experts_selected", 0, {"method": emap.method, "selected": [s._asdict() for s in selected]}
     )
+    if sel_plan.warning:
+        prog.event("selection_warning", 0, sel_plan.to_json())
 
     prog.stage("unlearning")
-    scope = apply_scope(model, adapter, spec.scope, pairs)
+    if spec.seuf.router_projection != "none" and runner.world > 1:
+        raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
+    routers = attach_projection(
+        model, adapter, spec, pairs,
+        retain_train.in_order(tr.batch_size) if retain_train else None, scope=sel_plan.scope,
+    )  # fmt: skip
+    scope = apply_scope(model, adapter, sel_plan.scope, pairs)
     before_state = snapshot_regions(model, scope.regions) if main else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
     objective = objective_from_spec(spec, adapter, pairs, layers=adapter.moe_layers())
@@ -226,8 +238,10 @@ def run_pipeline(
             runner=runner,
             checkpoint_meta={"selected": [list(p) for p in pairs]},
             on_resume=lambda step: prog.event(RESUMED, step, {"from_step": step}),
+            after_step=(lambda: [r.after_step() for r in routers]) if routers else None,
         )
     finally:
+        close_all(routers)
         if cache is not None:
             cache_info = {**(cache_info or {}), "hits": cache.stats.hits,
                           "misses": cache.stats.misses}  # fmt: skip
@@ -250,15 +264,16 @@ def run_pipeline(
     after = evaluate(job, forget_train, retain_train)
     prog.event("evaluation", result.steps, {"phase": "after", **scalars(after)})
     overlap_forget = routing_overlap(model, adapter, probe_forget, topk_forget)
-    overlap_retain = (
-        routing_overlap(model, adapter, probe_retain, topk_retain)
+    shift_retain = (
+        routing_shift(model, adapter, probe_retain, topk_retain)
         if probe_retain and topk_retain is not None
         else None
     )
+    overlap_retain = shift_retain.overall if shift_retain is not None else None
 
     prog.stage("robustness")  # after the scores: every check leaves the model as it was
     # recorded with the result (service.proof), not as a progress event
-    robustness = robustness_stage(job, before_state, spec.scope, pairs, corpus_resolver)
+    robustness = robustness_stage(job, before_state, sel_plan.scope, pairs, corpus_resolver)
 
     prog.stage("packaging")
     trained_dtype = next(model.parameters()).dtype
@@ -280,7 +295,7 @@ def run_pipeline(
         base_model_sha256=base_sha,
         unlearned_model_sha256=patched_sha,
         algorithm=spec.algorithm,
-        scope=spec.scope,
+        scope=sel_plan.scope,
         attribution=emap.method,
         selected=[s._asdict() for s in selected],
         diagnostics=[d.__dict__ for d in emap.diagnostics],
@@ -288,6 +303,13 @@ def run_pipeline(
         after=after,
         routing_overlap_forget=overlap_forget,
         routing_overlap_retain=overlap_retain,
+        routing_overlap_retain_per_layer=(
+            {str(k): v for k, v in shift_retain.per_layer.items()} if shift_retain else None
+        ),
+        selection={
+            **sel_plan.to_json(),
+            "router_projection": [r.projector.to_json() for r in routers],
+        },
         trainable_parameters=trainable,
         total_parameters=total,
         tunable_ratio=ratio,

@@ -55,6 +55,10 @@ class JobResult:
     robustness: list[dict[str, Any]] = field(default_factory=list)
     # Where and in which dtype it trained, and the dtype its outputs were written in.
     precision: dict[str, Any] | None = None
+    # Issue 13: retain routing overlap per MoE layer (str(layer) -> overlap) and how the
+    # experts were chosen (num_experts auto, fallback, warning; router projection).
+    routing_overlap_retain_per_layer: dict[str, float] | None = None
+    selection: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -126,8 +126,44 @@ class ExpertRef(_Strict):
 class SeufOptions(_Strict):
     """Selected-expert unlearning: which experts, how they are found, the router anchor."""
 
-    num_experts: Annotated[int, Field(ge=1, le=64)] = Field(
-        1, description="M: how many experts to unlearn (paper default 1)."
+    num_experts: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        1,
+        description="M: how many experts to unlearn (paper default 1), or auto: experts by "
+        "contrastive score until they carry `auto_min_share` of the forget gate mass at a "
+        "forget/retain ratio >= `auto_min_ratio` (across layers if needed) within "
+        "`parameter_budget`; when none qualifies, `fallback` decides (workers/selection.py).",
+    )
+    auto_min_share: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.7,
+        description="auto: forget gate mass the selected experts must carry (one layer: their "
+        "share of it; several: 1 - prod(1 - share per layer)). METHOD.md: one expert "
+        "sufficed from ~0.7.",
+    )
+    auto_min_ratio: Annotated[float, Field(ge=1.0, le=1e6)] = Field(
+        15.0,
+        description="auto: forget/retain gate-mass ratio every selected expert must reach "
+        "(METHOD.md: one expert sufficed from ~15x).",
+    )
+    parameter_budget: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.1,
+        description="auto: most trainable parameters (selected expert slices + their layers' "
+        "routers) as a fraction of all parameters.",
+    )
+    fallback: Literal["widen", "full", "stop"] = Field(
+        "full",
+        description="auto, when no expert set within the budget qualifies (the job reports "
+        "`selection_warning`): widen = the best-scoring experts that fill the budget; "
+        "full = unlearn all parameters instead; stop = end the job before training.",
+    )
+    router_projection: Literal["none", "nullspace"] = Field(
+        "none",
+        description="nullspace: project the trained routers' updates onto the null space of "
+        "the retain hidden states at their layer (GRIP), so retain routing cannot move.",
+    )
+    router_projection_energy: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.99,
+        description="nullspace: share of the retain hidden states' energy (squared singular "
+        "values) whose directions the router may not change.",
     )
     selection: SelectionMode = Field(
         "top_m",
@@ -173,6 +209,8 @@ class SeufOptions(_Strict):
             raise ValueError("selection 'manual' needs a non-empty `experts` list")
         if self.selection != "manual" and self.experts:
             raise ValueError("`experts` is only used with selection 'manual'")
+        if self.num_experts == "auto" and self.selection != "top_m":
+            raise ValueError("num_experts 'auto' works with selection 'top_m' only")
         return self
 
 
@@ -215,10 +253,23 @@ class StopRule(_Strict):
         None, description="Stop when the forget NLL (per token) >= this."
     )
     eval_every: Steps = Field(5, description="Steps between stop-rule checks.")
+    utility_drop_tolerance: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None,
+        description="Utility guard, checked with the forget check: stop once utility accuracy "
+        "fell by more than this (absolute; without accuracy, the retain NLL's relative rise) "
+        "and restore the best state that met the forget target (stopped_by utility_guard; "
+        "a job that never met it ends with outcome target_not_met). workers/guard.py.",
+    )
 
 
 class TrainingOptions(_Strict):
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1e-4, description="AdamW learning rate.")
+    lr_policy: Literal["fixed", "decay", "probe", "probe_decay"] = Field(
+        "fixed",
+        description="fixed: `lr` as given; decay: scaled down as forget accuracy nears its "
+        "target; probe: chosen from a few steps at lr, lr/3 and lr/10; probe_decay: both "
+        "(workers/guard.py).",
+    )
     batch_size: Annotated[int, Field(gt=0, le=4096)] = Field(
         16, description="Forget (and retain) samples per step."
     )

@@ -143,6 +143,7 @@ def train(
     runner: Runner | None = None,
     checkpoint_meta: dict[str, Any] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train `scope.trainable_parameters()` on `objective_fn` until a stop rule fires.
 
@@ -257,6 +258,8 @@ def train(
             break
         lr = opt.param_groups[0]["lr"]
         grad_norm = engine.step(loss)
+        if after_step is not None:  # e.g. the router projection: before any check
+            after_step()
         sched.step()
         step += 1
         done[0] = step

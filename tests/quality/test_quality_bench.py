@@ -98,3 +98,88 @@ def test_ratios_and_targets() -> None:
     md = quality.markdown(runs, r)
     assert "| a | 1.00 -> 0.28 | 0.800 -> 0.760 (0.950) |" in md
     assert "1:2" in md
+
+
+# --- the sweep (issue 13) ----------------------------------------------------------------
+
+
+def test_sweep_draws_its_own_varied_worlds() -> None:
+    worlds = quality.draw_worlds()
+    assert worlds == quality.draw_worlds()  # fixed by the draw seed
+    assert len(worlds) == 6
+    assert sorted({w["arch"] for w in worlds}) == ["mixtral", "olmoe", "qwen2_moe"]
+    for w in worlds:
+        assert quality.SWEEP_SEEDS[0] <= w["seed"] < quality.SWEEP_SEEDS[1]
+        assert 6 <= w["topics"] <= 12 and 0 <= w["forget_topic"] < w["topics"]
+        spec = JobSpec.model_validate(
+            quality.variant_spec(
+                "gdiff", "seuf", 0, world={k: v for k, v in w.items() if k != "key"}
+            )
+        )
+        assert (spec.world.arch, spec.world.seed) == (w["arch"], w["seed"])
+        assert spec.world.facts_per_topic == quality.SWEEP_FACTS
+    assert len({w["forget_topic"] for w in worlds}) == 6  # forget topic varied
+    assert len({w["seed"] for w in worlds}) == 6
+    assert quality.draw_worlds(draw=14) != worlds
+
+
+def test_sweep_shards_pick_by_index_or_key() -> None:
+    worlds = quality.draw_worlds()
+    assert quality.pick_worlds(worlds, None) == worlds
+    assert quality.pick_worlds(worlds, ["3", worlds[0]["key"]]) == [worlds[3], worlds[0]]
+    with pytest.raises(ValueError, match="unknown world 'x'"):
+        quality.pick_worlds(worlds, ["x"])
+    with pytest.raises(ValueError, match="unknown world '6'"):
+        quality.pick_worlds(worlds, ["6"])
+    plan = quality.sweep_plan(worlds[:2], ["gdiff", "npo"], ["full", "seuf"])
+    assert len(plan) == 8 and plan[0][0] == f"sweep/{worlds[0]['key']}/gdiff/full"
+
+
+@pytest.mark.parametrize(
+    ("variant", "check"),
+    [
+        ("experts", lambda d: d["scope"] == "experts"),
+        ("nullspace", lambda d: d["seuf"]["router_projection"] == "nullspace"),
+        ("auto", lambda d: d["seuf"]["num_experts"] == "auto"),
+        ("lr1e3", lambda d: d["training"]["lr"] == 1e-3),
+    ],
+)
+def test_sweep_variants_change_only_their_field(variant: str, check) -> None:
+    base = JobSpec.model_validate(quality.variant_spec("npo", "seuf", 1)).resolved()
+    var = JobSpec.model_validate(quality.variant_spec("npo", variant, 1)).resolved()
+    assert check(var)
+    assert {k for k in base if base[k] != var[k]} <= {"seuf", "scope", "training"}
+    assert sum(base[k] != var[k] for k in base) == 1
+
+
+def _sweep_run(alg: str, variant: str, forget: float, kept: float, overlap: float) -> dict:
+    r = _run(1000, forget, 1.0, kept)
+    r.update(algorithm=alg, variant=variant, routing_overlap_retain=overlap)
+    r["routing_overlap_retain_per_layer"] = {"0": 1.0, "1": overlap, "2": overlap - 0.02}
+    r["selected"] = [{"layer": 1, "expert": 0, "score": 0.3}]
+    return r
+
+
+def test_sweep_summary_min_mean_and_acceptance(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    runs = {}
+    for i, (fk, sk, ov) in enumerate([(0.99, 0.97, 0.97), (0.98, 0.99, 0.99), (0.95, 0.90, 0.90)]):
+        runs[f"sweep/w{i}/gdiff/full"] = _sweep_run("gdiff", "full", 0.29, fk, 0.85)
+        runs[f"sweep/w{i}/gdiff/seuf"] = _sweep_run("gdiff", "seuf", 0.28, sk, ov)
+    # Shards written at different times merge by key; other runs are kept.
+    quality.merge_save({"gdiff/seuf/seed0": _run(0, 0.28, 0.8, 0.78)})
+    quality.merge_save(dict(list(runs.items())[:3]))
+    stored = quality.merge_save(dict(list(runs.items())[3:]))
+    assert set(stored) == set(runs) | {"gdiff/seuf/seed0"}
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert "ratios" in data and set(data["ratios"]) == set(stored)
+    seuf = data["sweep"]["gdiff/seuf"]
+    assert seuf["n_worlds"] == 3 and seuf["worlds_meeting"] == 2
+    assert seuf["kept_unseen_min"] == pytest.approx(0.90)
+    assert seuf["kept_unseen_mean"] == pytest.approx((0.97 + 0.99 + 0.90) / 3)
+    # Overlap from the target layer (1) up: mean of layers 1 and 2, never the free layer 0.
+    assert seuf["worlds"]["w0"]["retain_overlap"] == pytest.approx(0.96)
+    assert seuf["worlds_meeting_with_overlap"] == 2  # w0 0.96, w1 0.98; w2 kept too little
+    assert seuf["kept_minus_full"]["w0"] == pytest.approx(-0.02)
+    assert seuf["at_least_full_every_world"] is False
+    assert "gdiff/seuf | 3 | 2 | 0.900 / 0.953" in (tmp_path / "quality.md").read_text()

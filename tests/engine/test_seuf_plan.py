@@ -1,0 +1,65 @@
+"""The pipeline glue of issue 13: the selection plan (auto and its fallbacks) and the
+projected routers of a job spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine._moe_hand import make_batch
+from tests.engine.test_selection_auto import LOCAL, SPREAD
+from workers.moe import get_adapter
+from workers.moe.tiny import tiny_model
+from workers.routing import router_outputs
+from workers.selection import SelectionRefused
+from workers.seuf_plan import attach_projection, close_all, plan_selection
+from workers.spec import JobSpec
+
+
+def spec(scope: str = "seuf", **seuf: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {"forget": {"demo": "forget"}, "retain": {"demo": "retain"}, "scope": scope, "seuf": seuf}
+    )
+
+
+def test_plan_keeps_fixed_selections_and_full_scope() -> None:
+    assert plan_selection(LOCAL, spec("full")).scope == "full"
+    assert plan_selection(LOCAL, spec("full")).selected == []
+    plan = plan_selection(LOCAL, spec())
+    assert plan.pairs == [(2, 1)] and plan.scope == "seuf" and plan.warning is None
+
+
+def test_plan_auto_qualified_fallback_full_and_stop() -> None:
+    plan = plan_selection(LOCAL, spec(num_experts="auto"))
+    assert plan.pairs == [(2, 1)] and plan.scope == "seuf" and plan.auto is not None
+    full = plan_selection(SPREAD, spec(num_experts="auto", fallback="full"))
+    assert full.scope == "full" and full.selected == [] and SPREAD.selected == []
+    assert full.warning is not None and "fallback full" in full.warning
+    assert full.to_json()["selection_warning"] == full.warning
+    with pytest.raises(SelectionRefused, match="fallback stop"):
+        plan_selection(SPREAD, spec(num_experts="auto", fallback="stop"))
+
+
+def test_attach_projection_only_where_a_router_trains() -> None:
+    model = tiny_model("qwen2_moe", seed=0)
+    adapter = get_adapter(model)
+    retain = [make_batch([8, 6], 8, seed=11)]
+    on = spec(router_projection="nullspace", router_projection_energy=1.0)  # exact span
+    assert attach_projection(model, adapter, spec(), [(1, 0)], retain) == []
+    assert attach_projection(model, adapter, on, [(1, 0)], retain, scope="experts") == []
+    assert attach_projection(model, adapter, on, [], retain) == []
+    with pytest.raises(ValueError, match="needs a retain corpus"):
+        attach_projection(model, adapter, on, [(1, 0)], None)
+    routers = attach_projection(model, adapter, on, [(1, 0), (2, 3), (1, 2)], retain)
+    assert [r.projector.rank for r in routers] == [14, 14]  # one per trained router layer
+    # A change the optimizer would make is projected: retain logits of layer 1 hold.
+    router = adapter.moe_layer(1).router
+    before = router_outputs(model, adapter, retain[0])[1].logits
+    with torch.no_grad():
+        router.weight.add_(torch.randn_like(router.weight))
+    routers[0].after_step()
+    after = router_outputs(model, adapter, retain[0])[1].logits
+    mask = retain[0]["attention_mask"].reshape(-1).bool()
+    assert (after - before)[mask].abs().max() < 1e-4
+    close_all(routers)
+    assert all(not r.handles for r in routers)
