@@ -9,6 +9,7 @@ request without reading server logs. A catch-all turns any unexpected exception 
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 import uuid
 from collections.abc import Sequence
@@ -109,16 +110,25 @@ def error_response(
     )
 
 
+# pydantic names the member of a union it tried in `loc` ("constrained-int",
+# "literal['auto']", "function-after[...]", "int"): a type, not a field of the body.
+_UNION_MEMBER = re.compile(r"[^A-Za-z0-9_]|^(int|float|str|bool|none|list|dict)$")
+
+
 def _loc_to_field(loc: Sequence[Any]) -> tuple[Location, str]:
-    """("body", "seuf", "experts", 0, "layer") -> ("body", "seuf.experts[0].layer")."""
+    """("body", "seuf", "experts", 0, "layer") -> ("body", "seuf.experts[0].layer");
+    union members in the path are dropped ("seuf.num_experts", not
+    "seuf.num_experts.constrained-int")."""
     parts = list(loc)
     location: Location = "body"
     if parts and parts[0] in ("body", "query", "header", "path"):
         location = parts.pop(0)
     out = ""
-    for p in parts:
+    for i, p in enumerate(parts):
         if isinstance(p, int):
             out += f"[{p}]"
+        elif i > 0 and _UNION_MEMBER.search(str(p)):
+            continue
         else:
             out += ("." if out else "") + str(p)
     return location, out or location
@@ -139,15 +149,21 @@ def _reason(err: dict[str, Any]) -> str:
 
 
 def validation_errors(errs: Sequence[dict[str, Any]]) -> list[FieldError]:
-    out: list[FieldError] = []
+    """One error per field: the members of a union that all failed become one reason
+    ("... or ...")."""
+    reasons: dict[tuple[Location, str], list[str]] = {}
     for e in errs:
         loc = e.get("loc", ())
         # json_invalid carries a character offset as loc[1]; it is not a field.
         if e.get("type") == "json_invalid":
             loc = ("body",)
-        location, field = _loc_to_field(loc)
-        out.append(FieldError(field=field, location=location, reason=_reason(e)))
-    return out
+        got = reasons.setdefault(_loc_to_field(loc), [])
+        if (r := _reason(e)) not in got:
+            got.append(r)
+    return [
+        FieldError(field=field, location=location, reason=" or ".join(rs))
+        for (location, field), rs in reasons.items()
+    ]
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:

@@ -253,23 +253,10 @@ class StopRule(_Strict):
         None, description="Stop when the forget NLL (per token) >= this."
     )
     eval_every: Steps = Field(5, description="Steps between stop-rule checks.")
-    utility_drop_tolerance: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
-        None,
-        description="Utility guard, checked with the forget check: stop once utility accuracy "
-        "fell by more than this (absolute; without accuracy, the retain NLL's relative rise) "
-        "and restore the best state that met the forget target (stopped_by utility_guard; "
-        "a job that never met it ends with outcome target_not_met). workers/guard.py.",
-    )
 
 
 class TrainingOptions(_Strict):
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1e-4, description="AdamW learning rate.")
-    lr_policy: Literal["fixed", "decay", "probe", "probe_decay"] = Field(
-        "fixed",
-        description="fixed: `lr` as given; decay: scaled down as forget accuracy nears its "
-        "target; probe: chosen from a few steps at lr, lr/3 and lr/10; probe_decay: both "
-        "(workers/guard.py).",
-    )
     batch_size: Annotated[int, Field(gt=0, le=4096)] = Field(
         16, description="Forget (and retain) samples per step."
     )
