@@ -135,10 +135,13 @@ def check_fit(spec: JobSpec, settings: Settings) -> None:
             "distributed.num_workers",
             f"{workers} workers need {workers} CPUs; the cluster offers {cpus}",
         )
-    gpus = int(getattr(spec.distributed, "num_gpus", 0) or 0)
+    # A cuda job takes one GPU per worker (auto: the dispatcher decides from the cluster).
+    gpus = workers if spec.distributed.device == "cuda" else 0
     if gpus > settings.cluster_gpus:
         raise SpecRejected(
-            "distributed.num_gpus", f"{gpus} GPUs asked; the cluster offers {settings.cluster_gpus}"
+            "distributed.device",
+            f"cuda with {workers} workers needs {gpus} GPUs; the cluster offers "
+            f"{settings.cluster_gpus}",
         )
     if spec.model == "demo" and spec.world.seed > settings.max_world_seed:
         raise SpecRejected(

@@ -32,6 +32,9 @@ DEFAULT_DATABASE_URL = "sqlite:///./var/moe-unlearn.db"
 ENV_PREFIX = "MOE_UNLEARN_"
 # Variables under this prefix belong to the test suite (e.g. MOE_UNLEARN_TEST_PG_URL).
 UNCHECKED_PREFIXES = ("MOE_UNLEARN_TEST_",)
+# Read by the command-line client (api/cli_client.py: --server, --key, --retries), not by
+# the service: known names, so the strict check lets them through.
+CLIENT_ENV = frozenset({"MOE_UNLEARN_URL", "MOE_UNLEARN_KEY", "MOE_UNLEARN_RETRIES"})
 
 
 class UnknownSettingError(ValueError):
@@ -59,7 +62,7 @@ def env_names(cls: type[BaseSettings]) -> set[str]:
 def check_environment(cls: type[BaseSettings], environ: dict[str, str] | None = None) -> None:
     """Refuse MOE_UNLEARN_* variables that `cls` does not declare."""
     env = os.environ if environ is None else environ
-    known = env_names(cls)
+    known = env_names(cls) | CLIENT_ENV
     unknown = sorted(
         k.upper()
         for k in env

@@ -45,3 +45,22 @@ def test_a_job_that_cannot_fit_a_worker_is_refused_with_the_numbers(
     seuf["training"] = {"dtype": "bfloat16"}
     r = c.post("/v1/jobs", json=seuf, headers=req)
     assert r.status_code == 202, r.text
+
+
+def test_a_cuda_job_needs_a_gpu_per_worker(
+    client: TestClient, api_keys: Keys, tight: Any
+) -> None:
+    """`distributed.device: cuda` takes one GPU per worker: refused beyond
+    MOE_UNLEARN_CLUSTER_GPUS (0 by default), accepted within it."""
+    req = Keys.h(api_keys.requester)
+    fid = upload(client, api_keys.requester, FORGET)
+    body = spec(fid, distributed={"device": "cuda", "num_workers": 2})
+    r = client.post("/v1/jobs", json=body, headers=req)
+    assert r.status_code == 422, r.text
+    err = r.json()["errors"][0]
+    assert err["field"] == "distributed.device" and "needs 2 GPUs" in err["reason"]
+    _, c = tight(cluster_gpus=2)
+    fid = upload(c, api_keys.requester, FORGET)
+    ok = c.post("/v1/jobs", json=spec(fid, distributed={"device": "cuda", "num_workers": 2}),
+                headers=req)
+    assert ok.status_code == 202, ok.text

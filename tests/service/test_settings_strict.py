@@ -88,3 +88,12 @@ def test_cli_refuses_a_misspelt_variable_in_one_line():
         "moe-unlearn: error: unknown setting in the environment: MOE_UNLEARN_DEBGU "
         "(did you mean MOE_UNLEARN_DEBUG?); the settings are listed in service/settings.py"
     ]
+
+
+def test_the_command_line_clients_variables_are_known(monkeypatch):
+    """MOE_UNLEARN_URL / _KEY / _RETRIES are the client's (`moe-unlearn jobs ...`): every
+    command starts with them set."""
+    monkeypatch.setenv("MOE_UNLEARN_URL", "http://127.0.0.1:8000")
+    monkeypatch.setenv("MOE_UNLEARN_KEY", "mu_secret")
+    monkeypatch.setenv("MOE_UNLEARN_RETRIES", "2")
+    Settings()
