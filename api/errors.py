@@ -111,8 +111,13 @@ def error_response(
 
 
 # pydantic names the member of a union it tried in `loc` ("constrained-int",
-# "literal['auto']", "function-after[...]", "int"): a type, not a field of the body.
-_UNION_MEMBER = re.compile(r"[^A-Za-z0-9_]|^(int|float|str|bool|none|list|dict)$")
+# "literal['auto']", "function-after[...]", "int"): a type, not a field of the body. Only
+# its own labels are dropped; a client's misspelt key ("num-experts") is kept.
+_UNION_MEMBER = re.compile(
+    r"^(constrained-[a-z]+|literal\[.*\]|function-(after|before|wrap|plain)\[.*\]"
+    r"|(list|dict|set|tuple|nullable|tagged-union|json-or-python|lax-or-strict)\[.*\]"
+    r"|int|float|str|bool|none|bytes)$"
+)
 
 
 def _loc_to_field(loc: Sequence[Any]) -> tuple[Location, str]:
@@ -127,7 +132,7 @@ def _loc_to_field(loc: Sequence[Any]) -> tuple[Location, str]:
     for i, p in enumerate(parts):
         if isinstance(p, int):
             out += f"[{p}]"
-        elif i > 0 and _UNION_MEMBER.search(str(p)):
+        elif i > 0 and _UNION_MEMBER.match(str(p)):
             continue
         else:
             out += ("." if out else "") + str(p)

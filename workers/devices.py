@@ -122,8 +122,8 @@ def plan_line(spec: JobSpec, model_dir: str | None = None) -> str:
     try:
         shape = shape_from_config(read_config(model_dir or spec.model))
         return "the planner estimated " + estimate(shape, spec).line()
-    except ValueError as e:
-        return f"no planner estimate ({e})"
+    except Exception as e:  # noqa: BLE001 - never hide the out-of-memory error behind this
+        return f"no planner estimate ({type(e).__name__}: {e})"
 
 
 @contextmanager

@@ -129,6 +129,11 @@ def trainable_params(shape: ModelShape, spec: JobSpec) -> int:
     """Parameters that train under the spec's scope (an upper bound for SEUF: each selected
     expert may sit in its own layer, with its own router)."""
     m = spec.seuf.num_experts
+    if m == "auto":
+        # auto: within the parameter budget, or every parameter when it falls back to full.
+        if spec.seuf.fallback == "full":
+            return shape.total_params
+        return int(spec.seuf.parameter_budget * shape.total_params)
     if spec.seuf.selection == "per_layer":
         m = len(shape.moe_layers)
     elif spec.seuf.selection == "manual":
@@ -258,8 +263,8 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
     parts = {
         "weights": weights,
         "trainable_state": master + grads + moments + buckets,
-        # Training and evaluation do not overlap: the larger of the two.
-        "activations": max(activations + logits, evaluation),
+        # Training, evaluation and the robustness checks do not overlap: the largest.
+        "activations": max(activations + logits, evaluation, robustness_copy(shape, spec, b)),
         "activation_cache": cache,
         "reference": reference,
         "overhead": RUNTIME_OVERHEAD[device],
@@ -274,6 +279,15 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         parts=parts,
         capacity=capacity,
     )
+
+
+def robustness_copy(shape: ModelShape, spec: JobSpec, dtype_bytes: int) -> int:
+    """The quantisation check (workers/robustness.py) keeps a copy of every decoder weight
+    while it quantises them in place, plus a float32 temporary of the largest tensor."""
+    if not any(c.check == "quantization" for c in spec.evaluation.robustness):
+        return 0
+    largest = max(shape.expert_params * shape.num_experts, shape.router_params, 1)
+    return sum(shape.layer_params) * dtype_bytes + largest * 4
 
 
 # --- what the workers have -----------------------------------------------------------------

@@ -47,6 +47,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# The MoE families with an adapter (workers/moe/; tests check this list equals
+# workers.moe.tiny.FAMILIES, written out here so that the spec stays torch-free).
+WorldArch = Literal[
+    "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"
+]
+
+
 class WorldOptions(_Strict):
     """The built-in demo world (used when `model` is "demo" or a corpus names a demo split)."""
 
@@ -55,7 +62,7 @@ class WorldOptions(_Strict):
     facts_per_topic: Annotated[int, Field(ge=4, le=2000)] = Field(
         100, description="Facts per topic."
     )
-    arch: str = Field("qwen2_moe", description="MoE family of the tiny model (a model_type).")
+    arch: WorldArch = Field("qwen2_moe", description="MoE family of the tiny model (a model_type).")
     forget_topic: NonNegInt = Field(0, description="Index of the topic to forget.")
     size: WorldSize = Field(
         "full",
@@ -460,6 +467,17 @@ class JobSpec(_Strict):
             raise ValueError("demo corpora can only be used with model 'demo'")
         if self.seuf.attribution == "contrastive" and self.retain is None:
             raise ValueError("attribution 'contrastive' needs a retain corpus")
+        if self.seuf.router_projection == "nullspace":
+            # Refused here, not after hours of loading and evaluation in the worker.
+            if self.retain is None:
+                raise ValueError("seuf.router_projection 'nullspace' needs a retain corpus")
+            if self.scope not in ("seuf", "router"):
+                raise ValueError(
+                    "seuf.router_projection 'nullspace' projects a trained router's update: "
+                    "use scope seuf or router"
+                )
+            if self.distributed.num_workers > 1:
+                raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
         return self
 
     def corpus_refs(self) -> list[tuple[str, CorpusRef]]:

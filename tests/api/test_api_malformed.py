@@ -373,3 +373,22 @@ def test_malformed_input_is_a_4xx_naming_the_field(
     assert err["reason"], body
     assert body["message"].startswith(f"{body['errors'][0]['field']}: ")
     assert "Traceback" not in r.text
+
+
+def test_union_members_are_not_fields_but_misspelt_keys_are_named(client, api_keys):
+    """pydantic's own labels for the members of a union ("constrained-int",
+    "literal['auto']") never reach the client; a misspelt key is named as sent."""
+    from tests.api.conftest import FORGET, upload
+
+    fid = upload(client, api_keys.requester, FORGET)
+    h = {"Authorization": f"Bearer {api_keys.requester}"}
+    r = client.post("/v1/jobs", headers=h, json={
+        "forget": {"corpus_id": fid}, "algorithm": "npo", "seuf": {"num_experts": 0}})
+    assert r.status_code == 422
+    errs = r.json()["errors"]
+    assert [e["field"] for e in errs] == ["seuf.num_experts"]
+    assert " or " in errs[0]["reason"]  # both members' reasons, in one
+    r = client.post("/v1/jobs", headers=h, json={
+        "forget": {"corpus_id": fid}, "algorithm": "npo", "seuf": {"num-experts": 2}})
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["errors"]] == ["seuf.num-experts"]

@@ -63,3 +63,31 @@ def test_load_spec_resolves_relative_paths(tmp_path):
     spec_file.write_text("- a list\n")
     with pytest.raises(ValueError, match="mapping"):
         load_spec(spec_file)
+
+
+def test_world_arch_is_one_of_the_adapted_families():
+    from typing import get_args
+
+    from workers.moe.tiny import FAMILIES
+    from workers.spec import WorldArch, WorldOptions
+
+    assert set(get_args(WorldArch)) == set(FAMILIES)
+    with pytest.raises(ValueError, match="arch"):
+        WorldOptions(arch="llama")
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"algorithm": "ga", "retain": None}, "needs a retain corpus"),
+        ({"scope": "full"}, "use scope seuf or router"),
+        ({"distributed": {"num_workers": 2}}, "one worker"),
+    ],
+)
+def test_nullspace_projection_is_refused_where_it_cannot_run(extra, reason):
+    body = {"forget": {"demo": "forget"}, "retain": {"demo": "retain"},
+            "seuf": {"router_projection": "nullspace"}, **extra}
+    if body.get("retain") is None:
+        body.pop("retain")
+    with pytest.raises(ValueError, match=reason):
+        JobSpec.model_validate(body)

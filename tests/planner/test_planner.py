@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 from workers.model_shape import shape_from_config
-from workers.planner import Capacity, GiB, estimate, ray_capacity, trainable_params
+from workers.planner import (
+    Capacity,
+    GiB,
+    estimate,
+    ray_capacity,
+    robustness_copy,
+    trainable_params,
+)
 from workers.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,3 +160,20 @@ def test_plan_command_refuses_an_unsupported_model(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "not a supported MoE family" in r.stderr
+
+
+def test_auto_selection_and_the_robustness_copy_are_planned():
+    """num_experts auto plans for its budget (or all parameters when it falls back to
+    full); the quantisation check's copy of the decoder weights counts when it runs."""
+    shape = shape_from_config(QWEN2)
+    full = spec(seuf__num_experts="auto")  # fallback: full
+    assert trainable_params(shape, full) == shape.total_params
+    budget = spec(seuf__num_experts="auto", seuf__fallback="stop", seuf__parameter_budget=0.05)
+    assert trainable_params(shape, budget) == int(0.05 * shape.total_params)
+    on = estimate(shape, spec(training__dtype="bfloat16"))
+    off = estimate(shape, spec(training__dtype="bfloat16", evaluation__robustness=[]))
+    on_spec = spec(training__dtype="bfloat16")
+    copy = robustness_copy(shape, on_spec, 2)
+    assert copy == sum(shape.layer_params) * 2 + shape.expert_params * shape.num_experts * 4
+    assert robustness_copy(shape, spec(evaluation__robustness=[]), 2) == 0
+    assert on.parts["activations"] == max(off.parts["activations"], copy)
