@@ -126,24 +126,40 @@ def recovery(probe: float, unlearned: float, original: float) -> float | None:
     return None if gap < MIN_GAP else (probe - unlearned) / gap
 
 
+# What `original` maps: a parameter's name (the whole tensor), or (name, expert) for one
+# expert's slice of a fused tensor, or (name, None): the regions workers.job.snapshot_regions
+# takes, so no whole fused tensor is ever copied for SEUF.
+ParamKey = str | tuple[str, int | None]
+
+
+def param_name(key: ParamKey) -> str:
+    return key if isinstance(key, str) else key[0]
+
+
 @contextmanager
-def swapped_in(model: nn.Module, values: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Put `values` (parameter name -> tensor) into the model, and the current ones back
-    on exit (only the named tensors are copied)."""
+def swapped_in(model: nn.Module, values: Mapping[ParamKey, torch.Tensor]) -> Iterator[None]:
+    """Put `values` into the model (a whole parameter, or one expert's slice of it), and the
+    current ones back on exit (only the named tensors or slices are copied)."""
     params = dict(model.named_parameters())
-    unknown = sorted(set(values) - set(params))
+    unknown = sorted({param_name(k) for k in values} - set(params))
     if unknown:
         raise KeyError(f"not parameters of the model: {', '.join(unknown[:3])}")
-    saved = {n: params[n].detach().clone() for n in values}
+
+    def target(key: ParamKey) -> torch.Tensor:
+        p = params[param_name(key)]
+        return p if isinstance(key, str) or key[1] is None else p[key[1]]
+
+    saved = {k: target(k).detach().clone() for k in values}
     try:
         with torch.no_grad():
-            for n, v in values.items():
-                params[n].copy_(v.to(params[n].device, params[n].dtype))
+            for k, v in values.items():
+                t = target(k)
+                t.copy_(v.to(t.device, t.dtype))
         yield
     finally:
         with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
+            for k, v in saved.items():
+                target(k).copy_(v)
 
 
 Routing = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(weights, indices)]
@@ -212,7 +228,7 @@ def _recovery_verdict(
 def router_restored_probe(
     model: nn.Module,
     adapter: MoEAdapter,
-    original: Mapping[str, torch.Tensor],
+    original: Mapping[ParamKey, torch.Tensor],
     batches: Sequence[Batch],
     threshold: float = 0.5,
 ) -> CheckResult:
@@ -222,7 +238,7 @@ def router_restored_probe(
     with swapped_in(model, original):
         acc_o = token_accuracy(model, batches)
         routing = record_routing(model, adapter, batches)
-    with swapped_in(model, {n: v for n, v in original.items() if n in routers}):
+    with swapped_in(model, {k: v for k, v in original.items() if param_name(k) in routers}):
         acc_r = token_accuracy(model, batches)
     with forced_routing(model, adapter, routing):
         acc_f = token_accuracy(model, batches)
@@ -233,7 +249,7 @@ def router_restored_probe(
 def relearning_attack(
     model: nn.Module,
     adapter: MoEAdapter,
-    original: Mapping[str, torch.Tensor],
+    original: Mapping[ParamKey, torch.Tensor],
     scope: str,
     selected: Sequence[tuple[int, int]],
     attack_batches: Sequence[Batch],
@@ -295,7 +311,7 @@ def _quantizable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def quantization_check(
     model: nn.Module,
-    original: Mapping[str, torch.Tensor],
+    original: Mapping[ParamKey, torch.Tensor],
     batches: Sequence[Batch],
     bits: Sequence[int] = (8, 4),
     group_size: int = 128,
@@ -367,7 +383,7 @@ def membership_inference(
     nonmember_batches: Sequence[Batch] | None,
     k_percent: float = 20.0,
     threshold: float = 0.2,
-    original: Mapping[str, torch.Tensor] | None = None,
+    original: Mapping[ParamKey, torch.Tensor] | None = None,
 ) -> CheckResult:
     """Loss and Min-K%++ AUC of forget records against never-trained records (and, with
     `original`, the same AUCs of the model before unlearning, for comparison)."""
@@ -401,7 +417,7 @@ def run_robustness_checks(
     adapter: MoEAdapter,
     checks: Sequence[RobustnessCheck],
     *,
-    original: Mapping[str, torch.Tensor],
+    original: Mapping[ParamKey, torch.Tensor],
     scope: str,
     selected: Sequence[tuple[int, int]],
     forget_batches: Sequence[Batch],

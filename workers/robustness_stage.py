@@ -23,7 +23,7 @@ import torch
 
 from workers.data import read_corpus
 from workers.job import CorpusResolver, LoadedJob, corpus_path
-from workers.robustness import CheckResult, run_robustness_checks
+from workers.robustness import CheckResult, ParamKey, param_name, run_robustness_checks
 from workers.spec import CorpusRef, MembershipCheck
 
 
@@ -68,7 +68,7 @@ def holdout_batches(
 
 def robustness_stage(
     job: LoadedJob,
-    original: Mapping[str, torch.Tensor],
+    original: Mapping[ParamKey, torch.Tensor],
     scope: str,
     selected: Sequence[tuple[int, int]],
     resolver: CorpusResolver | None = None,
@@ -81,7 +81,9 @@ def robustness_stage(
         return []
     model = job.model
     params = {n for n, _ in model.named_parameters()}
-    original = {n: v for n, v in original.items() if n in params}  # tied copies: no param
+    # Region snapshots (name, expert) as workers.job.snapshot_regions takes them; tied
+    # copies (a name that is not a parameter) are left out.
+    original = {k: v for k, v in original.items() if param_name(k) in params}
     batches = forget_batches(job, max(c.max_batches for c in checks))
     holdout, why = None, None
     membership = next((c for c in checks if isinstance(c, MembershipCheck)), None)
