@@ -22,7 +22,7 @@ def test_make_demo_runs_the_example_to_a_verified_deletion(
     spec_file = tmp_path / demo.DEFAULT_SPEC.name  # the example make demo submits
     spec_file.write_text(yaml.safe_dump(example_on_small_world(demo.DEFAULT_SPEC.name)))
     work = tmp_path / "work"
-    rc = demo.main(["--spec", str(spec_file), "--keep", str(work)])  # default: 2 workers
+    rc = demo.main(["--spec", str(spec_file), "--dir", str(work)])  # default: 2 workers
     out = capsys.readouterr().out
     assert rc == 0, out
     job_id = re.search(r"submitted job (\S+) over HTTP", out)
@@ -48,4 +48,5 @@ def test_make_demo_runs_the_example_to_a_verified_deletion(
     ]
     assert cert["parameters_changed"]
     assert job_id[1] in (work / "certificate.html").read_text()
-    assert (work / "expert_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (work / "expert_map.svg").read_text()  # the console's heatmap, selected outlined
+    assert svg.startswith("<svg xmlns=\"http://www.w3.org/2000/svg\"") and "</svg>" in svg
