@@ -561,14 +561,27 @@ def _names(e: ApiClientError, fld: str) -> bool:
 
 def verify_certificate(cert: Mapping[str, Any], *, patch: Path | None = None) -> list[str]:
     """What is wrong with a certificate, checked offline ([] = nothing): its
-    `certificate_sha256` recomputed over the canonical JSON of its facts, the server's
+    `certificate_sha256` recomputed over the canonical JSON of its facts, its Ed25519
+    signature (with the key it carries: compare its fingerprint with GET
+    /v1/certificate-key, or use `moe-unlearn certificate verify --key`), the server's
     verification of the audit chain, and, given the downloaded expert patch, that its
     SHA-256 is the one the certificate lists."""
     problems: list[str] = []
-    facts = {k: v for k, v in cert.items() if k not in ("certificate_sha256", "verification")}
+    # The hash covers the facts: not itself, the chain's re-verification, nor the signature
+    # (made over everything else afterwards, and checked below).
+    facts = {
+        k: v
+        for k, v in cert.items()
+        if k not in ("certificate_sha256", "verification", "signature")
+    }
     got = hashlib.sha256(canonical_json(facts).encode()).hexdigest()
     if got != cert.get("certificate_sha256"):
         problems.append(f"certificate_sha256 is {cert.get('certificate_sha256')}, facts hash {got}")
+    from service.signing import verify_document
+
+    sig = verify_document(dict(cert))
+    if not sig.valid:
+        problems.append(f"signature: {sig.reason}")
     ver = cert.get("verification") or {}
     if ver.get("chain_ok") is not True:
         problems.append(f"audit chain not intact when issued: {ver.get('reason')}")

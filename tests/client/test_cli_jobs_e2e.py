@@ -58,7 +58,7 @@ def test_submit_wait_results_certificate_and_audit(svc: Service, job_files: Path
     emap = json.loads((out / "expert_map.json").read_text())["items"]
     assert sum(x["selected"] for x in emap) == 1
     phases = {e["phase"] for e in json.loads((out / "evaluations.json").read_text())["items"]}
-    assert phases == {"before", "after"}
+    assert phases == {"before", "after", "robustness"}  # the checks run by default
 
     r = run_cli("jobs", "certificate", job_id, "--out", str(tmp_path / "cert.json"), env=env)
     assert r.returncode == 0, r.stderr
