@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 
 from api.auth import audit_access, request_session
 from api.errors import ErrorBody
+from api.routes.jobs import ID_PATTERN
 from api.schemas import AuditEntryOut, AuditList, AuditVerifyOut
 from service import audit
 from service.tables import AuditEntry
@@ -29,7 +30,7 @@ def audit_events(
     request: Request,
     since: int = Query(0, ge=0, le=2**62, description="Only entries with seq > since."),
     limit: int = Query(100, ge=1, le=1000),
-    job_id: str | None = Query(None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="One job only."),
+    job_id: str | None = Query(None, pattern=ID_PATTERN, description="One job only."),
     principal: Any = Depends(audit_access),
 ) -> AuditList:
     """Audit entries of the auditor's tenant, oldest first (payloads hold ids, hashes and

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from api.auth import audit_access, read_jobs, request_session
 from api.errors import ApiError, ErrorBody
+from api.routes.jobs import JobId
 
 router = APIRouter(tags=["proof"])
 
@@ -66,7 +66,7 @@ class RobustnessOut(BaseModel):
 )
 def job_robustness(
     request: Request,
-    job_id: str = PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The job id."),
+    job_id: JobId,
     principal: Any = Depends(read_jobs),
 ) -> RobustnessOut:
     """The job's robustness checks with verdicts (every default check listed; one not run
@@ -105,7 +105,7 @@ class LineageOut(BaseModel):
 )
 def job_lineage(
     request: Request,
-    job_id: str = PathParam(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The job id."),
+    job_id: JobId,
     principal: Any = Depends(read_jobs),
 ) -> LineageOut:
     """The model's lineage: the jobs (deletion requests) whose expert patches it carries,

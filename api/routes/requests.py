@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import read_jobs, request_session, write_jobs
 from api.errors import ErrorBody
+from api.routes.jobs import ID_PATTERN
 
 router = APIRouter(prefix="/v1/requests", tags=["requests"])
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 RequestId = Annotated[str, PathParam(pattern=ID_PATTERN, description="The request id.")]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or invalid API key."},
