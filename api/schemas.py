@@ -103,8 +103,30 @@ class EvaluationOut(_Out):
     value: float
 
 
+class RoutingOverlapOut(BaseModel):
+    """Routing overlap of the unlearned model with the original one (issue 13): the share of
+    each token's top-K experts kept, on forget and retain data."""
+
+    forget: float | None = Field(None, description="Forget data, mean over MoE layers.")
+    retain: float | None = Field(None, description="Retain data, mean over MoE layers.")
+    retain_from_target: float | None = Field(
+        None,
+        description="Retain data, mean over the MoE layers from the target layer up (the "
+        "frozen layers below it keep their routing for free).",
+    )
+    retain_per_layer: dict[str, float] = Field(
+        default_factory=dict, description="Retain data, per MoE layer (layer index -> overlap)."
+    )
+
+
 class EvaluationList(BaseModel):
     items: list[EvaluationOut]
+    routing: RoutingOverlapOut | None = Field(
+        None,
+        description="The routing overlaps among `items` (task forget/retain, metrics "
+        "routing_overlap, routing_overlap_from_target, routing_overlap_per_layer.<layer>), "
+        "gathered; null until the job recorded them.",
+    )
 
 
 class ArtifactOut(_Out):

@@ -19,13 +19,14 @@ The sweep (issue 13: defaults must hold on worlds nobody tuned them on):
 
     python -m bench.quality --sweep --list-worlds
     python -m bench.quality --sweep [--worlds 0 3 | olmoe-s1234-t8-f3] [--algorithms ...]
-        [--variants full seuf ...] [--facts 40]
+        [--variants full seuf ...] [--facts 40] [--retain-topics half]
 
 draws its own worlds (3 MoE families x 2 seeds from a seed range no example uses, 6-12
 topics, forget topic varied; `draw_worlds`), runs every algorithm x SWEEP_VARIANTS on each,
 and adds `sweep` to quality.json: per world and per (algorithm, variant) the forget reached,
 unseen utility kept, retain routing overlap, and min / mean over worlds, with the issue's
-acceptance checks. Shards (`--worlds`, in separate processes or at separate times) merge by
+acceptance checks (with `--retain-topics half`, worlds keyed <world>-r<k> whose retain
+corpus covers half the topics, and `kept_uncovered_minus_full`). Shards (`--worlds`, in separate processes or at separate times) merge by
 key under a file lock: sweep/<world>/<algorithm>/<variant>.
 """
 
@@ -157,6 +158,7 @@ def run_one(
         "routing_overlap_retain": res["routing_overlap_retain"],
         # Per layer (str(layer) -> overlap) where the engine reports it (issue 13).
         "routing_overlap_retain_per_layer": res.get("routing_overlap_retain_per_layer"),
+        "routing_overlap_retain_from_target": res.get("routing_overlap_retain_from_target"),
         "selection": res.get("selection"),
         "selection_warning": (res.get("selection") or {}).get("selection_warning"),
         "outcome": res.get("outcome"),
@@ -431,14 +433,17 @@ def _mean(xs: list[float]) -> float | None:
 
 def retain_overlap_from_target(r: dict[str, Any]) -> float | None:
     """Retain routing overlap averaged over the MoE layers from the target layer up (the
-    frozen layers below score 1.0 for free); the overall figure when the engine gives no
-    per-layer one, and for full-parameter runs (every layer trains)."""
+    frozen layers below score 1.0 for free): the engine's `routing_overlap_retain_from_
+    target`; for runs stored before it had one, the same rule on their per-layer figures
+    (workers.results), or the overall figure when they have none."""
+    if r.get("routing_overlap_retain_from_target") is not None:
+        return r["routing_overlap_retain_from_target"]
     per = r.get("routing_overlap_retain_per_layer")
     if not per:
         return r.get("routing_overlap_retain")
-    target = min((s["layer"] for s in r.get("selected") or []), default=None)
-    vals = [v for k, v in per.items() if target is None or int(k) >= target]
-    return _mean(vals)
+    from workers.results import overlap_from_target, target_layer
+
+    return overlap_from_target(per, target_layer(r.get("scope_run") or "", r.get("selected") or []))
 
 
 def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -491,6 +496,15 @@ def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
         full = cells.get(f"{alg}/full")
         if variant != "full" and full:
+            covered = {  # retain_topics worlds: uncovered utility kept, minus full's
+                world: w["kept_uncovered"] - full[world]["kept_uncovered"]
+                for world, w in per_world.items()
+                if world in full
+                and w["kept_uncovered"] is not None
+                and full[world]["kept_uncovered"] is not None
+            }
+            if covered:
+                entry["kept_uncovered_minus_full"] = covered
             diffs = {
                 world: w["kept_unseen"] - full[world]["kept_unseen"]
                 for world, w in per_world.items()
@@ -526,6 +540,16 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
             f"{_f(e['forget_after_max'], 2)} | {e.get('at_least_full_every_world', '-')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def with_retain_topics(world: dict[str, Any], value: str | None) -> dict[str, Any]:
+    """The world with `retain_topics` set (the spec's world.retain_topics: the retain corpus
+    covers the first k non-forget topics); 'half' = topics // 2. Its key says so (-r<k>), so
+    its runs are stored beside the full-retain ones."""
+    if value is None:
+        return world
+    k = world["topics"] // 2 if value == "half" else int(value)
+    return {**world, "retain_topics": k, "key": f"{world['key']}-r{k}"}
 
 
 def sweep_plan(
@@ -571,10 +595,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--facts", type=int, default=SWEEP_FACTS, help="sweep facts per topic")
     ap.add_argument("--list-worlds", action="store_true", help="print the sweep's worlds")
     ap.add_argument("--skip-done", action="store_true", help="sweep: keep runs already stored")
+    ap.add_argument(
+        "--retain-topics",
+        default=None,
+        help="sweep: world.retain_topics of every world ('half' = topics // 2, or a number)",
+    )
     args = ap.parse_args(argv)
 
     if args.sweep:
-        worlds = pick_worlds(draw_worlds(facts=args.facts), args.worlds)
+        worlds = [
+            with_retain_topics(w, args.retain_topics)
+            for w in pick_worlds(draw_worlds(facts=args.facts), args.worlds)
+        ]
         if args.list_worlds:
             for i, w in enumerate(draw_worlds(facts=args.facts)):
                 print(i, w["key"], json.dumps({k: v for k, v in w.items() if k != "key"}))

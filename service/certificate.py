@@ -15,6 +15,8 @@ job (their seq and hashes: `GET /v1/audit/verify` proves they were not edited si
 What the runner records for it (via `service.jobs`): `record_model` (model hash),
 `record_expert_map`, `record_param_changes`, `record_evaluations` (phase before/after;
 the metric `routing_overlap` of any task is reported as the routing overlap).
+`routing_overlap_retain` is the retain routing overlap in full (`service.routing_scores`:
+overall, from the target layer up, per layer); None for jobs that recorded none.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import audit, lineage, proof, signing
+from service import audit, lineage, proof, routing_scores, signing
 from service.errors import ServiceError
 from service.jobs import (
     MODEL_KIND,
@@ -98,6 +100,17 @@ def _deletion_request(session: Session, job_id: str) -> dict[str, Any] | None:
             "due_at": req.due_at.isoformat()}
 
 
+def _retain_overlap(evals: list[Any]) -> dict[str, Any] | None:
+    routing = routing_scores.summary(evals)
+    if routing is None or routing["retain"] is None:
+        return None
+    return {
+        "overall": routing["retain"],
+        "from_target": routing["retain_from_target"],
+        "per_layer": routing["retain_per_layer"],
+    }
+
+
 def build_certificate(
     session: Session, job_id: str, tenant: str | None = None, settings: Settings | None = None
 ) -> dict[str, Any]:
@@ -117,8 +130,9 @@ def build_certificate(
     for ev in evals:
         if ev.phase == proof.PHASE:
             continue  # reported whole, with verdicts, under "robustness"
-        if ev.metric == "routing_overlap":
+        if ev.metric == routing_scores.OVERLAP:
             overlap[f"{ev.task}/{ev.phase}"] = ev.value
+        if routing_scores.is_routing_metric(ev.metric):
             continue
         scores.setdefault(ev.phase, {}).setdefault(ev.task, {})[ev.metric] = ev.value
     model_ev = _latest_event(session, job.id, MODEL_KIND) or {}
@@ -160,6 +174,7 @@ def build_certificate(
         "parameters_changed": changes,
         "scores": scores,
         "routing_overlap": overlap,
+        "routing_overlap_retain": _retain_overlap(evals),
         "robustness": proof.robustness_of(session, job.id),
         # the chain of expert patches this job's model carries (root first, this job last)
         "lineage": lineage.lineage(session, job),

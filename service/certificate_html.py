@@ -221,6 +221,20 @@ def corpus_rows(cert: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def retain_overlap(cert: dict[str, Any]) -> dict[str, Any] | None:
+    """The retain routing overlap block ({overall, from_target, per_layer}) when the
+    certificate carries one with numbers."""
+    raw = cert.get("routing_overlap_retain")
+    if not isinstance(raw, dict):
+        return None
+    per = raw.get("per_layer") if isinstance(raw.get("per_layer"), dict) else {}
+    return {
+        "overall": raw.get("overall"),
+        "from_target": raw.get("from_target"),
+        "per_layer": [(str(k), v) for k, v in per.items() if isinstance(v, int | float)],
+    }
+
+
 def certificate_view(cert: dict[str, Any]) -> dict[str, Any]:
     """Everything the template shows, derived from the certificate's JSON data."""
     rows = score_rows(cert.get("scores") or {})
@@ -246,6 +260,7 @@ def certificate_view(cert: dict[str, Any]) -> dict[str, Any]:
         "robustness": robustness_checks(cert),
         "signature": signature_status(cert),
         "overlap": sorted((cert.get("routing_overlap") or {}).items()),
+        "retain_overlap": retain_overlap(cert),
     }
 
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service import jobs, proof
+from service import jobs, proof, routing_scores
 from service.audit import FORBIDDEN_KEYS, MAX_STRING
 from service.errors import IllegalTransition
 from service.jobs import ExpertScore, ParamChange, Stage
@@ -137,13 +137,10 @@ def record_success(
     result, emap = out.result, out.expert_map
     scores = expert_scores(emap, result.selected or emap.get("selected") or [])
     after = dict(result.after)
-    overlaps = {"forget": result.routing_overlap_forget, "retain": result.routing_overlap_retain}
-    for name, overlap in overlaps.items():
-        ov = _number(overlap)
-        if ov is not None:
-            after.setdefault(name, {})
-            if isinstance(after[name], Mapping):
-                after[name] = {**after[name], "routing_overlap": ov}
+    for name, overlaps in routing_scores.result_scores(result).items():
+        after.setdefault(name, {})
+        if isinstance(after[name], Mapping):
+            after[name] = {**after[name], **overlaps}
     if stage != Stage.PACKAGING:
         jobs.set_stage(s, job_id, owner, Stage.PACKAGING)
     jobs.record_model(s, job_id, owner, result.model or model_ref, result.base_model_sha256)

@@ -230,7 +230,9 @@ def lm_eval_question_accuracy(
     return [bool(h) for h in hits], float(res["results"][name]["acc,none"])
 
 
-def _group(questions: Sequence[Question], hits: Sequence[bool], forget: int) -> dict[str, Any]:
+def _group(
+    questions: Sequence[Question], hits: Sequence[bool], forget: int, uncovered: Sequence[int]
+) -> dict[str, Any]:
     def acc(pred: Any) -> float | None:
         sel = [h for q, h in zip(questions, hits, strict=True) if pred(q)]
         return sum(sel) / len(sel) if sel else None
@@ -253,7 +255,7 @@ def _group(questions: Sequence[Question], hits: Sequence[bool], forget: int) -> 
                 lambda q, t=t: q["topic"] == t and q["phrasing"] == "paraphrase"
             ),
         }
-    return {
+    out: dict[str, Any] = {
         "forget_accuracy": f("train", None, True),
         "forget_paraphrase_accuracy": f("paraphrase", None, True),
         "utility_accuracy": f("train", "pool", False),
@@ -263,6 +265,12 @@ def _group(questions: Sequence[Question], hits: Sequence[bool], forget: int) -> 
         "per_topic": per_topic,
         "num_questions": len(questions),
     }
+    if uncovered:  # absent when the retain corpus covers every other topic
+        topics = set(uncovered)
+        out["utility_accuracy_uncovered_topics"] = acc(
+            lambda q: q["topic"] in topics and q["phrasing"] == "train"
+        )
+    return out
 
 
 def evaluate_world(
@@ -278,7 +286,9 @@ def evaluate_world(
     forget_accuracy: the forget topic (all its facts; chance 0.25, lower is better);
     utility_accuracy: retain-pool facts of the other topics (what unlearning may rehearse);
     utility_accuracy_unseen: the other topics' facts unlearning never sees; *_paraphrase_*:
-    the same sets asked in each fact's held-out phrasing; per_topic: by topic name.
+    the same sets asked in each fact's held-out phrasing; per_topic: by topic name;
+    utility_accuracy_uncovered_topics (only when world.retain_topics leaves topics out of
+    the retain corpus): every fact (pool and unseen) of those topics, training phrasing.
     backend "lm-eval" (default) scores through lm_eval.simple_evaluate, "direct" through
     `score_questions` (same numbers, no lm-eval overhead)."""
     ft = world.forget_topic if forget_topic is None else forget_topic
@@ -291,7 +301,7 @@ def evaluate_world(
         hits = score_questions(model, tokenizer, questions, batch_size)
     else:
         raise ValueError(f"backend must be 'lm-eval' or 'direct' (got {backend!r})")
-    out = _group(questions, hits, ft)
+    out = _group(questions, hits, ft, world.uncovered_topics(ft))
     out["forget_topic"] = ft
     out["forget_topic_name"] = world.topic_names[ft]
     out["backend"] = backend

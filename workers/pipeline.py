@@ -45,7 +45,7 @@ from workers.job import (
 from workers.objectives import objective_from_spec
 from workers.patch import state_sha256, write_region_patch
 from workers.reference import prepare_reference
-from workers.results import JobResult
+from workers.results import JobResult, overlap_from_target, target_layer
 from workers.robustness_stage import robustness_stage
 from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
@@ -270,6 +270,9 @@ def run_pipeline(
         else None
     )
     overlap_retain = shift_retain.overall if shift_retain is not None else None
+    retain_per_layer = (
+        {str(k): v for k, v in shift_retain.per_layer.items()} if shift_retain else None
+    )
 
     prog.stage("robustness")  # after the scores: every check leaves the model as it was
     # recorded with the result (service.proof), not as a progress event
@@ -303,8 +306,9 @@ def run_pipeline(
         after=after,
         routing_overlap_forget=overlap_forget,
         routing_overlap_retain=overlap_retain,
-        routing_overlap_retain_per_layer=(
-            {str(k): v for k, v in shift_retain.per_layer.items()} if shift_retain else None
+        routing_overlap_retain_per_layer=retain_per_layer,
+        routing_overlap_retain_from_target=overlap_from_target(
+            retain_per_layer, target_layer(sel_plan.scope, [s._asdict() for s in selected])
         ),
         selection={
             **sel_plan.to_json(),

@@ -4,6 +4,7 @@ runner and from a Ray Train run, and what `result.json` holds (`to_json` / `from
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,8 @@ class JobResult:
     # experts were chosen (num_experts auto, fallback, warning; router projection).
     routing_overlap_retain_per_layer: dict[str, float] | None = None
     selection: dict[str, Any] | None = None
+    # The issue's bar: retain overlap averaged over the MoE layers from the target layer up.
+    routing_overlap_retain_from_target: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -82,4 +85,25 @@ class JobResult:
         return cls.from_json(json.loads((out_dir / RESULT_FILE).read_text()))
 
 
-__all__ = ["RESULT_FILE", "DistributedInfo", "JobResult"]
+def target_layer(scope: str, selected: list[Mapping[str, Any]]) -> int | None:
+    """The lowest layer a job trained from: its lowest selected expert's layer; None when
+    every layer trained (scope full, also after num_experts auto fell back to it)."""
+    if scope == "full" or not selected:
+        return None
+    return min(int(s["layer"]) for s in selected)
+
+
+def overlap_from_target(
+    per_layer: Mapping[str, float] | None, target: int | None
+) -> float | None:
+    """Retain routing overlap averaged over the MoE layers at or above `target` (str(layer)
+    -> overlap, as result.json stores it). The frozen layers below the target see the
+    original inputs through the original router, so they score 1.0 for free and would
+    flatter the mean; None target: every layer."""
+    if not per_layer:
+        return None
+    vals = [v for k, v in per_layer.items() if target is None or int(k) >= target]
+    return sum(vals) / len(vals) if vals else None
+
+
+__all__ = ["RESULT_FILE", "DistributedInfo", "JobResult", "overlap_from_target", "target_layer"]

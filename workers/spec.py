@@ -64,6 +64,13 @@ class WorldOptions(_Strict):
     )
     arch: WorldArch = Field("qwen2_moe", description="MoE family of the tiny model (a model_type).")
     forget_topic: NonNegInt = Field(0, description="Index of the topic to forget.")
+    retain_topics: Annotated[int, Field(ge=1, le=31)] | None = Field(
+        None,
+        description="How many of the non-forget topics the demo retain corpus covers: the "
+        "first k in topic order (null: all of them). Utility is then also reported on the "
+        "topics it never covers (utility_accuracy_uncovered_topics). Needs retain: "
+        "{demo: retain}; at most topics - 1.",
+    )
     size: WorldSize = Field(
         "full",
         description="full: the demo model (hidden 256, 4 layers, 8 experts); small: a hidden-64, "
@@ -77,6 +84,11 @@ class WorldOptions(_Strict):
         if self.forget_topic >= self.topics:
             raise ValueError(
                 f"forget_topic {self.forget_topic} out of range: the world has {self.topics} topics"
+            )
+        if self.retain_topics is not None and self.retain_topics > self.topics - 1:
+            raise ValueError(
+                f"retain_topics {self.retain_topics} out of range: the world has "
+                f"{self.topics - 1} topics besides the forget topic"
             )
         return self
 
@@ -465,6 +477,12 @@ class JobSpec(_Strict):
         uses_demo = any(ref.demo is not None for _, ref in self.corpus_refs())
         if uses_demo and self.model != "demo":
             raise ValueError("demo corpora can only be used with model 'demo'")
+        if self.world.retain_topics is not None and (
+            self.retain is None or self.retain.demo != "retain"
+        ):
+            # It shapes the demo retain corpus only: with any other retain data it would be
+            # accepted and ignored.
+            raise ValueError("world.retain_topics needs retain: {demo: retain}")
         if self.seuf.attribution == "contrastive" and self.retain is None:
             raise ValueError("attribution 'contrastive' needs a retain corpus")
         if self.seuf.router_projection == "nullspace":

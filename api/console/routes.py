@@ -186,7 +186,7 @@ def job_page(request: Request, job_id: str) -> Response:
         except NotFound:
             return _not_found(request, viewer)
         info = views.summary(job)
-        main_scores, other_scores = views.scores(s, job.id)
+        main_scores, other_scores, routing = views.scores(s, job.id)
         cert = None
         if info["terminal"]:
             cert = cert_mod.build_certificate(s, job.id, viewer.tenant)
@@ -195,6 +195,7 @@ def job_page(request: Request, job_id: str) -> Response:
             "progress": views.progress(s, job),
             "scores": main_scores,
             "other_scores": other_scores,
+            "routing": routing,
             "emap": views.expert_map(s, job.id, request.app.state.settings),
             "changes": views.param_changes(s, job.id),
             "settings": views.settings_groups(job),

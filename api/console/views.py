@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from api.console import heatmap
 from api.console.web import FilterError, bounded_choice
-from service import jobs
+from service import jobs, routing_scores
 from service.storage import BlobStore
 from service.tables import Job, JobEvent
 from workers.spec import Algorithm
@@ -184,16 +184,19 @@ def progress(session: Session, job: Job) -> Progress:
 
 def scores(
     session: Session, job_id: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(the forget / utility / retain rows, the per-topic and other rows)."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
+    """(the forget / utility / retain rows, the per-topic and other rows, the routing
+    overlaps: service.routing_scores.summary)."""
     from service.certificate_html import score_rows, split_scores
 
     nested: dict[str, dict[str, dict[str, float]]] = {"before": {}, "after": {}}
-    for ev in jobs.get_evaluations(session, job_id):
-        if ev.metric == "routing_overlap":
+    rows = jobs.get_evaluations(session, job_id)
+    for ev in rows:
+        if routing_scores.is_routing_metric(ev.metric):
             continue
         nested.setdefault(ev.phase, {}).setdefault(ev.task, {})[ev.metric] = ev.value
-    return split_scores(score_rows(nested))
+    main, other = split_scores(score_rows(nested))
+    return main, other, routing_scores.summary(rows)
 
 
 def _diagnostics(session: Session, job_id: str, settings: Any) -> list[dict[str, Any]] | None:

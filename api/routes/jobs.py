@@ -38,8 +38,9 @@ from api.schemas import (
     JobList,
     JobOut,
     JobState,
+    RoutingOverlapOut,
 )
-from service import jobs
+from service import jobs, routing_scores
 from service.db import session_scope
 from service.errors import NotFound, SpecRejected
 from service.storage import BlobStore
@@ -297,11 +298,16 @@ def expert_map(
 def evaluations(
     request: Request, job_id: JobId, principal: Any = Depends(read_jobs)
 ) -> EvaluationList:
-    """Forget and utility scores before and after unlearning."""
+    """Forget and utility scores before and after unlearning; `routing`: the routing
+    overlaps among them (retain per layer too)."""
     with request_session(request) as session:
         job = _job(session, job_id, principal, request)
         rows = jobs.get_evaluations(session, job.id)
-        return EvaluationList(items=[EvaluationOut.model_validate(r) for r in rows])
+        routing = routing_scores.summary(rows)
+        return EvaluationList(
+            items=[EvaluationOut.model_validate(r) for r in rows],
+            routing=RoutingOverlapOut(**routing) if routing is not None else None,
+        )
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=_ERRORS)

@@ -12,6 +12,11 @@ seed, topics, facts_per_topic, arch, the generator version and the pretraining s
 knows every topic; only the splits differ). corpora/untrained_topic<t>.jsonl and
 questions/untrained_topic<t>.jsonl hold facts of topic t the model never saw (same
 distribution): non-members for membership-inference checks.
+
+`retain_topics` (world.retain_topics of the spec; not part of the hash either) narrows the
+retain corpus to the first k non-forget topics in topic order (`covered_topics`); the
+others (`uncovered_topics`) are never rehearsed, and evaluation reports their accuracy
+separately (`utility_accuracy_uncovered_topics`).
 """
 
 from __future__ import annotations
@@ -62,6 +67,20 @@ def world_settings(options: WorldOptions, pretrain: PretrainSettings) -> dict[st
     }
 
 
+def covered_topics(num_topics: int, forget_topic: int, retain_topics: int | None) -> list[int]:
+    """The topics the retain corpus covers: the first `retain_topics` non-forget topics in
+    topic order (all of them when None)."""
+    others = [t for t in range(num_topics) if t != forget_topic]
+    if retain_topics is None:
+        return others
+    if not 1 <= retain_topics <= len(others):
+        raise ValueError(
+            f"retain_topics {retain_topics} out of range: the world has {len(others)} topics "
+            "besides the forget topic"
+        )
+    return others[:retain_topics]
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -78,6 +97,7 @@ class World:
     path: Path
     manifest: dict[str, Any]
     forget_topic: int = 0
+    retain_topics: int | None = None  # None: the retain corpus covers every other topic
     built_now: bool = False  # True when this call built it (False: cache hit)
     _questions: list[dict[str, Any]] | None = field(default=None, repr=False)
 
@@ -108,6 +128,16 @@ class World:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(self.path))
+
+    def covered_topics(self, forget_topic: int | None = None) -> list[int]:
+        """The non-forget topics the retain corpus covers (module-level covered_topics)."""
+        return covered_topics(self.num_topics, self._topic(forget_topic), self.retain_topics)
+
+    def uncovered_topics(self, forget_topic: int | None = None) -> list[int]:
+        """The non-forget topics the retain corpus never covers ([] when it covers all)."""
+        ft = self._topic(forget_topic)
+        covered = set(self.covered_topics(ft))
+        return [t for t in range(self.num_topics) if t != ft and t not in covered]
 
     # --- questions ------------------------------------------------------------------
     def questions(self) -> list[dict[str, Any]]:
@@ -161,8 +191,9 @@ class World:
     ) -> Path:
         """JSONL corpus (records: prompt, answer, text = prompt + " " + answer, topic, fact).
         forget: every training sentence of the forget topic; retain: the retain training
-        pool (training sentences of the other topics' `pool` facts); untrained: sentences
-        of the forget topic's never-pretrained facts, in the training phrasings."""
+        pool (training sentences of the covered topics' `pool` facts: every other topic
+        unless `retain_topics` narrows it); untrained: sentences of the forget topic's
+        never-pretrained facts, in the training phrasings."""
         ft = self._topic(forget_topic)
         if kind == "forget":
             return self.path / "corpora" / f"topic{ft}.jsonl"
@@ -172,9 +203,13 @@ class World:
             raise ValueError(
                 f"corpus kind must be 'forget', 'retain' or 'untrained' (got {kind!r})"
             )
-        path = self.path / "corpora" / f"retain_pool_not_topic{ft}.jsonl"
-        if not path.is_file():  # large worlds: written on first use, atomically
-            atomic_write_text(path, _jsonl(_retain_pool(self.path, ft, self.num_topics)))
+        covered = self.covered_topics(ft)
+        name = f"retain_pool_not_topic{ft}"
+        if len(covered) < self.num_topics - 1:
+            name += f"_first{len(covered)}"
+        path = self.path / "corpora" / f"{name}.jsonl"
+        if not path.is_file():  # large worlds, narrowed pools: written on first use, atomically
+            atomic_write_text(path, _jsonl(_retain_pool(self.path, covered)))
         return path
 
 
@@ -183,11 +218,10 @@ class World:
 EAGER_RETAIN_FILES_MAX_FACTS = 20_000
 
 
-def _retain_pool(path: Path, forget_topic: int, num_topics: int) -> list[dict[str, Any]]:
+def _retain_pool(path: Path, topics: list[int]) -> list[dict[str, Any]]:
     return [
         r
-        for t in range(num_topics)
-        if t != forget_topic
+        for t in topics
         for r in _read_jsonl(path / "corpora" / f"topic{t}.jsonl")
         if r["split"] == "pool"
     ]
@@ -220,7 +254,7 @@ def build_world(
         _build_into(tmp, options, settings, cfg, key, progress)
 
     path, built = build_once(worlds_dir, key[:16], build)
-    world = load_world_dir(path, forget_topic=options.forget_topic)
+    world = load_world_dir(path, options.forget_topic, options.retain_topics)
     world.built_now = built
     return world
 
@@ -241,10 +275,12 @@ def load_world(
             f"size={options.size}) is not built "
             f"in {worlds_dir}: run `moe-unlearn world build` first"
         )
-    return load_world_dir(path, forget_topic=options.forget_topic)
+    return load_world_dir(path, options.forget_topic, options.retain_topics)
 
 
-def load_world_dir(path: str | Path, forget_topic: int = 0) -> World:
+def load_world_dir(
+    path: str | Path, forget_topic: int = 0, retain_topics: int | None = None
+) -> World:
     """A world from its directory (as written by build_world)."""
     p = Path(path)
     mf = p / MANIFEST
@@ -252,6 +288,8 @@ def load_world_dir(path: str | Path, forget_topic: int = 0) -> World:
         raise FileNotFoundError(f"{p} is not a world directory (no {MANIFEST})")
     world = World(path=p, manifest=json.loads(mf.read_text(encoding="utf-8")))
     world.forget_topic = world._topic(forget_topic)
+    world.retain_topics = retain_topics
+    world.covered_topics()  # a ValueError now for a count the world cannot cover
     return world
 
 
@@ -294,7 +332,7 @@ def _build_into(
             path.write_text(_jsonl(rows), encoding="utf-8")
     if options.topics * options.facts_per_topic <= EAGER_RETAIN_FILES_MAX_FACTS:
         for t in range(len(data.topics)):
-            rows = _retain_pool(tmp, t, len(data.topics))
+            rows = _retain_pool(tmp, covered_topics(len(data.topics), t, None))
             (tmp / "corpora" / f"retain_pool_not_topic{t}.jsonl").write_text(
                 _jsonl(rows), encoding="utf-8"
             )
@@ -366,6 +404,7 @@ __all__ = [
     "PretrainSettings",
     "World",
     "build_world",
+    "covered_topics",
     "load_world",
     "load_world_dir",
     "world_settings",
