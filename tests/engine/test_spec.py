@@ -34,6 +34,8 @@ def test_defaults_resolve_and_hash_is_stable():
         ({"forget": {"corpus_id": "xyz"}}, "forget"),
         ({"unknown_field": 1}, "unknown_field"),
         ({"world": {"topics": 3, "forget_topic": 5}}, "world"),
+        ({"world": {"retain_topics": 0}}, "world.retain_topics"),
+        ({"world": {"topics": 4, "retain_topics": 4}}, "world"),
     ],
 )
 def test_bad_specs_name_the_field(patch, where):
@@ -50,6 +52,21 @@ def test_gdiff_needs_retain_and_demo_corpora_need_demo_model():
         JobSpec.model_validate(BASE | {"model": "/models/qwen"})
     ok = JobSpec.model_validate({"forget": {"demo": "forget"}, "algorithm": "ga"})
     assert ok.retain is None
+
+
+def test_retain_topics_is_bounded_and_needs_the_demo_retain_corpus():
+    ok = JobSpec.model_validate(BASE | {"world": {"topics": 4, "retain_topics": 3}})
+    assert ok.world.retain_topics == 3
+    assert JobSpec.model_validate(BASE).resolved()["world"]["retain_topics"] is None
+    with pytest.raises(ValidationError, match="retain_topics 4 out of range: the world has 3"):
+        JobSpec.model_validate(BASE | {"world": {"topics": 4, "retain_topics": 4}})
+    # it narrows the demo retain corpus only: with other retain data it would be ignored
+    for retain in ({"path": "r.jsonl"}, {"demo": "untrained"}):
+        with pytest.raises(ValidationError, match="retain_topics needs retain: {demo: retain}"):
+            JobSpec.model_validate(BASE | {"retain": retain, "world": {"retain_topics": 2}})
+    with pytest.raises(ValidationError, match="retain_topics needs retain"):
+        JobSpec.model_validate({"forget": {"demo": "forget"}, "algorithm": "ga",
+                                "world": {"retain_topics": 2}})
 
 
 def test_load_spec_resolves_relative_paths(tmp_path):

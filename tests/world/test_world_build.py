@@ -100,6 +100,25 @@ def test_manifest_file_hashes_and_layout(small_world):
     assert mf["settings"]["pretrain"] == SMALL_SETTINGS.to_dict()
 
 
+def test_retain_topics_narrows_the_retain_corpus_to_the_first_topics(small_world):
+    narrow = load_world_dir(small_world.path, forget_topic=0, retain_topics=2)
+    assert narrow.covered_topics() == [1, 2] and narrow.uncovered_topics() == [3, 4, 5]
+    rows = [json.loads(x) for x in narrow.corpus_path("retain").read_text().splitlines()]
+    pool = [json.loads(x) for t in (1, 2)
+            for x in small_world.corpus_path("forget", forget_topic=t).read_text().splitlines()]
+    assert rows == [r for r in pool if r["split"] == "pool"] and len(rows) == 2 * 25 * 3
+    # the full pool is untouched and stays the default; the forget topic is skipped
+    assert narrow.corpus_path("retain").name == "retain_pool_not_topic0_first2.jsonl"
+    assert small_world.corpus_path("retain").name == "retain_pool_not_topic0.jsonl"
+    assert small_world.uncovered_topics() == [] and small_world.covered_topics() == [1, 2, 3, 4, 5]
+    assert narrow.covered_topics(forget_topic=1) == [0, 2]
+    three = load_world_dir(small_world.path, forget_topic=2, retain_topics=3)
+    rows = [json.loads(x) for x in three.corpus_path("retain").read_text().splitlines()]
+    assert {r["topic"] for r in rows} == {0, 1, 3} and three.uncovered_topics() == [4, 5]
+    with pytest.raises(ValueError, match="retain_topics 6 out of range: the world has 5"):
+        load_world_dir(small_world.path, retain_topics=6)
+
+
 def test_corpora_and_question_sets(small_world):
     f_path = small_world.corpus_path("forget")
     rows = [json.loads(x) for x in f_path.read_text().splitlines()]

@@ -12,6 +12,7 @@ from workers.evaluate import (
     lm_eval_question_accuracy,
     score_questions,
 )
+from workers.world import load_world_dir
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,22 @@ def test_evaluate_world_groups_sets(small_world, small_model, damaged, small_tok
     assert lm["forget_accuracy"] == lm["per_topic"][small_world.topic_names[3]]["accuracy"]
     hits = score_questions(damaged, small_tokenizer, small_world.question_set("retain_unseen", 3))
     assert lm["utility_accuracy_unseen"] == pytest.approx(sum(hits) / len(hits))
+    # world.retain_topics: covered 0, 1 (forget topic 3); uncovered 2, 4, 5, every fact of
+    # them in the training phrasing, scored the same by both backends
+    assert "utility_accuracy_uncovered_topics" not in lm  # all covered: absent, not 0
+    narrow = load_world_dir(small_world.path, forget_topic=3, retain_topics=2)
+    lm_n = evaluate_world(damaged, small_tokenizer, narrow, batch_size=32)
+    di_n = evaluate_world(damaged, small_tokenizer, narrow, batch_size=32, backend="direct")
+    uncovered = [q for q in small_world.questions()
+                 if q["topic"] in (2, 4, 5) and q["phrasing"] == "train"]
+    assert len(uncovered) == 3 * 50
+    hits = score_questions(damaged, small_tokenizer, uncovered)
+    assert 0.0 < sum(hits) < len(hits)
+    assert lm_n["utility_accuracy_uncovered_topics"] == di_n["utility_accuracy_uncovered_topics"]
+    assert lm_n["utility_accuracy_uncovered_topics"] == pytest.approx(sum(hits) / len(hits))
+    assert {k: v for k, v in lm_n.items() if k not in ("utility_accuracy_uncovered_topics",
+                                                       "backend")} == {
+        k: v for k, v in lm.items() if k != "backend"}  # nothing else changes
     with pytest.raises(ValueError, match="forget_topic 9 out of range"):
         evaluate_world(small_model, small_tokenizer, small_world, forget_topic=9, backend="direct")
 
