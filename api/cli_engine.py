@@ -89,6 +89,7 @@ def before_after_table(res: dict[str, Any]) -> Any:
         ("forget accuracy (lower is better)", "forget_accuracy"),
         ("utility accuracy (retain pool)", "utility_accuracy"),
         ("utility accuracy (never seen by unlearning)", "utility_accuracy_unseen"),
+        ("utility accuracy (topics retain never covers)", "utility_accuracy_uncovered_topics"),
     ]
     for label, key in rows:
         b, a = res["before"].get(key), res["after"].get(key)
@@ -97,6 +98,9 @@ def before_after_table(res: dict[str, Any]) -> Any:
     for task, v in res["after"].get("tasks", {}).items():
         t.add_row(f"lm-eval {task}", _fmt(res["before"].get("tasks", {}).get(task)), _fmt(v))
     t.add_row("routing overlap on forget data", "1.000", _fmt(res["routing_overlap_forget"]))
+    if res.get("routing_overlap_retain_from_target") is not None:
+        t.add_row("routing overlap on retain data (target layer up)", "1.000",
+                  _fmt(res["routing_overlap_retain_from_target"]))
     t.add_row(
         "trainable parameters",
         "",
