@@ -183,3 +183,26 @@ def test_sweep_summary_min_mean_and_acceptance(tmp_path, monkeypatch) -> None:
     assert seuf["kept_minus_full"]["w0"] == pytest.approx(-0.02)
     assert seuf["at_least_full_every_world"] is False
     assert "gdiff/seuf | 3 | 2 | 0.900 / 0.953" in (tmp_path / "quality.md").read_text()
+
+
+def test_retain_topics_worlds_and_the_uncovered_comparison(tmp_path, monkeypatch) -> None:
+    world = quality.draw_worlds()[0]
+    half = quality.with_retain_topics(world, "half")
+    assert half["retain_topics"] == world["topics"] // 2
+    assert half["key"] == f"{world['key']}-r{world['topics'] // 2}"
+    assert quality.with_retain_topics(world, None) is world
+    block = {k: v for k, v in half.items() if k != "key"}  # what the sweep passes
+    spec = JobSpec.model_validate(quality.variant_spec("gdiff", "seuf", 0, world=block))
+    assert spec.world.retain_topics == world["topics"] // 2  # the spec's own spelling
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    runs = {}
+    for variant, kept_unc, ov in (("full", 0.90, 0.85), ("seuf", 0.95, 0.97)):
+        r = _sweep_run("gdiff", variant, 0.28, 0.99, ov)
+        r["before"]["utility_accuracy_uncovered_topics"] = 1.0
+        r["after"]["utility_accuracy_uncovered_topics"] = kept_unc
+        r["routing_overlap_retain_from_target"] = ov + 0.01  # the engine's figure wins
+        runs[f"sweep/w0-r3/gdiff/{variant}"] = r
+    quality.merge_save(runs)
+    s = json.loads((tmp_path / "quality.json").read_text())["sweep"]
+    assert s["gdiff/seuf"]["kept_uncovered_minus_full"]["w0-r3"] == pytest.approx(0.05)
+    assert s["gdiff/seuf"]["worlds"]["w0-r3"]["retain_overlap"] == pytest.approx(0.98)
