@@ -110,6 +110,10 @@ def before_after_table(res: dict[str, Any]) -> Any:
     sel = ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in res["selected"]) or "all"
     t.add_row("unlearned", "", sel)
     t.add_row("steps (stopped by)", "", f"{res['steps']} ({res['stopped_by']})")
+    for check in res.get("robustness") or []:  # the verdicts the certificate will carry
+        why = check.get("reason") if check["verdict"] != "pass" else None
+        verdict = check["verdict"] + (f" ({why})" if why else "")
+        t.add_row(f"robustness: {check['check']}", "", verdict)
     return t
 
 

@@ -46,6 +46,23 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(base_url: str, server: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    """Wait until the API process answers /healthz; RuntimeError (naming `log`) when it
+    exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(f"{base_url}/healthz", timeout=2)
+            return
+        except httpx.HTTPError:
+            if server.poll() is not None:
+                raise RuntimeError(f"the API exited ({server.returncode}); see {log}") from None
+            if time.monotonic() > deadline:
+                msg = f"the API did not start in {timeout_s:.0f} s; see {log}"
+                raise RuntimeError(msg) from None
+            time.sleep(0.25)
+
+
 def _stop(proc: subprocess.Popen, name: str) -> None:
     if proc.poll() is not None:
         return
@@ -139,15 +156,7 @@ def embedded_service(work: Path, ray_cpus: int = 2) -> Iterator[Embedded]:
     dispatcher = subprocess.Popen([*CLI, "dispatcher"], env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", timeout=2)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"the API did not start; see {log.name}") from None
-                time.sleep(0.3)
+        wait_healthy(base, server, 60, Path(log.name))
         yield Embedded(base, requester, auditor, work, (server, dispatcher))
     finally:
         _stop(dispatcher, "dispatcher")

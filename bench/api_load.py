@@ -184,6 +184,13 @@ def server(url: str, data_dir: Path, ray_serve: bool, log_path: Path) -> Iterato
     port = free_port()
     env = dict(os.environ)
     env.update(DATABASE_URL=url, MOE_UNLEARN_DATA_DIR=str(data_dir), HF_HUB_OFFLINE="1")
+    # The bench measures the server's capacity from one key: the per-tenant admission limits
+    # (queued jobs, request rate) would answer 429 by design long before that.
+    env.update(
+        MOE_UNLEARN_MAX_QUEUED_JOBS="1000000",
+        MOE_UNLEARN_RATE_PER_KEY="100000",
+        MOE_UNLEARN_RATE_BURST="100000",
+    )
     if ray_serve:
         ray_tmp = tempfile.mkdtemp(prefix="mu-bl-", dir="/tmp")  # short: unix socket paths
         env["MOE_UNLEARN_RAY_TEMP_DIR"] = ray_tmp

@@ -53,10 +53,8 @@ VARIANTS = ("seuf", "full", "seuf_no_anchor", "random", "top3", "affinity")
 # The sweep's variants: the shipped examples (full, seuf), the router left untrained
 # (experts), GRIP's projection with the anchor (nullspace), adaptive selection (auto), and
 # the step size of METHOD.md's held-out runs (lr1e3).
-SWEEP_VARIANTS = ("full", "seuf", "experts", "nullspace", "auto", "lr1e3")
+SWEEP_VARIANTS = ("full", "seuf", "experts", "nullspace", "auto", "auto_nullspace", "lr1e3")
 ALL_VARIANTS = tuple(dict.fromkeys(VARIANTS + SWEEP_VARIANTS))
-# Fields the engine must honour for a variant to mean anything: run only where it does.
-NEEDS_FIELD = {"nullspace": "router_projection", "auto": "num_experts_auto"}
 SWEEP_FAMILIES = ("qwen2_moe", "olmoe", "mixtral")
 SWEEP_SEEDS = (1000, 10_000)  # the bench's own range: no example or test uses these seeds
 SWEEP_TOPICS = (6, 12)
@@ -115,6 +113,9 @@ def variant_spec(
         seuf["router_projection"] = "nullspace"
     elif variant == "auto":
         seuf["num_experts"] = "auto"
+    elif variant == "auto_nullspace":  # both: experts by the diagnostics, retain-safe router
+        seuf["num_experts"] = "auto"
+        seuf["router_projection"] = "nullspace"
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":
@@ -408,25 +409,6 @@ def pick_worlds(worlds: list[dict[str, Any]], wanted: list[str] | None) -> list[
     return out
 
 
-def engine_supports(variant: str) -> bool:
-    """Whether the engine honours the variant's field (workers' SUPPORTS set, added by the
-    wiring of issue 13); an unsupported variant is reported as not run, never run as a
-    copy of another one."""
-    need = NEEDS_FIELD.get(variant)
-    if need is None:
-        return True
-    import importlib
-
-    for mod in ("workers.run", "workers.pipeline"):
-        try:
-            m = importlib.import_module(mod)
-        except ImportError:
-            continue
-        if need in getattr(m, "SUPPORTS", ()):
-            return True
-    return False
-
-
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -622,9 +604,6 @@ def main(argv: list[str] | None = None) -> None:
         done = load_runs() if args.skip_done else {}
         for key, w, alg, v in sweep_plan(worlds, args.algorithms, variants):
             if key in done:
-                continue
-            if not engine_supports(v):
-                print(f"== {key}: not run (the engine does not honour {NEEDS_FIELD[v]})")
                 continue
             print(f"== {key}", flush=True)
             world = {k: val for k, val in w.items() if k != "key"}

@@ -55,8 +55,6 @@ from workers.seuf_plan import attach_projection, close_all, plan_selection, trai
 from workers.spec import JobSpec
 from workers.train import StepInfo, train
 
-# Spec options of issue 13 this pipeline acts on (bench/quality.py runs their variants).
-SUPPORTS = ("router_projection", "num_experts_auto")
 STAGES = (
     "loading",
     "evaluating_before",

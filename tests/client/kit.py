@@ -13,13 +13,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from api.demo import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "api.cli"]
@@ -111,15 +110,7 @@ def service(work: Path, *, dispatcher: bool) -> Iterator[Service]:
         procs.append((disp, "dispatcher"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                httpx.get(f"{url}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert server.poll() is None, log_path.read_text()
-                assert time.monotonic() < deadline, "the API did not start"
-                time.sleep(0.2)
+        wait_healthy(url, server, 90, log_path)
         yield Service(url, requester, auditor, env, server, log_path)
     finally:
         for p, name in reversed(procs):  # the dispatcher first: it hands its job back

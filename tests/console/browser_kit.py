@@ -14,16 +14,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from api.client import Client
+from api.demo import wait_healthy
 from tests.api.conftest import free_port
 from tests.dispatch.conftest import FORGET_SUBJECTS, RETAIN_SUBJECTS, corpus_bytes
 from tests.dispatch.kit import TINY_MODEL, http_spec
@@ -96,15 +95,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> I
     dispatcher = subprocess.Popen([*CLI, "dispatcher"], env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert server.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the API did not start"
-                time.sleep(0.3)
+        wait_healthy(base, server, 90, log)
         with Client(base, requester) as c:
             # Kept after the first job ends: later tests submit more jobs on them.
             forget = c.upload_corpus(corpus_bytes(FORGET_SUBJECTS, 12), retention_days=1)["id"]

@@ -90,3 +90,27 @@ def test_spec_errors_are_one_line_and_exit_2(tiny, body, needle):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("moe-unlearn: error")]
     assert len(lines) == 1 and needle in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_the_table_carries_the_robustness_verdicts() -> None:
+    """`moe-unlearn run` prints what the certificate will say: each check's verdict, and
+    the reason when it did not pass."""
+    from rich.console import Console
+
+    from api.cli_engine import before_after_table
+
+    res = {
+        "algorithm": "gdiff", "scope": "seuf", "before": {"forget_accuracy": 1.0},
+        "after": {"forget_accuracy": 0.3}, "routing_overlap_forget": 0.5,
+        "trainable_parameters": 10, "total_parameters": 1000, "tunable_ratio": 0.01,
+        "selected": [{"layer": 0, "expert": 2}], "steps": 9, "stopped_by": "forget_accuracy",
+        "robustness": [
+            {"check": "router_restore", "verdict": "fail", "reason": "recovery 0.53 > 0.2"},
+            {"check": "quantization", "verdict": "pass", "reason": "ignored when passing"},
+        ],
+    }  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(before_after_table(res))
+    text = console.export_text()
+    assert "robustness: router_restore" in text and "fail (recovery 0.53 > 0.2)" in text
+    assert "robustness: quantization" in text and "ignored when passing" not in text
