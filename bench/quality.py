@@ -26,8 +26,9 @@ topics, forget topic varied; `draw_worlds`), runs every algorithm x SWEEP_VARIAN
 and adds `sweep` to quality.json: per world and per (algorithm, variant) the forget reached,
 unseen utility kept, retain routing overlap, and min / mean over worlds, with the issue's
 acceptance checks (with `--retain-topics half`, worlds keyed <world>-r<k> whose retain
-corpus covers half the topics, and `kept_uncovered_minus_full`). Shards (`--worlds`, in separate processes or at separate times) merge by
-key under a file lock: sweep/<world>/<algorithm>/<variant>.
+corpus covers half the topics, and `kept_uncovered_minus_full`). Shards (`--worlds`, in
+separate processes or at separate times) merge by key under a file lock:
+sweep/<world>/<algorithm>/<variant>.
 """
 
 from __future__ import annotations
