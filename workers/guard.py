@@ -223,12 +223,14 @@ class GuardedSteps:
             snap = int(any(c is not None and c.step == step for c in self._points()))
         scale = self.lr_factor(checked) if checked and self.decay else self.scale
         keep = [0 if c is None else c.step + 1 for c in self._points()]
-        return stop, [snap, *keep, round(scale * SCALE_QUANTUM)]
+        agreed = [snap, *keep, round(scale * SCALE_QUANTUM)]
+        self.apply(step, agreed)  # now: a state() taken in this step's callback includes it
+        return stop, agreed
 
     def apply(self, step: int, agreed: list[int]) -> None:
-        """Every rank: act on rank 0's agreed numbers (see `propose`)."""
+        """Every rank: act on rank 0's agreed numbers (see `propose`; idempotent)."""
         snap, best, fallback, scale = agreed
-        if snap:
+        if snap and step not in self.snaps:
             self.snaps[step] = self._take()
         keep = {k - 1 for k in (best, fallback) if k}
         self.snaps = {s: v for s, v in self.snaps.items() if s in keep}
