@@ -106,6 +106,9 @@ def before_after_table(res: dict[str, Any]) -> Any:
     sel = ", ".join(f"layer {s['layer']} expert {s['expert']}" for s in res["selected"]) or "all"
     t.add_row("unlearned", "", sel)
     t.add_row("steps (stopped by)", "", f"{res['steps']} ({res['stopped_by']})")
+    met = res.get("target_met")
+    if met is not None:  # the service ends such a job FAILED (target_not_met)
+        t.add_row("forget target", "", "met" if met else "NOT met: the deletion is incomplete")
     return t
 
 
