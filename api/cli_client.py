@@ -405,10 +405,13 @@ def results(
     """Download a finished job's expert map, evaluations and artifacts.
 
     The expert patch always, the model with --model; each download is checked against
-    its SHA-256."""
+    its SHA-256. A job FAILED with target_not_met has them too (its best state)."""
     with _client(server, key, retries) as c:
-        state = c.get(job_id)["state"]
-        if state != "SUCCEEDED":
+        job = c.get(job_id)
+        state = job["state"]
+        # target_not_met: it ran to the end and kept its best state (the deletion is incomplete)
+        partial = state == "FAILED" and job.get("failure_class") == "target_not_met"
+        if state != "SUCCEEDED" and not partial:
             _fail(2, f"job {job_id} is {state}: results exist once it has SUCCEEDED")
         written = c.results(job_id, out, model=model)
     if as_json:

@@ -114,6 +114,9 @@ def before_after_table(res: dict[str, Any]) -> Any:
         why = check.get("reason") if check["verdict"] != "pass" else None
         verdict = check["verdict"] + (f" ({why})" if why else "")
         t.add_row(f"robustness: {check['check']}", "", verdict)
+    met = res.get("target_met")
+    if met is not None:  # the service ends such a job FAILED (target_not_met)
+        t.add_row("forget target", "", "met" if met else "NOT met: the deletion is incomplete")
     return t
 
 

@@ -111,6 +111,14 @@ def _retain_overlap(evals: list[Any]) -> dict[str, Any] | None:
     }
 
 
+def deletion_status(state: str, failure_class: str | None) -> str:
+    if state == State.SUCCEEDED.value:
+        return "complete"
+    if state == State.FAILED.value and failure_class == "target_not_met":
+        return "incomplete"
+    return "none"
+
+
 def build_certificate(
     session: Session, job_id: str, tenant: str | None = None, settings: Settings | None = None
 ) -> dict[str, Any]:
@@ -147,6 +155,9 @@ def build_certificate(
         "job_id": job.id,
         "outcome": job.state,
         "deletion_performed": job.state == State.SUCCEEDED.value,
+        # complete: SUCCEEDED; incomplete: it trained but never met its forget target (its
+        # best state is the job's artifacts); none: nothing was deleted
+        "deletion": deletion_status(job.state, job.failure_class),
         "request": {
             "tenant": job.tenant,
             "requested_by": job.requester,

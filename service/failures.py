@@ -4,8 +4,10 @@ Classes: `user_input` (a ValueError from the engine or the spec: never retried),
 `out_of_memory` (MemoryError, torch's OutOfMemoryError, Ray's memory monitor: retried),
 `infrastructure` (a worker, node or Ray Train run died, Ray or the network failed, the
 dispatcher stopped: retried; a Ray Train job resumes from its checkpoint), `timeout` (set by
-the dispatcher, never raised) and `internal` (any other exception from the engine, i.e. a
-bug: not retried). A cooperative or forced stop is not a failure: `classify` reports it as
+the dispatcher, never raised), `internal` (any other exception from the engine, i.e. a
+bug: not retried) and `target_not_met` (never raised: the engine finished, its result says
+the forget target was not met; service.recording records its outputs, then FAILED). A
+cooperative or forced stop is not a failure: `classify` reports it as
 `cancelled`, and the dispatcher decides what a stop it did not ask for means.
 
 Classification is by exception TYPE, through every wrapper Ray puts around the engine's own
@@ -23,7 +25,9 @@ from typing import Literal
 
 from workers.results import JobResult
 
-FailureClass = Literal["user_input", "infrastructure", "out_of_memory", "timeout", "internal"]
+FailureClass = Literal[
+    "user_input", "infrastructure", "out_of_memory", "timeout", "internal", "target_not_met"
+]
 RETRYABLE: frozenset[FailureClass] = frozenset({"infrastructure", "out_of_memory"})
 MAX_MESSAGE = 2000
 

@@ -7,8 +7,9 @@ never touch the database.
 - `record_success`: the outputs of a finished attempt -> the model's identity, a `result`
   event, the expert map, the evaluations before and after, the robustness checks
   (service.proof), the changed parameters and every artifact with its SHA-256, then
-  SUCCEEDED; all in one transaction, with every file read and hashed before it (the job's
-  row lock is held briefly).
+  SUCCEEDED (or FAILED, class target_not_met, when the result says the forget target was
+  not met: its outputs, the best state reached, are kept); all in one transaction, with
+  every file read and hashed before it (the job's row lock is held briefly).
 
 Outputs live in the blob store: `<data_dir>/artifacts/<job_id>/attempt-<n>/` (the model
 directory, expert_patch.safetensors, expert_map.json, spec.json, result.json, and the
@@ -59,6 +60,7 @@ RESULT_SUMMARY = (
     "unlearned_model_sha256",
     "steps",
     "stopped_by",
+    "target_met",
     "trainable_parameters",
     "tunable_ratio",
     "timings_s",
@@ -133,7 +135,8 @@ def read_outputs(result: JobResult, output_dir: Path, model_tar_max_bytes: int) 
 def record_success(
     s: Session, job_id: str, owner: str, out: Outputs, model_ref: str, stage: Stage | None
 ) -> str:
-    """Write a finished attempt's records and mark the job SUCCEEDED; returns its state."""
+    """Write a finished attempt's records and mark the job SUCCEEDED (FAILED, class
+    target_not_met, when its forget target was not met); returns its state."""
     result, emap = out.result, out.expert_map
     scores = expert_scores(emap, result.selected or emap.get("selected") or [])
     after = dict(result.after)
@@ -156,7 +159,27 @@ def record_success(
         jobs.record_artifact(
             s, job_id, owner, kind=kind, name=p.name, location=str(p), sha256=sha, size=size
         )
+    if result.target_met is False:
+        return jobs.finish_job(
+            s, job_id, owner, "failed", failure_class="target_not_met",
+            failure_message=target_message(result),
+        ).state  # fmt: skip
     return jobs.finish_job(s, job_id, owner, "succeeded").state
+
+
+def target_message(result: JobResult) -> str:
+    """Why a finished job failed: its forget target was not met (stopped by what, after
+    how many steps, and the forget score it reached)."""
+    after = result.after
+    score = ", ".join(
+        f"{k} {after[k]:.4g}" for k in ("forget_accuracy", "forget_nll")
+        if isinstance(after.get(k), int | float)
+    )  # fmt: skip
+    return (
+        f"the forget target was not met (stopped by {result.stopped_by} after {result.steps} "
+        f"steps; {score or 'no forget score'}): the deletion is incomplete; the best state "
+        "reached is kept as the job's artifacts"
+    )
 
 
 def safe_payload(value: Any, depth: int = 0) -> Any:
@@ -320,4 +343,5 @@ __all__ = [
     "record_success",
     "safe_payload",
     "stored_kind",
+    "target_message",
 ]

@@ -275,29 +275,61 @@ def evaluate(
 
 
 def stop_check_for(
-    job: LoadedJob, forget_train: TokenizedCorpus
+    job: LoadedJob, forget_train: TokenizedCorpus, retain_train: TokenizedCorpus | None = None
 ) -> Callable[[nn.Module], dict[str, float]] | None:
-    """Forget accuracy on the world's forget questions (demo), else the forget NLL."""
-    stop = job.spec.training.stop
+    """Forget accuracy on the world's forget questions (demo), else the forget NLL. With
+    the utility guard (training.stop.utility_drop_tolerance) also what it reads: utility
+    accuracy on (a sample of) the demo world's retain-pool questions, what the retain data
+    covers (never the unseen questions: those are the evaluation's held-out set), and the
+    retain NLL on a few fixed retain batches when there is retain data."""
+    stop, bs = job.spec.training.stop, job.spec.training.batch_size
     if stop.forget_accuracy_target is None and stop.forget_loss_target is None:
         return None
-    loss_check = forget_loss_check(forget_train.in_order(job.spec.training.batch_size)[:8])
-    if stop.forget_accuracy_target is None:
-        return loss_check
-    if job.world is None:
+    if stop.forget_accuracy_target is not None and job.world is None:
         raise ValueError(
             "training.stop.forget_accuracy_target needs the demo world's questions; "
             "use forget_loss_target for other models"
         )
     from workers.evaluate import score_questions
 
-    questions = job.world.question_set("forget")
+    forget_loss = forget_loss_check(forget_train.in_order(bs)[:8])
+    guarded = stop.utility_drop_tolerance is not None
+    retain_loss = (
+        forget_loss_check(retain_train.in_order(bs)[:8])
+        if guarded and retain_train is not None
+        else None
+    )
+    forget_q = job.world.question_set("forget") if stop.forget_accuracy_target is not None else []
+    utility_q = _spread(job.world.question_set("retain"), OVERLAP_SAMPLES) if (
+        guarded and job.world is not None) else []  # fmt: skip
+    if guarded and retain_loss is None and not utility_q:
+        raise ValueError(
+            "training.stop.utility_drop_tolerance needs retain data or the demo world's "
+            "retain questions"
+        )
+
+    def accuracy(model: nn.Module, questions: list[dict[str, Any]]) -> float:
+        hits = score_questions(model, job.tokenizer, questions, job.spec.evaluation.batch_size)
+        return sum(hits) / len(hits)
 
     def check(model: nn.Module) -> dict[str, float]:
-        hits = score_questions(model, job.tokenizer, questions, job.spec.evaluation.batch_size)
-        return {"forget_accuracy": sum(hits) / len(hits), **loss_check(model)}
+        out = forget_loss(model)
+        if forget_q:
+            out["forget_accuracy"] = accuracy(model, forget_q)
+        if utility_q:
+            out["utility_accuracy"] = accuracy(model, utility_q)
+        if retain_loss is not None:
+            out["retain_loss"] = retain_loss(model)["forget_loss"]
+        return out
 
     return check
+
+
+def _spread(items: list[Any], n: int) -> list[Any]:
+    """At most n items, evenly spaced (every topic of a topic-ordered list keeps its share)."""
+    if len(items) <= n:
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

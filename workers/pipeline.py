@@ -228,7 +228,7 @@ def run_pipeline(
             BatchStream(retain_train, tr.batch_size, tr.seed + 1) if retain_train else None,
             tr,
             callback=on_step,
-            stop_check=stop_check_for(job, forget_train),
+            stop_check=stop_check_for(job, forget_train, retain_train),
             routing_reference=topk_forget,
             routing_batches=probe_forget,
             overlap_every=tr.stop.eval_every,
@@ -317,6 +317,8 @@ def run_pipeline(
         tunable_ratio=ratio,
         steps=result.steps,
         stopped_by=result.stopped_by,
+        target_met=target_met(spec, result.stopped_by, result.guard, after),
+        guard=result.guard,
         changed=patch.to_json()["regions"],
         activation_cache=cache_info,
         timings_s=prog.close(),
@@ -332,6 +334,27 @@ def run_pipeline(
     )
     res.write(out_dir)
     return res
+
+
+def target_met(
+    spec: JobSpec, stopped_by: str, guard: dict[str, Any] | None, after: dict[str, Any]
+) -> bool | None:
+    """Whether the job met its forget target (None: it set none): stopped on it, else (the
+    guard's restored state, or the step budget) what the guard recorded, else the final
+    evaluation's forget accuracy / forget NLL against the target."""
+    stop = spec.training.stop
+    acc_t, loss_t = stop.forget_accuracy_target, stop.forget_loss_target
+    if acc_t is None and loss_t is None:
+        return None
+    if stopped_by in ("forget_accuracy", "forget_loss"):
+        return True
+    if guard is not None:
+        return bool(guard["outcome"] == "target_met")
+    acc, nll = after.get("forget_accuracy"), after.get("forget_nll")
+    return bool(
+        (acc_t is not None and acc is not None and acc <= acc_t)
+        or (loss_t is not None and nll is not None and nll >= loss_t)
+    )
 
 
 def _write_model_files(job: LoadedJob, out_dir: Path, emap: ExpertMap) -> None:

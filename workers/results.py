@@ -62,6 +62,11 @@ class JobResult:
     selection: dict[str, Any] | None = None
     # The issue's bar: retain overlap averaged over the MoE layers from the target layer up.
     routing_overlap_retain_from_target: float | None = None
+    # Issue 13: whether the forget target (training.stop) was met (None: no target set; a
+    # job that did not meet it ends FAILED, class target_not_met, its outputs kept) and the
+    # utility guard's record (workers.guard.UtilityGuard.to_json; None without the guard).
+    target_met: bool | None = None
+    guard: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

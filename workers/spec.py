@@ -272,6 +272,15 @@ class StopRule(_Strict):
         None, description="Stop when the forget NLL (per token) >= this."
     )
     eval_every: Steps = Field(5, description="Steps between stop-rule checks.")
+    utility_drop_tolerance: Annotated[float, Field(gt=0.0, le=1.0)] | None = Field(
+        None,
+        description="The utility guard (needs a forget target): stop when utility has "
+        "fallen by more than this since the start, measured with every stop check: the "
+        "absolute drop of utility accuracy on the demo world's retain-pool questions, else "
+        "the relative rise of the retain NLL. When training ends on the guard or the step "
+        "budget, the best state that met the target (else the most forgetting within the "
+        "tolerance, else the start) is put back; stopped_by 'utility_guard'.",
+    )
 
 
 class TrainingOptions(_Strict):
@@ -285,6 +294,13 @@ class TrainingOptions(_Strict):
     )
     schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="LR schedule after warmup."
+    )
+    lr_policy: Literal["constant", "decay"] = Field(
+        "constant",
+        description="constant: the schedule's lr; decay (needs a forget target): at each stop "
+        "check the lr is multiplied by a factor that falls linearly from 1 at the start to "
+        "0.2 at the forget target (workers.guard.lr_scale), so the last steps cannot "
+        "overshoot.",
     )
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] = Field(
         0.0, description="AdamW weight decay (trainable only)."
@@ -485,6 +501,7 @@ class JobSpec(_Strict):
             raise ValueError("world.retain_topics needs retain: {demo: retain}")
         if self.seuf.attribution == "contrastive" and self.retain is None:
             raise ValueError("attribution 'contrastive' needs a retain corpus")
+        self._guard_supported()
         if self.seuf.router_projection == "nullspace":
             # Refused here, not after hours of loading and evaluation in the worker.
             if self.retain is None:
@@ -497,6 +514,35 @@ class JobSpec(_Strict):
             if self.distributed.num_workers > 1:
                 raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
         return self
+
+    def _guard_supported(self) -> None:
+        """The utility guard and lr_policy decay act at the forget check: refused where
+        they could not act (issue 13)."""
+        stop = self.training.stop
+        has_target = stop.forget_accuracy_target is not None or stop.forget_loss_target is not None
+        guarded = stop.utility_drop_tolerance is not None
+        if self.training.lr_policy == "decay" and not has_target:
+            raise ValueError(
+                "training.lr_policy 'decay' needs a forget target "
+                "(training.stop.forget_accuracy_target or forget_loss_target)"
+            )
+        if not guarded:
+            return
+        if not has_target:
+            raise ValueError(
+                "training.stop.utility_drop_tolerance needs a forget target "
+                "(training.stop.forget_accuracy_target or forget_loss_target)"
+            )
+        if self.retain is None and self.model != "demo":
+            raise ValueError(
+                "training.stop.utility_drop_tolerance measures utility on retain data: give a "
+                "retain corpus (or use model 'demo', whose retain questions it reads)"
+            )
+        if self.distributed.backend == "deepspeed":
+            raise ValueError(
+                "training.stop.utility_drop_tolerance cannot restore a state under DeepSpeed "
+                "(ZeRO partitions the weights and keeps its own masters): use backend ddp"
+            )
 
     def corpus_refs(self) -> list[tuple[str, CorpusRef]]:
         """Every corpus the job reads, with its field path: forget, retain and the

@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import (
 from workers.activation_cache import ActivationCache
 from workers.data import Batch
 from workers.devices import MasterWeights
+from workers.guard import GuardedSteps
 from workers.moe.base import MoEAdapter
 from workers.objectives import Batches, Objective, run_forward, sequence_nll
 from workers.routing import TopKSnapshot, routing_overlap
@@ -38,7 +39,7 @@ from workers.scope import TrainableScope
 from workers.spec import TrainingOptions
 
 # Why a run stopped, as the int a runner agrees on (max over ranks; 0 = keep going).
-STOP_CODES = ("", "forget_accuracy", "forget_loss", "callback")
+STOP_CODES = ("", "forget_accuracy", "forget_loss", "callback", "utility_guard")
 
 
 class BatchSource(Protocol):
@@ -87,12 +88,14 @@ class StepInfo:
 @dataclass
 class TrainResult:
     steps: int
-    stopped_by: str  # max_steps | forget_accuracy | forget_loss | callback | non_finite_loss
+    # max_steps | forget_accuracy | forget_loss | callback | non_finite_loss | utility_guard
+    stopped_by: str
     history: list[StepInfo]
-    metrics: dict[str, float]  # last stop_check result
+    metrics: dict[str, float]  # last stop_check result (the guard's restored state's)
     overlap: float | None
     state: dict[str, Any]
     resumed_from: int = 0  # the step a restored checkpoint (or `resume`) started at
+    guard: dict[str, Any] | None = None  # the utility guard's record (UtilityGuard.to_json)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, options: TrainingOptions) -> LRScheduler:
@@ -150,6 +153,10 @@ def train(
     stop_check(model) -> {"forget_accuracy": ..., "forget_loss": ...} runs every
     options.stop.eval_every steps; training stops when forget_accuracy <= its target or
     forget_loss >= its target. A callback returning True stops training ("callback").
+    options.stop.utility_drop_tolerance / options.lr_policy decay (workers.guard): the same
+    check also runs before step 1 (the baseline) and at the last step; the guard stops
+    ("utility_guard") when utility falls past the tolerance, and on that stop or the step
+    budget the guard's best state is put back on every rank.
     routing_reference (a TopKSnapshot from workers.routing.collect_topk on routing_batches,
     taken from the original model) makes each StepInfo carry the latest overlap, measured
     every `overlap_every` steps and at the end. activation_cache (workers.activation_cache)
@@ -209,6 +216,7 @@ def train(
             torch.set_rng_state(restored["rng"])
         if start and on_resume is not None:
             on_resume(start)
+    guarded = _guarded_steps(options, stop_check, model, params, master, restored, start)
 
     done = [start]  # steps done so far; lets a stale state() closure refuse to run
 
@@ -223,6 +231,7 @@ def train(
                 "scheduler": copy.deepcopy(sched.state_dict()),
                 "rng": torch.get_rng_state(),
                 **({"master": master.state_dict()} if master is not None else {}),
+                **({"guard": guarded.state_dict()} if guarded is not None else {}),
             }
 
         return state
@@ -256,8 +265,9 @@ def train(
         if run.agree([0 if torch.isfinite(loss) else 1])[0]:
             stopped_by = "non_finite_loss"
             break
-        lr = opt.param_groups[0]["lr"]
-        grad_norm = engine.step(loss)
+        with guarded.scaled(opt) if guarded is not None else nullcontext():
+            lr = opt.param_groups[0]["lr"]
+            grad_norm = engine.step(loss)
         if after_step is not None:  # e.g. the router projection: before any check
             after_step()
         sched.step()
@@ -270,27 +280,71 @@ def train(
         ):
             overlap = routing_overlap(model, probe_adapter, routing_batches, routing_reference)
         checked: dict[str, float] = {}
-        if stop_check is not None and step % stop.eval_every == 0:
+        last = guarded is not None and step == options.max_steps  # the guard judges it
+        if stop_check is not None and (step % stop.eval_every == 0 or last):
             checked = metrics = dict(stop_check(model))
         info = StepInfo(
             step, float(loss.detach()), parts, lr, grad_norm, overlap, checked, state_at(step)
         )
         history.append(info)
-        code = 0
+        code, proposal = 0, [0, 0, 0, 0] if guarded is not None else []
         if run.is_main:  # rank 0 decides for everyone
             reached = _target_reached(checked, targets) if checked else None
             code = STOP_CODES.index(reached) if reached else 0
+            if guarded is not None:
+                worse, proposal = guarded.propose(step, checked)
+                code = STOP_CODES.index("utility_guard") if worse else code
             if callback is not None and callback(info):
                 code = STOP_CODES.index("callback")
-        (code,) = run.agree([code])
+        code, *agreed = run.agree([code, *proposal])
+        if guarded is not None:
+            guarded.apply(step, agreed)
         if code:
             stopped_by = STOP_CODES[code]
             break
         every = run.checkpoint_every
         if every and step % every == 0 and step < options.max_steps:
             run.save(engine, {**state_at(step)(), "meta": checkpoint_meta or {}})
+    if guarded is not None and stopped_by in ("utility_guard", "max_steps"):
+        (code,) = run.agree([guarded.restore_code() if run.is_main else 0])
+        metrics = guarded.restore(code) or metrics
     model.eval()
-    return TrainResult(step, stopped_by, history, metrics, overlap, state_at(step)(), start)
+    return TrainResult(
+        step,
+        stopped_by,
+        history,
+        metrics,
+        overlap,
+        state_at(step)(),
+        start,
+        guarded.to_json() if guarded is not None else None,
+    )
+
+
+def _guarded_steps(
+    options: TrainingOptions,
+    stop_check: Callable[[nn.Module], dict[str, float]] | None,
+    model: nn.Module,
+    params: list[nn.Parameter],
+    master: MasterWeights | None,
+    restored: dict[str, Any] | None,
+    start: int,
+) -> GuardedSteps | None:
+    """The utility guard / lr_policy decay of this run (None: neither is asked for): a
+    fresh baseline (the stop check before step 1, on every rank), or the one a resumed
+    run's checkpoint carries (never a baseline measured on already-trained weights)."""
+    if options.stop.utility_drop_tolerance is None and options.lr_policy != "decay":
+        return None
+    if stop_check is None:
+        raise ValueError("the utility guard and lr_policy decay need a stop_check")
+    if start:
+        if restored is None or "guard" not in restored:
+            raise RuntimeError(
+                f"resuming at step {start} without the guard's state (its baseline): the "
+                "checkpoint was written by a run without the guard"
+            )
+        return GuardedSteps(options, params, master, {}, resumed=restored["guard"])
+    return GuardedSteps(options, params, master, stop_check(model))
 
 
 def _target_reached(metrics: dict[str, float], targets: dict[str, float | None]) -> str | None:

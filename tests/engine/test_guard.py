@@ -3,15 +3,19 @@ that met the forget target, report target_not_met when it never did."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+import torch
 
 from workers.guard import (
-    ProbeResult,
+    GuardedSteps,
     UtilityGuard,
-    choose_probe_lr,
     lr_scale,
     utility_drop,
 )
+from workers.spec import TrainingOptions
+from workers.train import make_scheduler
 
 BASE = {"forget_accuracy": 1.0, "utility_accuracy": 0.98, "retain_loss": 0.5}
 
@@ -72,14 +76,41 @@ def test_lr_scale_decays_towards_the_target() -> None:
         lr_scale(0.5, 1.0, 0.3, floor=0.0)
 
 
-def test_probe_picks_the_largest_safe_step_size() -> None:
-    probes = [
-        ProbeResult(3e-3, 1.0, 0.10, 0.12),  # overshoots and damages
-        ProbeResult(1e-3, 1.0, 0.70, 0.01),
-        ProbeResult(3e-4, 1.0, 0.95, 0.00),
-    ]
-    assert choose_probe_lr(probes, tolerance=0.03, chance=0.25) == 1e-3
-    stuck = [ProbeResult(1e-3, 1.0, 1.0, 0.0), ProbeResult(3e-4, 1.0, 1.0, 0.0)]
-    assert choose_probe_lr(stuck, tolerance=0.03) == 3e-4
-    with pytest.raises(ValueError, match="no probe results"):
-        choose_probe_lr([], 0.03)
+def test_guard_state_round_trips_for_a_resumed_run() -> None:
+    g = UtilityGuard(dict(BASE), tolerance=0.03, forget_target=0.30)
+    g.start(lambda: 0)
+    g.check(5, {"forget_accuracy": 0.7, "utility_accuracy": 0.97}, lambda: 5)
+    back = UtilityGuard.from_state(g.state_dict())
+    assert back == g and back.fallback is not None and back.fallback.step == 5
+    assert [h["step"] for h in back.history] == [0.0, 5.0]
+
+
+def _options(**stop: Any) -> TrainingOptions:
+    return TrainingOptions.model_validate(
+        {"lr": 0.1, "schedule": "linear", "max_steps": 10,
+         "lr_policy": "decay", "stop": {"forget_accuracy_target": 0.3, **stop}}
+    )  # fmt: skip
+
+
+def test_guarded_steps_snapshot_restore_and_scaled_lr_keep_the_scheduler() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    opts = _options(utility_drop_tolerance=0.05)
+    gs = GuardedSteps(opts, [p], None, {"forget_accuracy": 1.0, "utility_accuracy": 0.9})
+    opt = torch.optim.SGD([p], lr=opts.lr)
+    sched = make_scheduler(opt, opts)
+    lrs = []
+    for step, (forget, utility) in enumerate([(0.65, 0.88), (0.4, 0.80)], start=1):
+        with gs.scaled(opt):
+            lrs.append(opt.param_groups[0]["lr"])
+            p.grad = -torch.ones(3)
+            opt.step()
+        sched.step()
+        worse, agreed = gs.propose(step, {"forget_accuracy": forget, "utility_accuracy": utility})
+        gs.apply(step, agreed)
+    # step 1 at the full lr; step 2 at the schedule's lr x lr_scale(0.65, 1.0, 0.3) = 0.6
+    assert lrs == pytest.approx([0.1, 0.1 * 0.9 * 0.6])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.8)  # the scheduler's own
+    # step 2 lost 0.10 of utility (> 0.05): stop; step 1's state (0.1 each) comes back
+    assert worse and set(gs.snaps) == {1}
+    assert gs.restore(gs.restore_code()) == {"forget_accuracy": 0.65, "utility_accuracy": 0.88}
+    assert p.detach().tolist() == pytest.approx([0.1] * 3)

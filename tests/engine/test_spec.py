@@ -108,3 +108,31 @@ def test_nullspace_projection_is_refused_where_it_cannot_run(extra, reason):
         body.pop("retain")
     with pytest.raises(ValueError, match=reason):
         JobSpec.model_validate(body)
+
+
+GUARD = {"utility_drop_tolerance": 0.05, "forget_accuracy_target": 0.3}
+
+
+@pytest.mark.parametrize(
+    ("training", "extra", "reason"),
+    [
+        ({"lr_policy": "decay"}, {}, "'decay' needs a forget target"),
+        ({"stop": {"utility_drop_tolerance": 0.05}}, {}, "tolerance needs a forget target"),
+        ({"stop": {"utility_drop_tolerance": 0.0, "forget_loss_target": 9}}, {}, "greater than"),
+        ({"stop": {"utility_drop_tolerance": 1.5, "forget_loss_target": 9}}, {}, "less than"),
+        ({"lr_policy": "probe"}, {}, "lr_policy"),
+        ({"stop": GUARD}, {"distributed": {"backend": "deepspeed"}}, "use backend ddp"),
+        ({"stop": {**GUARD, "forget_accuracy_target": None, "forget_loss_target": 9}},
+         {"model": "/m", "forget": {"path": "f.jsonl"}, "retain": None}, "retain corpus"),
+    ],
+)  # fmt: skip
+def test_guard_and_decay_are_refused_where_they_cannot_act(training, extra, reason):
+    body = {**BASE, "algorithm": "ga", "training": training, **extra}
+    if body.get("retain") is None:
+        body.pop("retain")
+    with pytest.raises(ValueError, match=reason):
+        JobSpec.model_validate(body)
+    # the demo world's retain questions are enough: no retain corpus needed there
+    ok = JobSpec.model_validate({"forget": {"demo": "forget"}, "algorithm": "ga",
+                                 "training": {"lr_policy": "decay", "stop": GUARD}})  # fmt: skip
+    assert ok.training.stop.utility_drop_tolerance == 0.05
