@@ -59,6 +59,11 @@ class JobResult:
     # experts were chosen (num_experts auto, fallback, warning; router projection).
     routing_overlap_retain_per_layer: dict[str, float] | None = None
     selection: dict[str, Any] | None = None
+    # Issue 12: the commit the base model resolved to (a hub id's revision, or a hub cache
+    # snapshot's; None for a plain directory), and what was written: full (model/) or
+    # patch (expert patch + base_model.json only).
+    model_revision: str | None = None
+    output_model: str = "full"
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
