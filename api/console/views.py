@@ -154,10 +154,7 @@ def progress(session: Session, job: Job) -> Progress:
         .order_by(JobEvent.id)
     ).scalars():
         began[str(ev.payload.get("stage"))] = ev.created_at
-    last = session.execute(
-        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.kind == "step")
-        .order_by(JobEvent.id.desc()).limit(1)
-    ).scalar_one_or_none()
+    last = jobs.latest_event(session, job.id, "step")
     if last is not None:
         p.step = last.step
         p.loss = last.payload.get("loss")
@@ -233,11 +230,7 @@ def expert_map(session: Session, job_id: str, settings: Any) -> dict[str, Any]:
 
 
 def param_changes(session: Session, job_id: str) -> list[dict[str, Any]]:
-    ev = session.execute(
-        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == jobs.PARAM_CHANGES_KIND)
-        .order_by(JobEvent.attempt.desc(), JobEvent.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    tensors = (ev.payload or {}).get("tensors", []) if ev is not None else []
+    tensors = jobs.latest_payload(session, job_id, jobs.PARAM_CHANGES_KIND).get("tensors", [])
     return [t for t in tensors if isinstance(t, dict)]
 
 
