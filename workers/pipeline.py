@@ -301,6 +301,7 @@ def run_pipeline(
         model=job.model_ref,
         model_revision=job.model_commit,
         output_model=spec.output.model,
+        training_used={"lr": tr.lr, "max_steps": tr.max_steps, "schedule": tr.schedule},
         base_model_sha256=base_sha,
         unlearned_model_sha256=patched_sha,
         algorithm=spec.algorithm,

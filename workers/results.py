@@ -64,6 +64,9 @@ class JobResult:
     # patch (expert patch + base_model.json only).
     model_revision: str | None = None
     output_model: str = "full"
+    # The training settings that ran: the spec's, or after num_experts auto fell back to
+    # full parameters its capped lr and widened step budget (workers.seuf_plan).
+    training_used: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
