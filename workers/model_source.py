@@ -100,9 +100,11 @@ def write_base_ref(
     """base_model.json of a patch-only job: the base model (path or hub id, and its
     resolved commit) and the hashes the patch turns one into the other."""
     path = out_dir / BASE_REF_FILE
+    local = Path(model)
     data = {
         "format": BASE_REF_FORMAT,
-        "model": model,
+        # a directory absolute: the output is loaded later, from wherever
+        "model": str(local.resolve()) if local.is_dir() else model,
         "revision": commit,
         "base_model_sha256": base_sha256,
         "patched_model_sha256": patched_sha256,
