@@ -485,7 +485,16 @@ class Client:
     def results(self, job_id: str, out: Path, *, model: bool = False) -> dict[str, Any]:
         """Write a finished job's results under `out`: job.json, expert_map.json,
         evaluations.json and its artifacts (the model only when `model`). Returns a manifest
-        {file name: sha256} (also written as manifest.json)."""
+        {file name: sha256} (also written as manifest.json). A patch-only job
+        (`output.model: patch`) has no model to download: `model` is refused for it."""
+        arts = self.artifacts(job_id)
+        kinds = {a["kind"] for a in arts}
+        if model and "model" not in kinds and "base_model" in kinds:
+            raise ClientError(
+                f"job {job_id} wrote only its expert patch (output.model patch): no model to "
+                "download; apply artifacts/expert_patch.safetensors to the base model that "
+                "artifacts/base_model.json names (moe-unlearn patch apply)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, str] = {}
         for name, doc in (
@@ -495,7 +504,7 @@ class Client:
         ):
             (out / name).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
             written[name] = file_sha256(out / name)
-        for a in self.artifacts(job_id):
+        for a in arts:
             if a["kind"] == "model" and not model:
                 continue
             name = Path(a["name"]).name  # the server's name, never a path of ours

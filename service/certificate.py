@@ -32,11 +32,13 @@ from service.errors import ServiceError
 from service.jobs import (
     MODEL_KIND,
     PARAM_CHANGES_KIND,
+    RESULT_KIND,
     TERMINAL,
     State,
     get_evaluations,
     get_expert_map,
     get_job,
+    latest_payload,
     list_artifacts,
 )
 from service.settings import Settings
@@ -46,7 +48,6 @@ from service.tables import (
     Corpus,
     DeletionRequest,
     DeletionRequestJob,
-    JobEvent,
 )
 from workers.spec import canonical_json
 
@@ -58,14 +59,21 @@ class CertificateUnavailable(ServiceError):
     """The job has not finished yet."""
 
 
-def _latest_event(session: Session, job_id: str, kind: str) -> dict[str, Any] | None:
-    ev = session.execute(
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.kind == kind)
-        .order_by(JobEvent.attempt.desc(), JobEvent.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-    return dict(ev.payload) if ev is not None else None
+def _ran(result: dict[str, Any]) -> dict[str, Any]:
+    """What the job ran, from its recorded result: the spec's scope and learning rate, or
+    what replaced them (num_experts auto's fallback to full parameters caps the lr)."""
+    selection = result.get("selection") or {}
+    auto = selection.get("auto") or {}
+    used = result.get("training_used") or {}
+    return {
+        "scope": result.get("scope"),
+        "selection_outcome": auto.get("outcome"),  # qualified / widen / full; None: not auto
+        "selection_warning": selection.get("selection_warning"),
+        "lr": used.get("lr"),
+        "max_steps": used.get("max_steps"),
+        "steps": result.get("steps"),
+        "precision": result.get("precision"),
+    }
 
 
 def _corpus(session: Session, ref: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -120,10 +128,15 @@ def deletion_status(state: str, failure_class: str | None) -> str:
 
 
 def build_certificate(
-    session: Session, job_id: str, tenant: str | None = None, settings: Settings | None = None
+    session: Session,
+    job_id: str,
+    tenant: str | None = None,
+    settings: Settings | None = None,
+    verification: audit.VerifyResult | None = None,
 ) -> dict[str, Any]:
     """The signed certificate of a finished job (`NotFound` for another tenant's job,
-    `CertificateUnavailable` while it runs)."""
+    `CertificateUnavailable` while it runs). `verification`: the audit chain verified
+    once for several certificates of one request (the lineage), else verified here."""
     job = get_job(session, job_id, tenant)
     if State(job.state) not in TERMINAL:
         raise CertificateUnavailable(
@@ -143,8 +156,9 @@ def build_certificate(
         if routing_scores.is_routing_metric(ev.metric):
             continue
         scores.setdefault(ev.phase, {}).setdefault(ev.task, {})[ev.metric] = ev.value
-    model_ev = _latest_event(session, job.id, MODEL_KIND) or {}
-    changes = (_latest_event(session, job.id, PARAM_CHANGES_KIND) or {}).get("tensors", [])
+    model_ev = latest_payload(session, job.id, MODEL_KIND)
+    result_ev = latest_payload(session, job.id, RESULT_KIND)
+    changes = latest_payload(session, job.id, PARAM_CHANGES_KIND).get("tensors", [])
     entries = list(
         session.execute(
             select(AuditEntry).where(AuditEntry.job_id == job.id).order_by(AuditEntry.seq)
@@ -171,8 +185,14 @@ def build_certificate(
         "deletion_request": _deletion_request(session, job.id),
         "forget_corpus": _corpus(session, spec.get("forget")),
         "retain_corpus": _corpus(session, spec.get("retain")),
-        "model": {"ref": spec.get("model"), "sha256": model_ev.get("sha256")},
+        "model": {
+            "ref": spec.get("model"),
+            "revision": model_ev.get("revision"),  # the commit it resolved to
+            "sha256": model_ev.get("sha256"),
+            "output": result_ev.get("output_model"),  # full, or patch (no model written)
+        },
         "method": {k: spec.get(k) for k in SETTINGS_KEYS},
+        "ran": _ran(result_ev),
         "experts": {
             "method": emap[0].method if emap else None,
             "selected": [
@@ -208,7 +228,7 @@ def build_certificate(
     # The hash covers the facts only, so it stays the same however often it is rebuilt;
     # the verification below reflects the chain at the time of the request.
     body["certificate_sha256"] = hashlib.sha256(canonical_json(body).encode()).hexdigest()
-    v = audit.verify(session)
+    v = verification or audit.verify(session, settings=settings)
     body["verification"] = {
         "chain_ok": v.ok,
         "checked_entries": v.checked,

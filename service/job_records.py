@@ -58,6 +58,7 @@ class ParamChange:
 PARAM_CHANGES_KIND = "param_changes"
 STAGE_KIND = "stage"  # step = index of the stage in STAGE_ORDER
 MODEL_KIND = "model"
+RESULT_KIND = "result"  # service.recording's summary of the engine's JobResult
 
 
 def finite(value: float, field: str) -> float:
@@ -240,8 +241,27 @@ def record_param_changes(
     )
 
 
-def record_model(session: Session, job_id: str, owner: str, model: str, sha256: str) -> int:
-    """Record the identity of the model that was unlearned (its weights' hash)."""
-    return record_event(
-        session, job_id, owner, 0, MODEL_KIND, {"model": model[:512], "sha256": sha256}
-    )
+def record_model(
+    session: Session, job_id: str, owner: str, model: str, sha256: str, revision: str | None = None
+) -> int:
+    """Record the identity of the model that was unlearned (its weights' hash, and the
+    commit its source resolved to: None for a plain directory)."""
+    payload = {"model": model[:512], "sha256": sha256, "revision": revision}
+    return record_event(session, job_id, owner, 0, MODEL_KIND, payload)
+
+
+def latest_event(session: Session, job_id: str, kind: str) -> JobEvent | None:
+    """The job's newest event of `kind` (its latest attempt's): the one query behind the
+    certificate, the lineage, the robustness proof and the console's views."""
+    return session.execute(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.kind == kind)
+        .order_by(JobEvent.attempt.desc(), JobEvent.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def latest_payload(session: Session, job_id: str, kind: str) -> dict[str, Any]:
+    """`latest_event`'s payload ({} when the job has no such event)."""
+    ev = latest_event(session, job_id, kind)
+    return dict(ev.payload) if ev is not None else {}

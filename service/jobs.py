@@ -47,10 +47,13 @@ from service.errors import (
 from service.job_records import (
     MODEL_KIND,
     PARAM_CHANGES_KIND,
+    RESULT_KIND,
     STAGE_KIND,
     ExpertScore,
     ParamChange,
     finite,
+    latest_event,
+    latest_payload,
     record_artifact,
     record_evaluations,
     record_event,
@@ -155,7 +158,7 @@ def submit_job(
     if remote:
         from service import corpora, limits, models
 
-        models.check_remote(session, spec.model, tenant, settings)
+        models.check_remote(session, spec.model, tenant, settings, spec.revision)
         corpora.check_spec_corpora(session, tenant, spec.resolved())
         limits.check_fit(spec, settings)
         limits.check_memory(session, spec, settings)
@@ -381,6 +384,7 @@ __all__ = [
     "MODEL_KIND",
     "Outcome",
     "PARAM_CHANGES_KIND",
+    "RESULT_KIND",
     "ParamChange",
     "Phase",
     "STAGE_KIND",
@@ -399,6 +403,8 @@ __all__ = [
     "get_expert_map",
     "get_job",
     "heartbeat",
+    "latest_event",
+    "latest_payload",
     "list_artifacts",
     "list_events",
     "list_jobs",

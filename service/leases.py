@@ -44,9 +44,10 @@ def claim_next(
     same job (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the write lock + a guarded
     update). Commit promptly: the row lock is held until then.
 
-    The returned job's `spec["model"]` is what the runner loads (`models.runner_ref`: a
-    registered directory, the model of `job:<id>`); the stored spec keeps the client's
-    name. The returned object is then detached, so that substitution is never saved."""
+    The returned job's `spec["model"]` and `spec["revision"]` are what the runner loads
+    (`models.runner_source`: a registered directory or hub id at its revision, the model of
+    `job:<id>`); the stored spec keeps the client's name. The returned object is then
+    detached, so that substitution is never saved."""
     if not owner:
         raise ValueError("owner must not be empty")
     now = now or utcnow()
@@ -100,15 +101,16 @@ def _for_runner(session: Session, job: Job) -> Job:
     from service import models
 
     name = str((job.spec or {}).get("model", "demo"))
+    revision = (job.spec or {}).get("revision")
     try:
-        ref = models.runner_ref(session, name)
+        ref, rev = models.runner_source(session, name, revision)
     except ValueError:
         return job  # the runner fails to load it and reports a user_input failure
-    if ref == name:
+    if (ref, rev) == (name, revision):
         return job
     session.flush()
     session.expunge(job)
-    job.spec = {**job.spec, "model": ref}
+    job.spec = {**job.spec, "model": ref, "revision": rev}
     return job
 
 

@@ -152,13 +152,20 @@ def check_fit(spec: JobSpec, settings: Settings) -> None:
 
 def _model_config(session: Session, spec: JobSpec) -> dict[str, Any] | None:
     """config.json of the job's model as the runner will load it: a registered directory,
-    the output of `job:<id>`, or a hub id already in this server's hub cache. None where
-    none can be read here (the worker then plans for itself and reports out_of_memory)."""
+    the output of `job:<id>` (a patch-only one's base), or a hub id at its revision already
+    in this server's hub cache. None where none can be read here (the worker then plans
+    for itself and reports out_of_memory)."""
     from service import models
+    from workers.model_source import is_patch_output, read_base_ref
     from workers.planner import read_config
 
     try:
-        ref = models.runner_ref(session, spec.model)
+        ref, revision = models.runner_source(session, spec.model, spec.revision)
+        for _ in range(64):  # a patch-only output's config is its base's (a bounded walk)
+            if not is_patch_output(Path(ref)):
+                break
+            base = read_base_ref(Path(ref))
+            ref, revision = base["model"], base["revision"]
     except ValueError:
         return None
     if (Path(ref) / "config.json").is_file():
@@ -166,7 +173,7 @@ def _model_config(session: Session, spec: JobSpec) -> dict[str, Any] | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(ref, "config.json")
+        cached = try_to_load_from_cache(ref, "config.json", revision=revision)
     except Exception:  # noqa: BLE001 - not a hub id, no cache: nothing to plan from
         return None
     return read_config(Path(cached).parent) if isinstance(cached, str) else None

@@ -16,22 +16,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.jobs import MODEL_KIND, get_expert_map
-from service.tables import Artifact, DeletionRequest, DeletionRequestJob, Job, JobEvent
+from service.jobs import MODEL_KIND, RESULT_KIND, get_expert_map, latest_payload
+from service.tables import Artifact, DeletionRequest, DeletionRequestJob, Job
 
 JOB_PREFIX = "job:"  # as service.models names an earlier job's output
 MAX_LINKS = 64  # a chain longer than this is cut (and says so): bounded work per request
-RESULT_KIND = "result"  # service.recording's result event (unlearned_model_sha256)
-
-
-def _event(session: Session, job_id: str, kind: str) -> dict[str, Any]:
-    ev = session.execute(
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.kind == kind)
-        .order_by(JobEvent.attempt.desc(), JobEvent.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-    return dict(ev.payload) if ev is not None else {}
 
 
 def chain(session: Session, job: Job) -> tuple[list[Job], bool]:
@@ -72,8 +61,10 @@ def link(session: Session, job: Job) -> dict[str, Any]:
         ),
         "experts": [{"layer": r.layer, "expert": r.expert}
                     for r in get_expert_map(session, job.id) if r.selected],
-        "model_sha256_before": _event(session, job.id, MODEL_KIND).get("sha256"),
-        "model_sha256_after": _event(session, job.id, RESULT_KIND).get("unlearned_model_sha256"),
+        "model_sha256_before": latest_payload(session, job.id, MODEL_KIND).get("sha256"),
+        "model_sha256_after": latest_payload(session, job.id, RESULT_KIND).get(
+            "unlearned_model_sha256"
+        ),
         "expert_patch_sha256": patch,
     }
 

@@ -10,8 +10,10 @@ A remote client (the HTTP API) may name only:
 Anything else is refused with one message, whether or not such a path or job exists (no
 oracle). A local user (`moe-unlearn run`) keeps free paths; this module is not used there.
 
-`runner_ref` turns an accepted name into what the runner loads (a directory or a hub id);
-the stored spec keeps the client's name, so no server path is ever shown to a client.
+`runner_source` turns an accepted name (and the spec's `revision`) into what the runner
+loads: a directory, a hub id with its revision (a registered hub model's own), or a
+patch-only job's output folder (its base reference and patch: workers.model_source); the
+stored spec keeps the client's name, so no server path is ever shown to a client.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from service import audit
 from service.errors import NotFound, ServiceError, SpecRejected
 from service.settings import Settings
 from service.tables import Artifact, Job, RegisteredModel, utcnow
+from workers.model_source import is_patch_output
+from workers.spec import REVISION_PATTERN
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$"
-REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 JOB_PREFIX = "job:"
 _MODEL_ID = re.compile(MODEL_ID_PATTERN)
 _HUB_ID = re.compile(HUB_ID_PATTERN)
@@ -158,15 +161,24 @@ def _source_job(session: Session, name: str, tenant: str | None) -> Job | None:
     return job
 
 
-def check_remote(session: Session, name: str, tenant: str, settings: Settings) -> None:
+def check_remote(
+    session: Session, name: str, tenant: str, settings: Settings, revision: str | None = None
+) -> None:
     """Refuse (`SpecRejected` on `model`, one message for every refusal) a model a remote
-    client of `tenant` may not name."""
+    client of `tenant` may not name; and (on `revision`) a revision other than the one an
+    admin registered with the model."""
     if name == "demo":
         return
     if name.startswith(JOB_PREFIX):
         if _source_job(session, name, tenant) is not None:
             return
-    elif _MODEL_ID.match(name) and session.get(RegisteredModel, name) is not None:
+    elif _MODEL_ID.match(name) and (row := session.get(RegisteredModel, name)) is not None:
+        if revision is not None and revision != row.revision:
+            raise SpecRejected(
+                "revision",
+                "a registered model loads at the revision it was registered with "
+                f"({row.revision or 'none: a directory'}); drop `revision`",
+            )
         return
     elif _allowlisted(settings, name):
         return
@@ -174,34 +186,39 @@ def check_remote(session: Session, name: str, tenant: str, settings: Settings) -
 
 
 def _job_model_dir(session: Session, job: Job) -> Path | None:
-    # The attempt's output folder holds `model/` beside the recorded artifacts.
+    # The attempt's output folder holds `model/` beside the recorded artifacts; a
+    # patch-only job's folder (output.model patch) is loaded as it is: base + patch.
     stmt = select(Artifact.location).where(Artifact.job_id == job.id)
     for loc in session.execute(stmt).scalars():
-        d = Path(loc).parent / "model"
-        if d.is_dir():
-            return d
+        out = Path(loc).parent
+        if (out / "model").is_dir():
+            return out / "model"
+        if is_patch_output(out):
+            return out
     return None
 
 
-def runner_ref(session: Session, name: str) -> str:
-    """What the runner loads for a stored model name: `demo`, a registered directory (an
-    absolute path) or hub id, the model directory of `job:<id>`, or the name itself (an
-    allow-listed hub id, or a local path from a trusted caller)."""
+def runner_source(
+    session: Session, name: str, revision: str | None = None
+) -> tuple[str, str | None]:
+    """What the runner loads for a stored model name and revision: `demo`, a registered
+    directory (an absolute path) or hub id at its registered revision, the unlearned model
+    (or patch-only output) of `job:<id>`, or the name itself (an allow-listed hub id, or a
+    local path from a trusted caller) at `revision`."""
     if name == "demo":
-        return name
+        return name, revision
     if name.startswith(JOB_PREFIX):
         job = _source_job(session, name, None)
         d = _job_model_dir(session, job) if job is not None else None
         if d is None:
             raise ValueError(f"model {name}: the job's unlearned model is not available")
-        return str(d)
+        return str(d), revision
     row = session.get(RegisteredModel, name) if _MODEL_ID.match(name) else None
     if row is None:
-        return name
+        return name, revision
     if row.path is not None:
-        return row.path
-    # The runner loads by hub id; the revision is recorded (audit, GET /v1/models).
-    return str(row.hub_id)
+        return row.path, revision
+    return str(row.hub_id), row.revision
 
 
 def describe(row: RegisteredModel) -> dict[str, str | datetime | None]:

@@ -15,11 +15,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from service import jobs
-from service.tables import Evaluation, JobEvent
+from service.tables import Evaluation
 
 ROBUSTNESS_KIND = "robustness"
 PHASE = "robustness"
@@ -70,12 +70,7 @@ def record_robustness(
 def robustness_of(session: Session, job_id: str) -> list[dict[str, Any]]:
     """The job's checks (latest attempt), every default check present: one that no stage
     reported is `not_run` with the reason."""
-    ev = session.execute(
-        select(JobEvent)
-        .where(JobEvent.job_id == job_id, JobEvent.kind == ROBUSTNESS_KIND)
-        .order_by(JobEvent.attempt.desc(), JobEvent.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
+    ev = jobs.latest_event(session, job_id, ROBUSTNESS_KIND)
     found = list(ev.payload.get("checks", [])) if ev is not None else []
     names = {c.get("check") for c in found}
     reason = ("not requested by the job's spec (evaluation.robustness)" if ev is not None

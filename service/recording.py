@@ -13,8 +13,10 @@ never touch the database.
 
 Outputs live in the blob store: `<data_dir>/artifacts/<job_id>/attempt-<n>/` (the model
 directory, expert_patch.safetensors, expert_map.json, spec.json, result.json, and the
-dispatcher's model_index.json and model.tar). On a multi-node cluster `data_dir` must be
-shared storage, since the worker writes there and the dispatcher reads it.
+dispatcher's model_index.json and model.tar; a patch-only job, `output.model: patch`, has
+base_model.json instead of the model directory, model_index.json and model.tar). On a
+multi-node cluster `data_dir` must be shared storage, since the worker writes there and the
+dispatcher reads it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from service.audit import FORBIDDEN_KEYS, MAX_STRING
 from service.errors import IllegalTransition
 from service.jobs import ExpertScore, ParamChange, Stage
 from workers.events import RANK_STARTED, RANK_STOPPED
+from workers.model_source import BASE_REF_FILE
 from workers.progress import AttemptStarted, JobEvent, Message, StageStarted
 from workers.results import JobResult
 
@@ -55,7 +58,9 @@ STAGE_MAP: dict[str, Stage] = {
 }
 ATTEMPT_STARTED_KIND = "attempt_started"
 PER_RANK = frozenset({RANK_STARTED, RANK_STOPPED})
-# What the `result` event keeps of the engine's JobResult.
+# What the `result` event keeps of the engine's JobResult: the certificate reads what ran
+# from it (scope, selection, training settings and precision after an auto fallback may
+# differ from the spec's) and what was written (output_model, the resolved revision).
 RESULT_SUMMARY = (
     "unlearned_model_sha256",
     "steps",
@@ -64,6 +69,12 @@ RESULT_SUMMARY = (
     "trainable_parameters",
     "tunable_ratio",
     "timings_s",
+    "scope",
+    "selection",
+    "training_used",
+    "precision",
+    "model_revision",
+    "output_model",
 )
 
 
@@ -123,6 +134,7 @@ def read_outputs(result: JobResult, output_dir: Path, model_tar_max_bytes: int) 
         ("expert_map", output_dir / "expert_map.json"),
         ("spec", output_dir / "spec.json"),
         ("result", output_dir / "result.json"),
+        ("base_model", output_dir / BASE_REF_FILE),  # output.model patch: instead of model/
     ]
     emap = json.loads((output_dir / "expert_map.json").read_text())
     model_dir = output_dir / "model"
@@ -146,9 +158,12 @@ def record_success(
             after[name] = {**after[name], **overlaps}
     if stage != Stage.PACKAGING:
         jobs.set_stage(s, job_id, owner, Stage.PACKAGING)
-    jobs.record_model(s, job_id, owner, result.model or model_ref, result.base_model_sha256)
+    jobs.record_model(
+        s, job_id, owner, result.model or model_ref, result.base_model_sha256,
+        result.model_revision,
+    )
     summary = {k: getattr(result, k) for k in RESULT_SUMMARY}
-    jobs.record_event(s, job_id, owner, result.steps, "result", safe_payload(summary))
+    jobs.record_event(s, job_id, owner, result.steps, jobs.RESULT_KIND, safe_payload(summary))
     jobs.record_expert_map(s, job_id, owner, scores, str(emap.get("method", "")))
     jobs.record_evaluations(s, job_id, owner, "before", flatten_scores(result.before))
     jobs.record_evaluations(s, job_id, owner, "after", flatten_scores(after))

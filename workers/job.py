@@ -14,6 +14,13 @@ from torch import nn
 
 from workers.data import TokenizedCorpus, read_corpus, tokenize
 from workers.mapped import pages_released_while_loading
+from workers.model_source import (
+    PATCH_FILE,
+    ModelSource,
+    is_patch_output,
+    read_base_ref,
+    resolve,
+)
 from workers.moe import get_adapter
 from workers.moe.base import MoEAdapter
 from workers.spec import CorpusRef, JobSpec
@@ -64,6 +71,8 @@ class LoadedJob:
     world: Any = None  # workers.world.World for the demo model
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # what the weights were loaded (and trained) in
+    revision: str | None = None  # what reloads the same weights (a hub id's pinned commit)
+    model_commit: str | None = None  # the resolved commit the results record
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -136,13 +145,14 @@ def _refuse_quantized(model_ref: str, config: Any) -> None:
 
 def load_model(
     model_ref: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     device: torch.device | None = None,
     revision: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """A causal LM (eval mode) loaded once, in `dtype`, straight onto `device`, from
-    safetensors only and never with remote code, and its tokenizer (pad = eos if it has
-    none). The model's `base_dtype` attribute is the dtype its checkpoint is stored in."""
+    """A causal LM (eval mode) loaded once, in `dtype` (None: the checkpoint's own), straight
+    onto `device`, from safetensors only and never with remote code, and its tokenizer (pad
+    = eos if it has none). The model's `base_dtype` attribute is the dtype its checkpoint
+    is stored in. `revision` goes to every from_pretrained (pin it: `open_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _refuse_pickle(model_ref)
@@ -151,6 +161,7 @@ def load_model(
         config = AutoConfig.from_pretrained(model_ref, revision=revision, trust_remote_code=False)
         _refuse_quantized(model_ref, config)
         base_dtype = _base_dtype(config)
+        dtype = dtype or base_dtype
         tokenizer = AutoTokenizer.from_pretrained(
             model_ref, revision=revision, trust_remote_code=False
         )
@@ -173,6 +184,68 @@ def load_model(
     return model, tokenizer
 
 
+# A chain of patch-only outputs (each job's base is the previous job's output) longer than
+# this is refused: bounded work per load (service.lineage cuts its walk there too).
+MAX_PATCH_CHAIN = 64
+
+
+def open_model(
+    model_ref: str,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> tuple[nn.Module, Any, ModelSource]:
+    """`load_model` of a resolved source (a hub id pinned to the commit `revision` names),
+    or of a patch-only job's output: its base (followed back through earlier patch-only
+    outputs) with every patch applied, each checked against its base and patched SHA-256."""
+    folder = Path(model_ref)
+    if not (folder.is_dir() and is_patch_output(folder)):
+        src = resolve(model_ref, revision)
+        model, tokenizer = load_model(src.ref, dtype, device, src.revision)
+        return model, tokenizer, src
+    if revision is not None:
+        raise ValueError(
+            f"model {model_ref!r} is a patch-only job output (its base is pinned already): "
+            "drop `revision`"
+        )
+    return _patched(folder, dtype, device)
+
+
+def _patched(
+    folder: Path, dtype: torch.dtype, device: torch.device | None
+) -> tuple[nn.Module, Any, ModelSource]:
+    from workers.patch import apply_patch, state_sha256
+
+    links: list[tuple[Path, dict[str, Any]]] = []
+    named = str(folder)
+    while is_patch_output(folder):
+        if len(links) == MAX_PATCH_CHAIN:
+            raise ValueError(f"more than {MAX_PATCH_CHAIN} patch-only outputs in a chain")
+        ref = read_base_ref(folder)
+        links.append((folder, ref))
+        folder = Path(ref["model"])
+    links.reverse()  # the root base first
+    root = links[0][1]
+    src = resolve(root["model"], root["revision"])
+    # In the checkpoint's own dtype: the patch's hashes are of that dtype's bytes.
+    model, tokenizer = load_model(src.ref, None, None, src.revision)
+    state = model.state_dict()
+    have = state_sha256(state)
+    for out, ref in links:
+        if have != ref["base_model_sha256"]:
+            raise ValueError(
+                f"{out}: its base model has SHA-256 {have[:12]}, the patch was made for "
+                f"{ref['base_model_sha256'][:12]}: the base changed since"
+            )
+        patch = apply_patch(state, out / PATCH_FILE)
+        have = state_sha256(state)
+        if have != patch.patched_model_sha256 or have != ref["patched_model_sha256"]:
+            raise ValueError(f"{out}: the patched model's SHA-256 differs from the recorded one")
+    model.to(device or torch.device("cpu"), dtype)
+    # Reloaded by its own name (no revision); the commit recorded is the root base's.
+    return model, tokenizer, ModelSource(named, None, src.commit)
+
+
 def load_job(
     spec: JobSpec,
     corpus_resolver: CorpusResolver | None = None,
@@ -191,7 +264,7 @@ def load_job(
 
     device = resolve_device(spec.distributed.device)
     dtype = resolve_dtype(spec.training.dtype, device)
-    model, tokenizer = load_model(model_ref, dtype, device)
+    model, tokenizer, src = open_model(model_ref, spec.revision, dtype, device)
     adapter = get_adapter(model)
 
     def records(ref: CorpusRef, name: str) -> list:
@@ -204,7 +277,8 @@ def load_job(
     forget = records(spec.forget, "forget")
     retain = records(spec.retain, "retain") if spec.retain is not None else None
     return LoadedJob(
-        spec, model, tokenizer, adapter, model_ref, forget, retain, world, device, dtype
+        spec, model, tokenizer, adapter, model_ref, forget, retain, world, device, dtype,
+        revision=src.revision, model_commit=src.commit,
     )
 
 

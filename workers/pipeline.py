@@ -2,7 +2,8 @@
 
     load -> evaluate before -> attribute -> select -> scope -> unlearn -> evaluate after
     -> robustness checks (workers/robustness_stage.py; rank 0)
-    -> package (unlearned model, expert patch, expert map, spec.json, result.json)
+    -> package (unlearned model, or with output.model patch the base model's reference;
+       expert patch, expert map, spec.json, result.json)
 
 What differs per runner is the `Runner` strategy (workers/runners/base.py): rank 0 loads
 first (a demo world is built once), evaluates, reports and packages; attribution's sums
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from workers.activation_cache import build_for_training
-from workers.attribution import ExpertMap, attribute
+from workers.attribution import attribute
 from workers.data import BatchStream
 from workers.devices import dtype_name
 from workers.events import RANK_STARTED, RANK_STOPPED, RESUMED
@@ -42,6 +43,7 @@ from workers.job import (
     snapshot_regions,
     stop_check_for,
 )
+from workers.model_source import write_base_ref
 from workers.objectives import objective_from_spec
 from workers.patch import state_sha256, write_region_patch
 from workers.reference import prepare_reference
@@ -289,10 +291,18 @@ def run_pipeline(
         patched_sha256=patched_sha,
         dtype=job.base_dtype,
     )
-    _write_model_files(job, out_dir, emap)
+    if spec.output.model == "full":
+        _write_model_files(job, out_dir)
+    else:  # patch: the base's reference instead of the model (applied at load: open_model)
+        write_base_ref(out_dir, job.model_ref, job.model_commit, base_sha, patched_sha)
+    (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
+    (out_dir / "spec.json").write_text(json.dumps(spec.resolved(), indent=1))
     trainable, total, ratio = counts
     res = JobResult(
         model=job.model_ref,
+        model_revision=job.model_commit,
+        output_model=spec.output.model,
+        training_used={"lr": tr.lr, "max_steps": tr.max_steps, "schedule": tr.schedule},
         base_model_sha256=base_sha,
         unlearned_model_sha256=patched_sha,
         algorithm=spec.algorithm,
@@ -357,14 +367,12 @@ def target_met(
     )
 
 
-def _write_model_files(job: LoadedJob, out_dir: Path, emap: ExpertMap) -> None:
+def _write_model_files(job: LoadedJob, out_dir: Path) -> None:
     # Shards of at most 500 MB: writing one holds a copy of its bytes, not of the model's.
     # The tensors as they are (fused experts, the names the patch uses): reverting to the
     # hub's per-expert layout would copy every expert tensor at once.
     job.model.save_pretrained(out_dir / "model", max_shard_size="500MB", save_original_format=False)
     job.tokenizer.save_pretrained(out_dir / "model")
-    (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
-    (out_dir / "spec.json").write_text(json.dumps(job.spec.resolved(), indent=1))
 
 
 __all__ = ["STAGES", "run_pipeline"]

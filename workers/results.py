@@ -67,6 +67,14 @@ class JobResult:
     # utility guard's record (workers.guard.UtilityGuard.to_json; None without the guard).
     target_met: bool | None = None
     guard: dict[str, Any] | None = None
+    # Issue 12: the commit the base model resolved to (a hub id's revision, or a hub cache
+    # snapshot's; None for a plain directory), and what was written: full (model/) or
+    # patch (expert patch + base_model.json only).
+    model_revision: str | None = None
+    output_model: str = "full"
+    # The training settings that ran: the spec's, or after num_experts auto fell back to
+    # full parameters its capped lr and widened step budget (workers.seuf_plan).
+    training_used: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

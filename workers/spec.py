@@ -39,6 +39,9 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
 Weight = Annotated[float, Field(ge=0.0, le=MAX_WEIGHT)]
 TaskName = Annotated[str, Field(min_length=1, max_length=128)]
+# A hub revision: a branch, a tag or a 40-hex commit (git ref characters; JobSpec also
+# refuses "..", "//" and a trailing "/", so a revision never climbs out of a refs folder).
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 
 
 class _Strict(BaseModel):
@@ -462,6 +465,17 @@ class DistributedOptions(_Strict):
         return self.num_workers > 1 or self.backend == "deepspeed"
 
 
+class OutputOptions(_Strict):
+    model: Literal["full", "patch"] = Field(
+        "full",
+        description="full: write the unlearned model (model/) beside the expert patch; "
+        "patch: write only the expert patch and the base model's reference "
+        "(base_model.json: model, resolved revision, SHA-256 before and after), for models "
+        "too large to write whole. A later job (`model: job:<id>`) applies the patch to "
+        "the base at load, checking both hashes.",
+    )
+
+
 class JobSpec(_Strict):
     """An unlearning request: the body of POST /v1/jobs and the file `moe-unlearn run` reads."""
 
@@ -470,6 +484,15 @@ class JobSpec(_Strict):
         min_length=1,
         max_length=512,
         description="'demo' (the built-in world's tiny MoE), a local directory, or a hub id.",
+    )
+    revision: str | None = Field(
+        None,
+        max_length=128,
+        pattern=REVISION_PATTERN,
+        description="Hub revision of `model`: a branch, tag or 40-hex commit (default: main). "
+        "It is resolved to its commit once and every load uses that commit; the results and "
+        "the certificate record it. For a local directory only a hub cache snapshot "
+        "(.../snapshots/<commit>/) can be checked; other directories refuse a revision.",
     )
     world: WorldOptions = Field(default_factory=WorldOptions)
     forget: CorpusRef = Field(description="The data to forget.")
@@ -485,9 +508,20 @@ class JobSpec(_Strict):
     training: TrainingOptions = Field(default_factory=TrainingOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
     distributed: DistributedOptions = Field(default_factory=DistributedOptions)
+    output: OutputOptions = Field(default_factory=OutputOptions)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        rev = self.revision
+        if rev is not None and (".." in rev or "//" in rev or rev.endswith("/")):
+            raise ValueError(
+                "revision must be a branch, tag or commit (no '..', '//', trailing '/')"
+            )
+        if rev is not None and (self.model == "demo" or self.model.startswith("job:")):
+            raise ValueError(
+                "revision is for a hub model (or a hub cache snapshot): "
+                f"{'job:<id>' if self.model.startswith('job:') else 'demo'} has no revisions"
+            )
         if self.algorithm in ("gdiff", "rmu") and self.retain is None:
             raise ValueError(f"algorithm '{self.algorithm}' needs a retain corpus")
         uses_demo = any(ref.demo is not None for _, ref in self.corpus_refs())

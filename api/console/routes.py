@@ -166,7 +166,7 @@ def job_list(request: Request) -> Response:
             return web.error_page(request, viewer, 400, "Bad filter", e.reason, field=e.field)
     return web.render(
         request, "jobs.html", viewer, jobs=items, more=more, f=f, states=views.STATES,
-        algorithms=views.ALGORITHMS, requests_available=extras.job_request_filter_available(),
+        algorithms=views.ALGORITHMS,
     )
 
 

@@ -97,10 +97,7 @@ def list_jobs(session: Session, tenant: str, f: JobFilters) -> tuple[list[dict[s
     if f.request:
         from api.console import extras
 
-        narrowed = extras.filter_jobs_by_request(stmt, f.request)
-        if narrowed is None:
-            raise FilterError("request", "deletion requests are not available on this service")
-        stmt = narrowed
+        stmt = extras.filter_jobs_by_request(stmt, f.request)
     rows = list(
         session.execute(
             stmt.order_by(Job.created_at.desc(), Job.id.desc())
@@ -154,10 +151,7 @@ def progress(session: Session, job: Job) -> Progress:
         .order_by(JobEvent.id)
     ).scalars():
         began[str(ev.payload.get("stage"))] = ev.created_at
-    last = session.execute(
-        select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.kind == "step")
-        .order_by(JobEvent.id.desc()).limit(1)
-    ).scalar_one_or_none()
+    last = jobs.latest_event(session, job.id, "step")
     if last is not None:
         p.step = last.step
         p.loss = last.payload.get("loss")
@@ -236,11 +230,7 @@ def expert_map(session: Session, job_id: str, settings: Any) -> dict[str, Any]:
 
 
 def param_changes(session: Session, job_id: str) -> list[dict[str, Any]]:
-    ev = session.execute(
-        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == jobs.PARAM_CHANGES_KIND)
-        .order_by(JobEvent.attempt.desc(), JobEvent.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    tensors = (ev.payload or {}).get("tensors", []) if ev is not None else []
+    tensors = jobs.latest_payload(session, job_id, jobs.PARAM_CHANGES_KIND).get("tensors", [])
     return [t for t in tensors if isinstance(t, dict)]
 
 

@@ -110,15 +110,18 @@ def job_lineage(
 ) -> LineageOut:
     """The model's lineage: the jobs (deletion requests) whose expert patches it carries,
     with each one's signed certificate."""
-    from service import certificate, jobs, lineage
+    from service import audit, certificate, jobs, lineage
     from service.jobs import TERMINAL, State
 
     settings = request.app.state.settings
     with request_session(request) as session:
         job = jobs.get_job(session, job_id, principal.tenant)
         chain = lineage.lineage(session, job)
+        # The whole audit chain verified once for every certificate of the answer (up to
+        # lineage.MAX_LINKS of them), not once per certificate.
+        verified = audit.verify(session, settings=settings)
         certs = [certificate.build_certificate(session, link["job_id"], principal.tenant,
-                                               settings)
+                                               settings, verified)
                  for link in chain["links"] if State(link["state"]) in TERMINAL]
     return LineageOut(job_id=job_id, continuous=chain["continuous"], cut=chain["cut"],
                       links=chain["links"], certificates=certs)

@@ -143,9 +143,16 @@ class Driver:
         with db.session_scope(self.factory) as s:
             return jobs.record_event(s, job_id, self.owner, step, kind, payload)
 
-    def run_to_success(self, job_id: str, *, artifact: bytes = b"patch-bytes") -> None:
+    def run_to_success(
+        self,
+        job_id: str,
+        *,
+        artifact: bytes = b"patch-bytes",
+        more: tuple[tuple[str, str, bytes], ...] = (),
+    ) -> None:
         """The whole life of a job with recorded results: 2 layers x 4 experts scored,
-        expert (1, 2) selected, 3 training steps, scores before/after, one artifact."""
+        expert (1, 2) selected, 3 training steps, scores before/after, one artifact (and
+        `more`: (kind, name, bytes) each)."""
         self.claim(job_id)
         self.stage(job_id, "evaluating_before")
         with db.session_scope(self.factory) as s:
@@ -189,18 +196,20 @@ class Driver:
                 [jobs.ParamChange("model.layers.1.mlp.experts.7.w1", "", "11" * 32, "22" * 32, 64)],
             )
         self.stage(job_id, "packaging")
-        blob = BlobStore.from_settings(self.settings).put_artifact(job_id, "patch.bin", artifact)
-        with db.session_scope(self.factory) as s:
-            jobs.record_artifact(
-                s,
-                job_id,
-                self.owner,
-                kind="expert_patch",
-                name="patch.bin",
-                location=blob.location,
-                sha256=blob.sha256,
-                size=blob.size,
-            )
+        store = BlobStore.from_settings(self.settings)
+        for kind, name, data in (("expert_patch", "patch.bin", artifact), *more):
+            blob = store.put_artifact(job_id, name, data)
+            with db.session_scope(self.factory) as s:
+                jobs.record_artifact(
+                    s,
+                    job_id,
+                    self.owner,
+                    kind=kind,
+                    name=name,
+                    location=blob.location,
+                    sha256=blob.sha256,
+                    size=blob.size,
+                )
         self.finish(job_id, "succeeded")
 
     def finish(self, job_id: str, outcome: str) -> None:

@@ -238,8 +238,9 @@ def test_a_membership_holdout_must_be_a_corpus_of_the_tenant(client, api_keys):
     assert submitted[0]["payload"]["holdout"]["corpus_id"] == hid
 
 
-def test_lineage_links_jobs_started_from_earlier_outputs(app, client, api_keys, driver):
-    from service import jobs
+def test_lineage_links_jobs_started_from_earlier_outputs(app, client, api_keys, driver,
+                                                         monkeypatch):
+    from service import audit, jobs
 
     req = _new_request(client, api_keys.requester)
     ids: list[str] = []
@@ -257,8 +258,12 @@ def test_lineage_links_jobs_started_from_earlier_outputs(app, client, api_keys, 
         driver.event(job_id, 1, "result", {"unlearned_model_sha256": after * 32})
         driver.finish(job_id, "succeeded")
         ids.append(job_id)
+    verified: list[int] = []  # the whole audit chain is verified once per request
+    real_verify = audit.verify
+    monkeypatch.setattr(audit, "verify", lambda *a, **k: verified.append(1) or real_verify(*a, **k))
     r = client.get(f"/v1/jobs/{ids[2]}/lineage", headers=H(api_keys.auditor))
     assert r.status_code == 200, r.text
+    assert len(verified) == 1
     got = r.json()
     links = got["links"]
     assert [x["job_id"] for x in links] == ids

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from api.app import create_app
-from api.client import ApiClientError, Client, IntegrityError, RetryPolicy, ServerUnreachable
+from api.client import (
+    ApiClientError,
+    Client,
+    ClientError,
+    IntegrityError,
+    RetryPolicy,
+    ServerUnreachable,
+)
 from service import db, keys
 from service.settings import Settings
 from tests.api.conftest import FORGET, Driver, serve_in_thread, spec
@@ -79,3 +86,15 @@ def test_download_is_checked_and_errors_name_the_field(served, tmp_path: Path):
         assert "no such corpus of this tenant" in (e.value.reason or "")
     with pytest.raises(ServerUnreachable):
         Client("http://127.0.0.1:9", key, retry=RetryPolicy(attempts=2, backoff_s=0.01)).get("x")
+
+
+def test_a_patch_only_job_has_no_model_to_download(served, tmp_path: Path):
+    url, key, driver = served
+    with Client(url, key, retry=FAST) as c:
+        job = c.submit(spec(c.upload_corpus(FORGET)["id"]))
+        driver.run_to_success(job["id"], more=(("base_model", "base_model.json", b"{}"),))
+        with pytest.raises(ClientError, match="wrote only its expert patch"):
+            c.results(job["id"], tmp_path / "res", model=True)
+        assert not (tmp_path / "res").exists()  # refused before anything was written
+        written = c.results(job["id"], tmp_path / "res")
+        assert {"artifacts/patch.bin", "artifacts/base_model.json"} <= set(written)

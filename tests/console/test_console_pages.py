@@ -292,14 +292,9 @@ def test_filters_and_pages(world: World) -> None:
         r = c.get(f"/console/jobs?{bad}")
         assert r.status_code == 400 and f"<strong>{field}</strong>" in r.text, bad
         assert "<b>" not in r.text
-    # By deletion request: where the service has requests (issue 15), none here has jobs.
-    from api.console import extras
-
+    # By deletion request: no request here has jobs.
     r = c.get("/console/jobs?request=r_1")
-    if extras.job_request_filter_available():
-        assert r.status_code == 200 and r.text.count('<td data-label="Job">') == 0
-    else:
-        assert r.status_code == 400 and "not available on this service" in r.text
+    assert r.status_code == 200 and r.text.count('<td data-label="Job">') == 0
 
 
 def test_audit_page_verifies_and_pages(world: World, db) -> None:  # noqa: F811
@@ -307,12 +302,7 @@ def test_audit_page_verifies_and_pages(world: World, db) -> None:  # noqa: F811
     sign_in(c, world.auditor)
     page = c.get("/console/audit?verify=now").text
     assert 'id="chain-status"' in page and "intact" in page
-    from api.console import extras
-
-    with session_scope(world.factory) as s:
-        has_checkpoints = extras.audit_checkpoints(s) is not None
-    assert ("No checkpoint has been exported yet" if has_checkpoints else
-            "Not available: this service does not export signed checkpoints") in page
+    assert "No checkpoint has been exported yet" in page
     assert c.get("/console/audit?action=job_submitted").text.count('data-label="Entry"') == 1
     assert c.get("/console/audit?action=DROP TABLE").status_code == 400
     with db.engine.begin() as conn:
@@ -325,13 +315,8 @@ def test_requests_page_has_an_empty_state(world: World) -> None:
     c = client(world)
     sign_in(c, world.requester)
     page = c.get("/console/requests")
-    from api.console import extras
-
-    with session_scope(world.factory) as s:
-        has_requests = extras.deletion_requests(s, "acme") is not None
     assert page.status_code == 200
-    assert ("No deletion requests in tenant acme" if has_requests else
-            'id="requests-unavailable"') in page.text
+    assert "No deletion requests in tenant acme" in page.text
 
 
 def test_console_stays_out_of_the_openapi_schema(world: World) -> None:
@@ -386,51 +371,37 @@ def test_certificate_of_demo_corpora_names_them_without_empty_hashes(world: Worl
     assert not re.search(r'<dd class="hash">\s*</dd>', page)
 
 
-def test_requests_and_checkpoints_render_when_the_service_has_them(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With the shapes issue 15 gave them (service.requests, service.checkpoints: here
-    stand-ins with those signatures, for a branch that has not merged them)."""
-    import sys
-    import types
+def test_requests_and_checkpoints_render(world: World, tmp_path: Path) -> None:
+    """Real deletion requests (service.requests) and an exported checkpoint
+    (service.checkpoints): overdue first, then by due date; the due-date check runs."""
     from datetime import UTC, datetime, timedelta
 
+    from service import checkpoints, requests
+    from service.tables import AuditEntry
+
     now = datetime.now(UTC)
-    rows = [
-        {"id": "r_late", "reference": "DSAR-1", "subject": None, "status": "open",
-         "received_at": (now - timedelta(days=40)).isoformat(), "extended": False,
-         "due_at": (now - timedelta(days=10)).isoformat(), "overdue": True,
-         "jobs": [{"job_id": world.job, "state": "SUCCEEDED", "failed_checks": []}]},
-        {"id": "r_soon", "reference": "DSAR-2", "subject": "s-9", "status": "open",
-         "received_at": now.isoformat(), "due_at": (now + timedelta(days=30)).isoformat(),
-         "extended": True, "overdue": False, "jobs": []},
-        {"id": "r_done", "reference": "DSAR-0", "subject": None, "status": "done",
-         "received_at": (now - timedelta(days=90)).isoformat(), "extended": False,
-         "due_at": (now - timedelta(days=60)).isoformat(), "overdue": False, "jobs": []},
-    ]
-    checked: list[object] = []
-    requests_mod = types.ModuleType("service.requests")
-    requests_mod.report_overdue = lambda session, *, actor="x": checked.append(session) or []
-    requests_mod.list_requests = (
-        lambda session, tenant, *, overdue=False, limit=100: rows if tenant == "acme" else []
-    )
-    requests_mod.request_to_dict = lambda session, req: req
-    checkpoints_mod = types.ModuleType("service.checkpoints")
-    checkpoints_mod.list_checkpoints = lambda session, limit=100: [
-        {"schema": "x", "kind": "export", "seq": 7, "entry_hash": "ab" * 32,
-         "time": now.isoformat(), "signature": {"key_id": "ak_1", "public_key": "?"}}]
-    monkeypatch.setitem(sys.modules, "service.requests", requests_mod)
-    monkeypatch.setitem(sys.modules, "service.checkpoints", checkpoints_mod)
+    with session_scope(world.factory) as s:
+        def made(ref: str, days_ago: int, **kw: object):
+            return requests.create_request(s, "acme", ref, actor="t", due_days=30,
+                                           received_at=now - timedelta(days=days_ago), **kw)
+        late = made("DSAR-1", 40)  # due 10 days ago
+        mid = made("DSAR-0", 20)  # due in 10 days
+        soon = made("DSAR-2", 0, subject="s-9")  # due in 30 (+5) days
+        requests.extend_due(s, soon.id, "acme", 5, "more time", actor="t")
+        requests.attach_job(s, late.id, "acme", world.job, actor="t")
+        doc, _ = checkpoints.export(s, world.settings, to=tmp_path)
     c = client(world)
     sign_in(c, world.auditor)
     page = c.get("/console/requests").text
-    assert checked  # the due-date check ran, as GET /v1/requests runs it
-    order = re.findall(r"<code>(r_\w+)</code>", page)
-    assert order == ["r_late", "r_done", "r_soon"]  # overdue first, then by due date
+    with session_scope(world.factory) as s:  # the due-date check ran, as GET /v1/requests runs it
+        assert s.execute(select(func.count()).select_from(AuditEntry)
+                         .where(AuditEntry.action == "request_overdue")).scalar_one() == 1
+    order = re.findall(r'data-label="Request"><code>([0-9a-f-]{36})</code>', page)
+    assert order == [late.id, mid.id, soon.id]  # overdue first, then by due date
     assert page.count("overdue</span>") == 1 and f"/console/jobs/{world.job}" in page
     assert "(extended)" in page and "subject s-9" in page
     audit_page = c.get("/console/audit").text
-    assert "ab" * 32 in audit_page and "ak_1" in audit_page and "export" in audit_page
+    assert doc["entry_hash"] in audit_page and "export" in audit_page
     other = client(world)
     sign_in(other, world.other)
     assert "No deletion requests in tenant globex" in other.get("/console/requests").text

@@ -69,6 +69,22 @@ def test_retain_topics_is_bounded_and_needs_the_demo_retain_corpus():
                                 "world": {"retain_topics": 2}})
 
 
+def test_revision_is_bounded_and_only_for_hub_models():
+    hub = {"model": "org/m", "forget": {"path": "f"}, "algorithm": "ga"}
+    for ok in ("main", "v1.0", "refs/pr/1", "a" * 40):
+        assert JobSpec.model_validate(hub | {"revision": ok}).revision == ok
+    for bad in ("../x", "a/../b", "/x", "x/", "a//b", "-x", "x" * 129, "a b", "m\x00"):
+        with pytest.raises(ValidationError, match="revision"):
+            JobSpec.model_validate(hub | {"revision": bad})
+    with pytest.raises(ValidationError, match="demo has no revisions"):
+        JobSpec.model_validate(BASE | {"revision": "main"})
+    with pytest.raises(ValidationError, match="job:<id> has no revisions"):
+        JobSpec.model_validate(hub | {"model": "job:1", "revision": "main"})
+    assert JobSpec.model_validate(hub).output.model == "full"
+    with pytest.raises(ValidationError, match="output.model"):
+        JobSpec.model_validate(hub | {"output": {"model": "half"}})
+
+
 def test_load_spec_resolves_relative_paths(tmp_path):
     (tmp_path / "f.jsonl").write_text('{"text": "a"}\n')
     spec_file = tmp_path / "spec.yaml"

@@ -178,3 +178,29 @@ def test_job_model_chains_to_the_unlearned_directory(db, tmp_path):
     with session_scope(db.factory) as s:
         # The stored spec keeps the client's name.
         assert jobs.get_job(s, second).spec["model"] == f"job:{first}"
+
+
+def test_registered_hub_model_runs_at_its_registered_revision(db, tmp_path):
+    from service import models
+    from service.errors import SpecRejected
+    from service.settings import Settings
+    from workers.spec import JobSpec
+
+    settings = Settings(data_dir=tmp_path)
+    spec = JobSpec.model_validate({"model": "hub1", "forget": {"path": "/f"}, "algorithm": "ga"})
+    with session_scope(db.factory) as s:
+        models.register(s, "hub1", hub_id="org/m", revision="v1", actor="admin",
+                        settings=settings)
+    with session_scope(db.factory) as s:
+        with pytest.raises(SpecRejected) as e:
+            models.check_remote(s, "hub1", "acme", settings, "main")
+        assert e.value.field == "revision" and "(v1)" in e.value.reason
+        models.check_remote(s, "hub1", "acme", settings, "v1")  # the same one is fine
+        job = jobs.submit_job(s, spec, "acme", "t", allow_local_paths=True).job.id
+    with session_scope(db.factory) as s:
+        claimed = jobs.claim_next(s, "w", 60)
+        assert claimed.id == job
+        assert (claimed.spec["model"], claimed.spec["revision"]) == ("org/m", "v1")
+    with session_scope(db.factory) as s:  # the stored spec keeps the client's name
+        assert jobs.get_job(s, job).spec["model"] == "hub1"
+        assert jobs.get_job(s, job).spec["revision"] is None

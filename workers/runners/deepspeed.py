@@ -95,16 +95,20 @@ def gathered(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
 
 
 def into_fresh_model(
-    model_ref: str, spec_scope: str, pairs: list[tuple[int, int]], trained: dict[str, Any]
+    model_ref: str,
+    revision: str | None,
+    spec_scope: str,
+    pairs: list[tuple[int, int]],
+    trained: dict[str, Any],
 ) -> tuple[nn.Module, Any, TrainableScope]:
-    """ZeRO-3's model holds empty shards: a freshly loaded plain copy with the same scope,
-    its trainable tensors set to `trained`."""
-    from workers.job import load_model
+    """ZeRO-3's model holds empty shards: a freshly loaded plain copy (the same source and
+    pinned revision) with the same scope, its trainable tensors set to `trained`."""
+    from workers.job import open_model
     from workers.moe import get_adapter
     from workers.scope import apply_scope
 
     dtype = next(iter(trained.values())).dtype if trained else torch.float32
-    model, _ = load_model(model_ref, dtype)
+    model, _, _ = open_model(model_ref, revision, dtype)
     adapter = get_adapter(model)
     scope = apply_scope(model, adapter, spec_scope, pairs)
     fresh = dict(scope.named_trainable())

@@ -196,7 +196,8 @@ class RayTrainRunner(Runner):
             if not self.is_main:
                 return None
             job.model, job.adapter, scope = into_fresh_model(
-                job.model_ref, job.spec.scope, pairs, trained
+                # the scope that ran (after an auto fallback: full), not the spec's
+                job.model_ref, job.revision, scope.scope, pairs, trained
             )
             return scope
         return scope if self.is_main else None

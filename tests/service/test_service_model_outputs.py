@@ -1,0 +1,75 @@
+"""A real engine run recorded by the service (issue 12): a patch-only job (`output.model:
+patch`) whose num_experts auto fell back to full parameters. Its artifacts hold the base
+model's reference and no model; its certificate says what ran (scope full, the capped
+learning rate, the precision) beside what the spec asked, and that only a patch was
+written; `job:<id>` of it resolves to its output folder, which loads as the base with the
+patch applied, at the recorded patched SHA-256."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service import certificate, jobs, models
+from service.db import session_scope
+from service.recording import read_outputs, record_success
+from tests.engine._tiny_dir import make_tiny_model_dir
+from workers.job import open_model
+from workers.patch import state_sha256
+from workers.run import run_job
+from workers.seuf_plan import FULL_FALLBACK_LR, FULL_FALLBACK_STEPS
+from workers.spec import JobSpec
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[JobSpec, Path, object]:
+    d = make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+    spec = JobSpec.model_validate({
+        "model": str(d / "model"),
+        "forget": {"path": str(d / "forget.jsonl")},
+        "retain": {"path": str(d / "retain.jsonl")},
+        # Nothing can carry all the forget mass at a 1e6 ratio: auto falls back to full.
+        "seuf": {"num_experts": "auto", "auto_min_share": 1.0, "auto_min_ratio": 1e6,
+                 "fallback": "full"},
+        "training": {"max_steps": 2, "batch_size": 8, "lr": 3e-3},
+        "evaluation": {"robustness": []},
+        "output": {"model": "patch"},
+    })
+    out = tmp_path_factory.mktemp("out")
+    return spec, out, run_job(spec, out)
+
+
+def test_patch_only_job_after_auto_fallback(db, tmp_path, finished) -> None:
+    spec, out, res = finished
+    assert res.scope == "full" and res.output_model == "patch"
+    assert not (out / "model").exists()
+    with session_scope(db.factory) as s:
+        job = jobs.submit_job(s, spec, "acme", "key:k_1", requester="k_1",
+                              allow_local_paths=True).job
+    with session_scope(db.factory) as s:
+        jobs.claim_next(s, "w1", 60)
+    with session_scope(db.factory) as s:
+        record_success(s, job.id, "w1", read_outputs(res, out, 1 << 30), spec.model, None)
+    with session_scope(db.factory) as s:
+        kinds = {a.kind for a in jobs.list_artifacts(s, job.id)}
+        cert = certificate.build_certificate(s, job.id, "acme")
+        page = certificate.render_html(cert)
+        ref, revision = models.runner_source(s, f"job:{job.id}")
+    assert "base_model" in kinds and "expert_patch" in kinds
+    assert not kinds & {"model", "model_index"}
+    assert cert["model"]["output"] == "patch" and cert["model"]["revision"] is None
+    assert cert["model"]["sha256"] == res.base_model_sha256
+    # What ran, not what the spec asked: full parameters at the capped lr.
+    assert cert["method"]["scope"] == "seuf" and cert["method"]["training"]["lr"] == 3e-3
+    ran = cert["ran"]
+    assert ran["scope"] == "full" and ran["selection_outcome"] == "full"
+    assert ran["lr"] == FULL_FALLBACK_LR and ran["max_steps"] == FULL_FALLBACK_STEPS
+    assert ran["precision"]["dtype"] == "float32" and ran["selection_warning"]
+    assert "the spec asked for seuf" in page and "reference only" in page
+    # job:<id> loads as the base with the patch applied, hash-checked.
+    assert Path(ref) == out and revision is None
+    model, _, _ = open_model(ref)
+    assert state_sha256(model.state_dict()) == res.unlearned_model_sha256
+    assert json.loads((out / "result.json").read_text())["training_used"]["lr"] == FULL_FALLBACK_LR
