@@ -499,8 +499,10 @@ def rmu_layer_index(
     if layer is None:
         # Above the target layer, the one trained expert reaches every later position
         # through attention, not only the tokens routed to it (rmu_layer_offset).
-        target = min(lay for lay, _ in selected) + options.rmu_layer_offset
-        layer = min(target, n - 1) if selected else n // 2
+        if selected:
+            layer = min(min(lay for lay, _ in selected) + options.rmu_layer_offset, n - 1)
+        else:
+            layer = n // 2
     if not 0 <= layer < n:
         raise ValueError(f"rmu_layer {layer} out of range: the model has {n} layers")
     return layer

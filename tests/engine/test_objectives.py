@@ -200,6 +200,9 @@ def test_rmu_seuf_options_steer_the_layer_above_at_answer_positions_relative_nor
     top = len(model.model.layers) - 1
     capped = make_objective("rmu", opts, adapter, selected=[(top, 2)])
     assert capped.capture is model.model.layers[top].mlp
+    # no selection (scope full): the middle layer, as before
+    full = make_objective("rmu", ObjectiveOptions(), adapter)
+    assert full.capture is model.model.layers[len(model.model.layers) // 2].mlp
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
