@@ -23,7 +23,9 @@ Conventions (batch fields: see workers/data.py):
 - RMU     l = MSE(h(x_f), c*u) + alpha_r * MSE(h(x_r), h_ref(x_r)); h = output of the MLP /
           MoE block of layer `rmu_layer`, MSE = mean over real (attention_mask) tokens and
           hidden units (the scale the RMU code's mse_loss uses, for which c and alpha_r were
-          tuned); u a fixed seeded random unit vector; h_ref precomputed once.
+          tuned); u a fixed seeded random unit vector; h_ref precomputed once. Options:
+          the forget MSE only at answer-predicting positions (rmu_positions "answer"), and
+          c relative to the block's mean reference output norm (rmu_coeff_relative).
 - Anchor  L_anchor = mean over real forget tokens t of sum_e (p_t,e - a_e)^2 (reduction
           "sum", the paper) or mean_e (reduction "mean", the authors' code: divided by E);
           p_t = adapter.gate_probs(router logits) from the router's own forward (router_tap);
@@ -82,6 +84,7 @@ class Reference:
     forget_nll: torch.Tensor | None = None  # [N_forget] sequence-summed NLL per sample index
     retain_activations: list[torch.Tensor] | None = None  # per retain sample [L_i, H]
     rmu_direction: torch.Tensor | None = None  # [H] unit vector u
+    rmu_block_norm: float | None = None  # mean per-token norm of h_ref (rmu_coeff_relative)
 
 
 LossFn = Callable[
@@ -204,8 +207,19 @@ def rmu_loss(
     hf, hr = outputs.forget.activations, ret_out.activations
     if hf is None or hr is None:
         raise ValueError("objective 'rmu' needs the captured block activations")
-    steer = (opts.rmu_steering_coeff * reference.rmu_direction.to(hf.device)).expand_as(hf)
-    lf = masked_mse(hf, steer, batch.forget["attention_mask"])
+    c = opts.rmu_steering_coeff
+    if opts.rmu_coeff_relative:
+        if reference.rmu_block_norm is None:
+            raise ValueError("rmu_coeff_relative needs the reference block norm")
+        c *= reference.rmu_block_norm
+    steer = (c * reference.rmu_direction.to(hf.device)).expand_as(hf)
+    steered = batch.forget["attention_mask"]
+    if opts.rmu_positions == "answer":
+        # Positions whose output predicts an answer token (loss_mask's convention).
+        at_answer = torch.zeros_like(steered)
+        at_answer[:, :-1] = batch.forget["loss_mask"][:, :-1]
+        steered = steered * at_answer
+    lf = masked_mse(hf, steer, steered)
     ref = pad_activations(reference.retain_activations, ret_batch, hr)
     lr = masked_mse(hr, ref, ret_batch["attention_mask"])
     loss = lf + opts.rmu_alpha * lr
@@ -483,7 +497,12 @@ def rmu_layer_index(
     n = len(adapter.decoder_layers())
     layer = options.rmu_layer
     if layer is None:
-        layer = min(lay for lay, _ in selected) if selected else n // 2
+        # Above the target layer, the one trained expert reaches every later position
+        # through attention, not only the tokens routed to it (rmu_layer_offset).
+        if selected:
+            layer = min(min(lay for lay, _ in selected) + options.rmu_layer_offset, n - 1)
+        else:
+            layer = n // 2
     if not 0 <= layer < n:
         raise ValueError(f"rmu_layer {layer} out of range: the model has {n} layers")
     return layer

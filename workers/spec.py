@@ -260,7 +260,26 @@ class ObjectiveOptions(_Strict):
         100.0, description="RMU alpha_r: weight of the retain activation term."
     )
     rmu_layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] | None = Field(
-        None, description="RMU layer (default: the SEUF target layer, or the middle layer)."
+        None,
+        description="RMU layer (default: the SEUF target layer plus rmu_layer_offset, or the "
+        "middle layer when no expert is selected).",
+    )
+    rmu_layer_offset: Annotated[int, Field(ge=0, le=MAX_LAYER)] = Field(
+        0,
+        description="Steer this many layers above the SEUF target layer (capped at the last "
+        "layer). 1 lets one trained expert steer every answer position through the next "
+        "layer's attention, not only the tokens routed to it.",
+    )
+    rmu_positions: Literal["all", "answer"] = Field(
+        "all",
+        description="Forget positions RMU steers: every real token, or the positions that "
+        "predict an answer token (prompt/answer records).",
+    )
+    rmu_coeff_relative: bool = Field(
+        False,
+        description="True: the steering norm is rmu_steering_coeff times the steered block's "
+        "mean output norm on the retain reference (comparable across models); False: "
+        "rmu_steering_coeff itself.",
     )
 
 
@@ -533,6 +552,16 @@ class JobSpec(_Strict):
             # It shapes the demo retain corpus only: with any other retain data it would be
             # accepted and ignored.
             raise ValueError("world.retain_topics needs retain: {demo: retain}")
+        o = self.objective
+        if o.rmu_layer_offset and (o.rmu_layer is not None or self.scope == "full"):
+            raise ValueError(
+                "objective.rmu_layer_offset counts from the SEUF target layer: it needs a scope "
+                "that selects experts and no explicit rmu_layer"
+            )
+        if self.algorithm != "rmu" and (
+            o.rmu_layer_offset or o.rmu_positions != "all" or o.rmu_coeff_relative
+        ):
+            raise ValueError("objective.rmu_* settings apply to algorithm 'rmu' only")
         if self.seuf.attribution == "contrastive" and self.retain is None:
             raise ValueError("attribution 'contrastive' needs a retain corpus")
         self._guard_supported()

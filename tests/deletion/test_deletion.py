@@ -67,7 +67,7 @@ def _assert_stopped_at_first_check_under(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ga", "gdiff", "npo", "simnpo"])
+@pytest.mark.parametrize("algorithm", ["ga", "gdiff", "npo", "simnpo", "rmu"])
 def test_seuf_example_forgets_the_topic_and_keeps_unseen_utility(
     algorithm: str, small_world, tmp_path: Path
 ) -> None:

@@ -161,6 +161,50 @@ def test_rmu_steers_the_target_block_output(setup):
     assert loss.item() == pytest.approx(lf + 3.0 * lr, rel=1e-5)
 
 
+def test_rmu_seuf_options_steer_the_layer_above_at_answer_positions_relative_norm(setup):
+    """rmu_layer_offset 1 steers the block one layer above the target, rmu_positions
+    "answer" only at positions predicting an answer token, and rmu_coeff_relative scales
+    c by the mean reference output norm of that block."""
+    model, adapter, other, fc, rc, batches = setup
+    opts = ObjectiveOptions(
+        rmu_steering_coeff=3.0,
+        rmu_alpha=2.0,
+        rmu_layer_offset=1,
+        rmu_positions="answer",
+        rmu_coeff_relative=True,
+    )
+    target = LAYER - 1
+    obj = make_objective("rmu", opts, adapter, selected=[(target, 2)])
+    assert obj.capture is model.model.layers[LAYER].mlp
+    ref = prepare_reference(obj, other, fc, rc, seed=7)
+    assert ref is not None and ref.rmu_block_norm is not None
+    hr_all = _block_out(other, LAYER, rc.collate(list(range(len(rc)))))
+    mask = rc.collate(list(range(len(rc))))["attention_mask"].bool()
+    assert ref.rmu_block_norm == pytest.approx(float(hr_all[mask].norm(dim=-1).mean()), rel=1e-5)
+    out = obj.forward(model, batches)
+    loss, parts = obj(out, batches)
+    c = 3.0 * ref.rmu_block_norm
+    u = rmu_direction(32, 7).double()
+    f = batches.forget
+    at_answer = torch.zeros_like(f["attention_mask"])
+    at_answer[:, :-1] = f["loss_mask"][:, :-1]
+    assert 0 < int(at_answer.sum()) < int(f["attention_mask"].sum())  # a real restriction
+    lf = _masked_mean_sq(_block_out(model, LAYER, f) - c * u, at_answer)
+    lr = _masked_mean_sq(
+        _block_out(model, LAYER, batches.retain) - _block_out(other, LAYER, batches.retain),
+        batches.retain["attention_mask"],
+    )
+    assert parts["forget"] == pytest.approx(lf, rel=1e-5)
+    assert loss.item() == pytest.approx(lf + 2.0 * lr, rel=1e-4)
+    # capped at the last layer
+    top = len(model.model.layers) - 1
+    capped = make_objective("rmu", opts, adapter, selected=[(top, 2)])
+    assert capped.capture is model.model.layers[top].mlp
+    # no selection (scope full): the middle layer, as before
+    full = make_objective("rmu", ObjectiveOptions(), adapter)
+    assert full.capture is model.model.layers[len(model.model.layers) // 2].mlp
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_anchor_matches_formula_with_both_reductions(setup, reduction):
     model, adapter, _, _, _, batches = setup

@@ -152,3 +152,32 @@ def test_guard_and_decay_are_refused_where_they_cannot_act(training, extra, reas
     ok = JobSpec.model_validate({"forget": {"demo": "forget"}, "algorithm": "ga",
                                  "training": {"lr_policy": "decay", "stop": GUARD}})  # fmt: skip
     assert ok.training.stop.utility_drop_tolerance == 0.05
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"algorithm": "gdiff", "objective": {"rmu_positions": "answer"}}, "'rmu' only"),
+        ({"algorithm": "npo", "objective": {"rmu_coeff_relative": True}}, "'rmu' only"),
+        ({"algorithm": "rmu", "scope": "full", "objective": {"rmu_layer_offset": 1}}, "target"),
+        ({"algorithm": "rmu", "objective": {"rmu_layer_offset": 1, "rmu_layer": 2}}, "target"),
+    ],
+)
+def test_rmu_seuf_settings_are_refused_where_they_would_be_ignored(extra, reason):
+    with pytest.raises(ValidationError, match=reason):
+        JobSpec.model_validate(BASE | extra)
+
+
+def test_rmu_seuf_settings_accepted_with_seuf():
+    o = JobSpec.model_validate(
+        BASE
+        | {
+            "algorithm": "rmu",
+            "objective": {
+                "rmu_layer_offset": 1,
+                "rmu_positions": "answer",
+                "rmu_coeff_relative": True,
+            },
+        }
+    ).objective
+    assert (o.rmu_layer_offset, o.rmu_positions, o.rmu_coeff_relative) == (1, "answer", True)
