@@ -51,10 +51,13 @@ from bench.common import RESULTS, machine
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ALGORITHMS = ("gdiff", "npo", "simnpo", "ga", "rmu")
 VARIANTS = ("seuf", "full", "seuf_no_anchor", "random", "top3", "affinity")
-# The sweep's variants: the shipped examples (full, seuf), the router left untrained
-# (experts), GRIP's projection with the anchor (nullspace), adaptive selection (auto), and
-# the step size of METHOD.md's held-out runs (lr1e3).
-SWEEP_VARIANTS = ("full", "seuf", "experts", "nullspace", "auto", "auto_nullspace", "lr1e3")
+# The sweep's variants: the shipped examples (full, seuf: the spec's defaults), the paper's
+# one expert (seuf1), the router left untrained (experts), GRIP's projection on one expert
+# (nullspace), adaptive selection without and with it (auto, auto_nullspace), and the step
+# size of METHOD.md's held-out runs (lr1e3).
+SWEEP_VARIANTS = (
+    "full", "seuf", "seuf1", "experts", "nullspace", "auto", "auto_nullspace", "lr1e3"
+)
 ALL_VARIANTS = tuple(dict.fromkeys(VARIANTS + SWEEP_VARIANTS))
 SWEEP_FAMILIES = ("qwen2_moe", "olmoe", "mixtral")
 SWEEP_SEEDS = (1000, 10_000)  # the bench's own range: no example or test uses these seeds
@@ -110,10 +113,15 @@ def variant_spec(
         seuf["attribution_positions"] = "all"
     elif variant == "experts":
         d["scope"] = "experts"  # the selected experts only: no router trains
+    elif variant == "seuf1":  # the paper's SEUF: one expert, the router's update as it is
+        seuf["num_experts"] = 1
+        seuf["router_projection"] = "none"
     elif variant == "nullspace":
+        seuf["num_experts"] = 1
         seuf["router_projection"] = "nullspace"
     elif variant == "auto":
         seuf["num_experts"] = "auto"
+        seuf["router_projection"] = "none"
     elif variant == "auto_nullspace":  # both: experts by the diagnostics, retain-safe router
         seuf["num_experts"] = "auto"
         seuf["router_projection"] = "nullspace"

@@ -53,7 +53,13 @@ from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
 from workers.scope import apply_scope
 from workers.selection import SelectionCost
-from workers.seuf_plan import attach_projection, close_all, plan_selection, training_for
+from workers.seuf_plan import (
+    attach_projection,
+    close_all,
+    plan_selection,
+    projection_mode,
+    training_for,
+)
 from workers.spec import JobSpec
 from workers.train import StepInfo, train
 
@@ -181,11 +187,13 @@ def run_pipeline(
         prog.event("selection_warning", 0, sel_plan.to_json())
 
     prog.stage("unlearning")
-    if spec.seuf.router_projection != "none" and runner.world > 1:
+    projection = projection_mode(spec, sel_plan.scope, runner.world, retain_train is not None)
+    if projection == "nullspace" and runner.world > 1:
         raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
     routers = attach_projection(
         model, adapter, spec, pairs,
         retain_train.in_order(tr.batch_size) if retain_train else None, scope=sel_plan.scope,
+        mode=projection,
     )  # fmt: skip
     scope = apply_scope(model, adapter, sel_plan.scope, pairs)
     before_state = snapshot_regions(model, scope.regions) if main else {}
@@ -320,6 +328,7 @@ def run_pipeline(
         ),
         selection={
             **sel_plan.to_json(),
+            "router_projection_mode": projection,
             "router_projection": [r.projector.to_json() for r in routers],
         },
         trainable_parameters=trainable,

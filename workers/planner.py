@@ -73,6 +73,8 @@ class MemoryPlan:
     trainable_params: int
     parts: dict[str, int] = field(default_factory=dict)  # bytes per worker
     capacity: Capacity | None = None
+    # num_experts auto with fallback full: planned for its worst case, every parameter.
+    auto_full_fallback: bool = False
 
     @property
     def per_worker_bytes(self) -> int:
@@ -96,7 +98,12 @@ class MemoryPlan:
         tips: list[str] = []
         if self.dtype == "float32":
             tips.append("use training.dtype bfloat16")
-        if self.trainable_params > self.total_params // 10:
+        if self.auto_full_fallback:
+            tips.append(
+                "seuf.fallback widen or stop (num_experts auto may fall back to training "
+                "every parameter), or a fixed seuf.num_experts"
+            )
+        elif self.trainable_params > self.total_params // 10:
             tips.append("use scope seuf (only the selected experts train)")
         if self.workers > 1 or self.parts.get("weights", 0) > self.per_worker_bytes // 2:
             for w in (2, 4, 8, 16):
@@ -278,6 +285,9 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         trainable_params=train,
         parts=parts,
         capacity=capacity,
+        auto_full_fallback=spec.scope != "full"
+        and spec.seuf.num_experts == "auto"
+        and spec.seuf.fallback == "full",
     )
 
 

@@ -54,7 +54,7 @@ from torch import nn
 
 from workers.moe.base import MoEAdapter, router_tap
 from workers.scope import apply_scope
-from workers.spec import (
+from workers.spec_checks import (
     MembershipCheck,
     QuantizationCheck,
     RelearningCheck,

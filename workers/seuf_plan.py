@@ -80,6 +80,16 @@ def plan_selection(
     return SelectionPlan(list(auto.selected), scope, auto)
 
 
+def projection_mode(spec: JobSpec, scope: str, workers: int, has_retain: bool) -> str:
+    """The router projection that runs: the spec's choice, or for `auto` nullspace where it
+    can run (retain data, one worker, a scope that trains a router), else none."""
+    mode = spec.seuf.router_projection
+    if mode != "auto":
+        return mode
+    runs = has_retain and workers == 1 and scope in ("seuf", "router")
+    return "nullspace" if runs else "none"
+
+
 def attach_projection(
     model: nn.Module,
     adapter: MoEAdapter,
@@ -87,14 +97,16 @@ def attach_projection(
     pairs: Sequence[tuple[int, int]],
     retain_batches: Iterable[Batch] | None,
     scope: str | None = None,
+    mode: str | None = None,
 ) -> list[ProjectedRouter]:
-    """ProjectedRouter handles for every router the scope trains, when
-    seuf.router_projection is nullspace (call BEFORE training: the retain hidden states
-    are the original model's). Empty when the option is off, the scope trains no router
-    (full and experts: full-parameter training is the baseline, left as it is), or there
-    is no retain data (ValueError: the projection is defined by it)."""
+    """ProjectedRouter handles for every router the scope trains, when the projection
+    `mode` (projection_mode; default the spec's) is nullspace (call BEFORE training: the
+    retain hidden states are the original model's). Empty when it is off, the scope trains
+    no router (full and experts: full-parameter training is the baseline, left as it is),
+    or there is no retain data (ValueError: the projection is defined by it)."""
     scope = scope or spec.scope
-    if spec.seuf.router_projection == "none" or scope not in ("seuf", "router") or not pairs:
+    mode = mode or spec.seuf.router_projection
+    if mode != "nullspace" or scope not in ("seuf", "router") or not pairs:
         return []
     if retain_batches is None:
         raise ValueError("seuf.router_projection 'nullspace' needs a retain corpus")

@@ -10,54 +10,36 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-Algorithm = Literal["ga", "gdiff", "npo", "simnpo", "rmu"]
-ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
-Scope = Literal["seuf", "full", "experts", "router"]
-SelectionMode = Literal["top_m", "in_layer", "per_layer", "random", "manual"]
-AttributionMethod = Literal["auto", "affinity", "contrastive", "frequency"]
-AnchorReduction = Literal["sum", "mean"]
-LossTokens = Literal["all", "answer"]
-Backend = Literal["ddp", "deepspeed"]
-WorldSize = Literal["full", "small"]
-
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-NonNegFloat = Annotated[float, Field(ge=0.0)]
-# Upper bounds (issue 14): a client must not ask for 1e30 steps. The README's bounds table
-# lists them; raise one here when a real workload needs more.
-MAX_SEED = 2**31 - 1
-MAX_STEPS = 100_000
-MAX_LAYER = 1024
-MAX_EXPERT = 4096
-MAX_WEIGHT = 1e6
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-Steps = Annotated[int, Field(gt=0, le=MAX_STEPS)]
-Weight = Annotated[float, Field(ge=0.0, le=MAX_WEIGHT)]
-TaskName = Annotated[str, Field(min_length=1, max_length=128)]
-# A hub revision: a branch, a tag or a 40-hex commit (git ref characters; JobSpec also
-# refuses "..", "//" and a trailing "/", so a revision never climbs out of a refs folder).
-REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+from workers.spec_checks import EvaluationOptions, MembershipCheck
+from workers.spec_types import (
+    MAX_LAYER,
+    MAX_STEPS,
+    REVISION_PATTERN,
+    Algorithm,
+    AnchorReduction,
+    AttributionMethod,
+    Backend,
+    CorpusRef,
+    ExpertRef,
+    LossTokens,
+    NonNegInt,
+    Scope,
+    Seed,
+    SelectionMode,
+    Steps,
+    Strict,
+    Weight,
+    WorldArch,
+    WorldSize,
+)
 
 
-class _Strict(BaseModel):
-    # Unknown keys are errors: a typo in a spec must not be silently ignored.
-    # allow_inf_nan=False: NaN/Infinity would make the spec hash and stored JSON invalid.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-# The MoE families with an adapter (workers/moe/; tests check this list equals
-# workers.moe.tiny.FAMILIES, written out here so that the spec stays torch-free).
-WorldArch = Literal[
-    "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"
-]
-
-
-class WorldOptions(_Strict):
+class WorldOptions(Strict):
     """The built-in demo world (used when `model` is "demo" or a corpus names a demo split)."""
 
     seed: NonNegInt = Field(0, description="Seed of the world generator and its pretraining.")
@@ -96,61 +78,15 @@ class WorldOptions(_Strict):
         return self
 
 
-class CorpusRef(_Strict):
-    """Where a corpus comes from: exactly one of `path`, `corpus_id` or `demo`.
-
-    Records are JSONL objects with a `text` field, or `prompt` + `answer` fields
-    (question/answer data: `loss_tokens: answer` trains on the answer only), or plain
-    text with one record per non-empty line.
-    """
-
-    path: str | None = Field(None, max_length=4096, description="Local JSONL or text file.")
-    corpus_id: str | None = Field(
-        None, description="SHA-256 of a corpus uploaded with POST /v1/corpora."
-    )
-    demo: Literal["forget", "retain", "untrained"] | None = Field(
-        None,
-        description="A split of the demo world: its forget topic, its retain pool, or the "
-        "forget topic's never-pretrained facts (membership inference's holdout).",
-    )
-    format: Literal["auto", "jsonl", "text"] = Field("auto", description="File format.")
-    text_field: str = Field(
-        "text", min_length=1, max_length=64, description="JSONL field holding the text."
-    )
-    max_records: Annotated[int, Field(gt=0, le=10_000_000)] | None = Field(
-        None, description="Use at most this many records."
-    )
-
-    @model_validator(mode="after")
-    def _exactly_one_source(self) -> CorpusRef:
-        given = [n for n in ("path", "corpus_id", "demo") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "exactly one of path, corpus_id or demo must be given"
-                + (f" (got {', '.join(given)})" if given else "")
-            )
-        if self.corpus_id is not None:
-            cid = self.corpus_id
-            if len(cid) != 64 or any(c not in "0123456789abcdef" for c in cid):
-                raise ValueError("corpus_id must be a lowercase hex SHA-256 (64 characters)")
-        return self
-
-
-class ExpertRef(_Strict):
-    layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] = Field(
-        description="Index of the decoder layer."
-    )
-    expert: Annotated[int, Field(ge=0, le=MAX_EXPERT)] = Field(
-        description="Index of the routed expert within the layer."
-    )
-
-
-class SeufOptions(_Strict):
+class SeufOptions(Strict):
     """Selected-expert unlearning: which experts, how they are found, the router anchor."""
 
+    # Defaults chosen on bench.quality's sweep (README "Quality on worlds nobody tuned it
+    # on"): one fixed expert lost utility where the knowledge is spread; auto fell back there
+    # and kept what full-parameter unlearning keeps, and kept one expert where it is not.
     num_experts: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
-        1,
-        description="M: how many experts to unlearn (paper default 1), or auto: experts by "
+        "auto",
+        description="M: how many experts to unlearn (the paper uses 1), or auto: experts by "
         "contrastive score until they carry `auto_min_share` of the forget gate mass at a "
         "forget/retain ratio >= `auto_min_ratio` (across layers if needed) within "
         "`parameter_budget`; when none qualifies, `fallback` decides (workers/selection.py).",
@@ -177,10 +113,12 @@ class SeufOptions(_Strict):
         "`selection_warning`): widen = the best-scoring experts that fill the budget; "
         "full = unlearn all parameters instead; stop = end the job before training.",
     )
-    router_projection: Literal["none", "nullspace"] = Field(
-        "none",
+    router_projection: Literal["auto", "none", "nullspace"] = Field(
+        "auto",
         description="nullspace: project the trained routers' updates onto the null space of "
-        "the retain hidden states at their layer (GRIP), so retain routing cannot move.",
+        "the retain hidden states at their layer (GRIP), so retain routing cannot move; "
+        "auto: nullspace where it can run (a retain corpus, one worker, a scope that trains "
+        "a router, after selection), else none; result.json's selection says which ran.",
     )
     router_projection_energy: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
         0.99,
@@ -236,7 +174,7 @@ class SeufOptions(_Strict):
         return self
 
 
-class ObjectiveOptions(_Strict):
+class ObjectiveOptions(Strict):
     """Settings of the base unlearning objective (GA, GDiff, NPO, SimNPO, RMU)."""
 
     retain_weight: Weight = Field(
@@ -283,7 +221,7 @@ class ObjectiveOptions(_Strict):
     )
 
 
-class StopRule(_Strict):
+class StopRule(Strict):
     """When training stops: the step budget, or a forget target reached (checked every
     `eval_every` steps), whichever comes first."""
 
@@ -305,7 +243,7 @@ class StopRule(_Strict):
     )
 
 
-class TrainingOptions(_Strict):
+class TrainingOptions(Strict):
     lr: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1e-4, description="AdamW learning rate.")
     batch_size: Annotated[int, Field(gt=0, le=4096)] = Field(
         16, description="Forget (and retain) samples per step."
@@ -356,112 +294,7 @@ class TrainingOptions(_Strict):
     stop: StopRule = Field(default_factory=StopRule)
 
 
-class _Check(_Strict):
-    max_batches: Annotated[int, Field(ge=1, le=64)] = Field(
-        4, description="Forget batches (of training.batch_size records) the check reads."
-    )
-
-
-class RouterRestoredCheck(_Check):
-    """Forget accuracy with the original routers put back, and with routing forced to the
-    original top-K: a deletion that only rerouted shows the knowledge back."""
-
-    check: Literal["router_restored"] = "router_restored"
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.5, description="Fail when more than this share of the forgotten accuracy returns."
-    )
-
-
-class RelearningCheck(_Check):
-    """Fine-tune the trained slices (and router) on one half of the forget batches, measure
-    forget accuracy on the other half, then restore them (no second model copy)."""
-
-    check: Literal["relearning"] = "relearning"
-    steps: Annotated[int, Field(ge=1, le=500)] = Field(20, description="Attack steps.")
-    lr: Annotated[float, Field(gt=0.0, le=1.0)] = Field(1e-2, description="Attack AdamW lr.")
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.5, description="Fail when more than this share of the forgotten accuracy returns."
-    )
-
-
-class QuantizationCheck(_Check):
-    """Forget accuracy after round-to-nearest group quantisation of the decoder weights."""
-
-    check: Literal["quantization"] = "quantization"
-    bits: list[Literal[4, 8]] = Field(default_factory=lambda: [8, 4], min_length=1, max_length=2)
-    group_size: Annotated[int, Field(ge=8, le=4096)] = Field(
-        128, description="Weights per quantisation group (along the last dimension)."
-    )
-    threshold: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
-        0.5, description="Fail when more than this share of the forgotten accuracy returns."
-    )
-
-
-class MembershipCheck(_Check):
-    """Min-K%++ and loss AUC between forget records and never-trained records of the same
-    distribution (`holdout`; without one the check is not_run)."""
-
-    check: Literal["membership_inference"] = "membership_inference"
-    k_percent: Annotated[float, Field(gt=0.0, le=100.0)] = Field(
-        20.0, description="Min-K%++: the share of lowest-scored tokens averaged."
-    )
-    holdout: CorpusRef | None = Field(
-        None, description="Records the model never trained on (same distribution as forget)."
-    )
-    threshold: Annotated[float, Field(ge=0.0, le=0.5)] = Field(
-        0.2, description="Fail when |AUC - 0.5| exceeds this for either score."
-    )
-
-
-RobustnessCheck = Annotated[
-    RouterRestoredCheck | RelearningCheck | QuantizationCheck | MembershipCheck,
-    Field(discriminator="check"),
-]
-
-
-def _all_checks() -> list[RobustnessCheck]:
-    return [RouterRestoredCheck(), RelearningCheck(), QuantizationCheck(), MembershipCheck()]
-
-
-class EvaluationOptions(_Strict):
-    tasks: list[TaskName] = Field(
-        default_factory=list,
-        max_length=32,
-        description="Extra lm-eval task names for utility (e.g. mmlu); the demo world's "
-        "question sets are always evaluated when the model is the demo model.",
-    )
-    forget_tasks: list[TaskName] = Field(
-        default_factory=list,
-        max_length=32,
-        description="lm-eval task names measuring the forget domain (e.g. wmdp_bio).",
-    )
-    limit: Annotated[int, Field(gt=0, le=1_000_000)] | None = Field(
-        None, description="Max documents per lm-eval task."
-    )
-    backend: Literal["lm-eval", "direct"] = Field(
-        "lm-eval",
-        description="How the demo world's questions are scored: through lm-eval, or the "
-        "direct batched scorer (the same numbers, tested equal; much faster).",
-    )
-    batch_size: Annotated[int, Field(gt=0, le=1024)] = Field(
-        32, description="Evaluation batch size."
-    )
-    robustness: list[RobustnessCheck] = Field(
-        default_factory=_all_checks,
-        max_length=4,
-        description="Robustness checks run after unlearning (workers/robustness.py), each "
-        "with its budget and threshold; all four by default, [] turns them off.",
-    )
-
-    @model_validator(mode="after")
-    def _checks_once(self) -> EvaluationOptions:
-        names = [c.check for c in self.robustness]
-        if len(names) != len(set(names)):
-            raise ValueError("evaluation.robustness names a check more than once")
-        return self
-
-
-class DistributedOptions(_Strict):
+class DistributedOptions(Strict):
     num_workers: Annotated[int, Field(ge=1, le=256)] = Field(
         1, description="Workers (one CPU each); more than one: Ray Train, data parallel."
     )
@@ -484,7 +317,7 @@ class DistributedOptions(_Strict):
         return self.num_workers > 1 or self.backend == "deepspeed"
 
 
-class OutputOptions(_Strict):
+class OutputOptions(Strict):
     model: Literal["full", "patch"] = Field(
         "full",
         description="full: write the unlearned model (model/) beside the expert patch; "
@@ -495,7 +328,7 @@ class OutputOptions(_Strict):
     )
 
 
-class JobSpec(_Strict):
+class JobSpec(Strict):
     """An unlearning request: the body of POST /v1/jobs and the file `moe-unlearn run` reads."""
 
     model: str = Field(

@@ -21,7 +21,8 @@ from workers.patch import state_sha256
 from workers.reference import prepare_reference
 from workers.scope import apply_scope
 from workers.selection import select_experts
-from workers.spec import JobSpec, MembershipCheck, RelearningCheck, WorldOptions
+from workers.spec import JobSpec, WorldOptions
+from workers.spec_checks import MembershipCheck, RelearningCheck
 from workers.train import train
 
 

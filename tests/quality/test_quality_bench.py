@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from bench import quality
-from workers.spec import ALGORITHMS, JobSpec, load_spec
+from workers.spec import JobSpec, load_spec
+from workers.spec_types import ALGORITHMS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
