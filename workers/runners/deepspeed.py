@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO 1/2/3 on a Ray Train rank: the committed configs, the engine the training
-loop steps, its checkpoints, and (ZeRO-3) the trained tensors gathered into a fresh plain
-model on rank 0. A client torch AdamW over the trainable tensors only (nothing to compile);
-the LR schedule is the loop's torch scheduler on that optimizer."""
+loop steps, its checkpoints, and (ZeRO-3) the trained model gathered, parameter by
+parameter, into a plain model on rank 0. A client torch AdamW over the trainable tensors
+only (nothing to compile); the LR schedule is the loop's torch scheduler on that
+optimizer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from workers.deepspeed_configs import load_deepspeed_config
 from workers.runners.base import Training
-from workers.scope import TrainableScope
+from workers.scope import SELECTED_ATTR, TrainableScope
 
 CHECKPOINT_TAG = "ckpt"
 
@@ -86,32 +87,77 @@ def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
     return DeepSpeedEngine(engine, t)
 
 
-def gathered(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
-    """The trained ZeRO-3 tensors, whole, on every rank (a collective)."""
+def gathered_onto_main(
+    model: nn.Module, is_main: bool
+) -> tuple[nn.Module | None, dict[str, torch.Tensor]]:
+    """ZeRO-3's trained model, whole, on rank 0 only (a collective: every rank calls it).
+
+    Rank 0 builds a plain model of the same config on the meta device (no weights) and
+    fills it one parameter at a time: each parameter is gathered from its shards, copied
+    into the plain model, and this rank's shard of it is freed at once (each is gathered
+    once). So rank 0 holds at most one whole model, plus one gathered parameter, plus its
+    not-yet-gathered shards, never a second copy, and nothing is read from disk again.
+    Buffers are not sharded by ZeRO: copied as they are. The wired slices are returned
+    by name (every rank gets them), the plain model (None off rank 0) holds the fused
+    tensors as they were before training, with the trained routers."""
     import deepspeed
+    from transformers import AutoModelForCausalLM
 
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        return {n: p.detach().clone() for n, p in named}
+    plain: nn.Module | None = None
+    if is_main:
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    slices: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            whole = p.detach().clone()
+        p.ds_tensor.data = torch.empty(0, dtype=p.dtype)  # gathered once: drop the shard
+        if SELECTED_ATTR in name.split("."):
+            slices[name] = whole  # small: every rank keeps the trained slices
+        elif plain is not None:
+            _put(plain, name, nn.Parameter(whole, requires_grad=False))
+    if plain is None:
+        return None, slices
+    for name, b in model.named_buffers():
+        if SELECTED_ATTR not in name.split("."):
+            _put(plain, name, b.detach().clone())
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.base_dtype = model.base_dtype  # type: ignore[assignment]
+    return plain.eval(), slices
 
 
-def into_fresh_model(
-    model_ref: str, spec_scope: str, pairs: list[tuple[int, int]], trained: dict[str, Any]
-) -> tuple[nn.Module, Any, TrainableScope]:
-    """ZeRO-3's model holds empty shards: a freshly loaded plain copy with the same scope,
-    its trainable tensors set to `trained`."""
-    from workers.job import load_model
+def _put(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Replace the parameter or buffer `name` (a dotted path) of `model` by `t`."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    table = module._parameters if isinstance(t, nn.Parameter) else module._buffers
+    if leaf not in table:
+        raise KeyError(f"{name} is not in the plain model")
+    table[leaf] = t
+
+
+def with_trained_slices(
+    model: nn.Module, spec_scope: str, pairs: list[tuple[int, int]], slices: dict[str, Any]
+) -> tuple[Any, TrainableScope]:
+    """The plain model wired with the same scope, its slices set to the trained ones (the
+    pipeline bakes them in)."""
     from workers.moe import get_adapter
     from workers.scope import apply_scope
 
-    dtype = next(iter(trained.values())).dtype if trained else torch.float32
-    model, _ = load_model(model_ref, dtype)
     adapter = get_adapter(model)
     scope = apply_scope(model, adapter, spec_scope, pairs)
     fresh = dict(scope.named_trainable())
     with torch.no_grad():
-        for n, t in trained.items():
+        for n, t in slices.items():
             fresh[n].copy_(t)
-    return model, adapter, scope
+    return adapter, scope
 
 
-__all__ = ["DeepSpeedEngine", "deepspeed_config", "gathered", "into_fresh_model", "make_engine"]
+__all__ = [
+    "DeepSpeedEngine",
+    "deepspeed_config",
+    "gathered_onto_main",
+    "make_engine",
+    "with_trained_slices",
+]
