@@ -84,7 +84,22 @@ def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
     engine, _, _, _ = deepspeed.initialize(
         model=t.model, optimizer=t.opt, config=cfg, dist_init_required=False
     )
+    if stage == 3:
+        _empty_parameters_available(t.model)
     return DeepSpeedEngine(engine, t)
+
+
+def _empty_parameters_available(model: nn.Module) -> None:
+    """DeepSpeed 0.19 marks a zero-element parameter persistent but never gathers it, so
+    the first forward fails its availability check (the demo world's Qwen2-MoE has a
+    shared expert of width 0: [0, 256] weights). Such a parameter holds no data on any
+    rank: it is made available for good, at its real (empty) shape."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    for p in model.parameters():
+        if getattr(p, "ds_numel", None) == 0:
+            p.data = torch.empty(p.ds_shape, dtype=p.dtype, device=p.device)
+            p.ds_status = ZeroParamStatus.AVAILABLE
 
 
 def gathered_onto_main(
