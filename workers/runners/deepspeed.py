@@ -81,25 +81,26 @@ def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
     )
     if next(t.model.parameters()).dtype == torch.bfloat16:
         cfg["bf16"] = {"enabled": True}  # its optimizer keeps float32 masters and moments
+    if stage == 3:
+        _empty_parameters_as_buffers(t.model)
     engine, _, _, _ = deepspeed.initialize(
         model=t.model, optimizer=t.opt, config=cfg, dist_init_required=False
     )
-    if stage == 3:
-        _empty_parameters_available(t.model)
     return DeepSpeedEngine(engine, t)
 
 
-def _empty_parameters_available(model: nn.Module) -> None:
-    """DeepSpeed 0.19 marks a zero-element parameter persistent but never gathers it, so
-    the first forward fails its availability check (the demo world's Qwen2-MoE has a
-    shared expert of width 0: [0, 256] weights). Such a parameter holds no data on any
-    rank: it is made available for good, at its real (empty) shape."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    for p in model.parameters():
-        if getattr(p, "ds_numel", None) == 0:
-            p.data = torch.empty(p.ds_shape, dtype=p.dtype, device=p.device)
-            p.ds_status = ZeroParamStatus.AVAILABLE
+def _empty_parameters_as_buffers(model: nn.Module) -> None:
+    """DeepSpeed 0.19's ZeRO-3 cannot fetch a zero-element parameter (the demo world's
+    Qwen2-MoE has a shared expert of width 0: [0, 256] weights): it marks one persistent,
+    releases it after the first forward of a step and then fails the second forward's
+    availability check. Such a parameter holds nothing and trains nothing: it becomes a
+    buffer of the same name (its module reads it the same way), which ZeRO leaves alone."""
+    for name, p in list(model.named_parameters()):
+        if p.numel() == 0:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            del module._parameters[leaf]
+            module.register_buffer(leaf, p.detach())
 
 
 def gathered_onto_main(
@@ -130,7 +131,7 @@ def gathered_onto_main(
         if SELECTED_ATTR in name.split("."):
             slices[name] = whole  # small: every rank keeps the trained slices
         elif plain is not None:
-            _put(plain, name, nn.Parameter(whole, requires_grad=False))
+            _put(plain, name, whole)
     if plain is None:
         return None, slices
     for name, b in model.named_buffers():
@@ -143,13 +144,15 @@ def gathered_onto_main(
 
 
 def _put(model: nn.Module, name: str, t: torch.Tensor) -> None:
-    """Replace the parameter or buffer `name` (a dotted path) of `model` by `t`."""
+    """Set the parameter (frozen) or buffer `name` (a dotted path) of `model` to `t`."""
     owner, _, leaf = name.rpartition(".")
     module = model.get_submodule(owner)
-    table = module._parameters if isinstance(t, nn.Parameter) else module._buffers
-    if leaf not in table:
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = t
+    else:
         raise KeyError(f"{name} is not in the plain model")
-    table[leaf] = t
 
 
 def with_trained_slices(
