@@ -83,6 +83,7 @@ def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
         cfg["bf16"] = {"enabled": True}  # its optimizer keeps float32 masters and moments
     if stage == 3:
         _empty_parameters_as_buffers(t.model)
+        _experts_helpers_unhooked(t.scope)
     engine, _, _, _ = deepspeed.initialize(
         model=t.model, optimizer=t.opt, config=cfg, dist_init_required=False
     )
@@ -101,6 +102,24 @@ def _empty_parameters_as_buffers(model: nn.Module) -> None:
             module = model.get_submodule(owner)
             del module._parameters[leaf]
             module.register_buffer(leaf, p.detach())
+
+
+def _experts_helpers_unhooked(scope: TrainableScope) -> None:
+    """ZeRO-3 checks, when it records its trace, that every rank ran the same submodules
+    in the same order. The experts' activation module is called once per pass through the
+    family's experts forward, and how many passes run depends on the rows: the selected
+    slices' pass is skipped on a rank whose rows chose no selected expert (eager experts
+    also loop over the experts that got tokens). A 60-expert model with a few rows per
+    rank stopped on "disagreement on list length". A parameter-free child of an experts
+    module has nothing to gather: it is called as a plain function (its own forward), out
+    of ZeRO's sight. The plain model rank 0 evaluates is rebuilt from the config."""
+    for layer in scope.layers:
+        experts = layer.experts
+        for name, child in list(experts.named_children()):
+            holds = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
+            if not holds:
+                del experts._modules[name]
+                experts.__dict__[name] = child.forward
 
 
 def gathered_onto_main(
