@@ -2,7 +2,7 @@
 
     python -m bench.zero3_rss --model demo          # the demo world (8.6M parameters)
     python -m bench.zero3_rss --model large         # LARGE below: random weights,
-                                                    # 310M parameters, float32
+                                                    # 274M parameters, float32
 
 The ranks' PIDs come from their `rank_started` events; a thread here reads each rank's
 /proc/<pid>/status (VmRSS, and VmHWM: the kernel's high-water mark, so a peak between
@@ -37,16 +37,14 @@ def _status(pid: int) -> dict[str, int]:
     }
 
 
-# Qwen1.5-MoE-A2.7B's recipe (60 experts, top-4, a shared expert) at half width, 4 layers
-# and a word-level vocabulary: 310M parameters, 1.24 GB in float32.
+# Qwen1.5-MoE-A2.7B at its real widths (hidden 2048, expert 1408, shared expert 5632, top-4)
+# with 8 of its 60 experts, 2 layers and a word-level vocabulary: 274M parameters, 1.1 GB
+# in float32. 8 experts: every expert gets tokens on every rank, so older code without the
+# activation-module workaround (workers/runners/deepspeed.py) runs it too.
 LARGE = {
-    "hidden_size": 1024,
-    "intermediate_size": 2816,
-    "moe_intermediate_size": 352,
-    "shared_expert_intermediate_size": 1408,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 8,
+    "hidden_size": 2048,
+    "num_experts": 8,
+    "num_hidden_layers": 2,
     "vocab_size": 8000,
 }
 
@@ -62,7 +60,7 @@ def large_model_dir() -> Path:
 
     from workers.world.tokenizer import build_tokenizer, save_tokenizer
 
-    out = MODEL_CACHE / "qwen1.5-moe-half"
+    out = MODEL_CACHE / "qwen1.5-moe-8x-L2"
     if (out / "done").is_file():
         return out
     raw = json.loads((Path(__file__).parent / "configs" / "qwen1.5-moe-a2.7b.json").read_text())
