@@ -260,7 +260,7 @@ def run_pipeline(
         prog.rank_event(RANK_STOPPED, result.steps)
         raise JobCancelled(result.steps)
 
-    final_scope = runner.finish_training(job, scope, pairs)  # ZeRO-3: a fresh, whole model
+    final_scope = runner.finish_training(job, scope, pairs)  # ZeRO-3: gathered, one whole model
     if final_scope is None:
         return None  # not rank 0: its part is done
     prog.solo = True

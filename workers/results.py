@@ -15,13 +15,15 @@ RESULT_FILE = "result.json"
 @dataclass(frozen=True)
 class DistributedInfo:
     """How a Ray Train run ran. rank0_param_elements: parameter elements rank 0 held while
-    training (ZeRO-3: its shards)."""
+    training (ZeRO-3: its shards); param_elements_per_rank: the same for every rank, by
+    rank ([] in results written before it was recorded)."""
 
     num_workers: int
     backend: str
     zero_stage: int | None
     resumed_from_step: int
     rank0_param_elements: int
+    param_elements_per_rank: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -195,16 +195,22 @@ def test_one_process_and_two_ray_train_workers_train_the_same_weights(ddp, singl
     ]
 
 
+@pytest.fixture(scope="module")
+def zero3(ray_session, model_dir, tmp_path_factory) -> tuple[Any, Path]:
+    out = tmp_path_factory.mktemp("zero3") / "out"
+    spec = _spec(model_dir, backend="deepspeed", zero_stage=3)
+    return _run("deepspeed zero3", spec, out, "job-zero3"), out
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_ddp(stage, ddp, model_dir, tmp_path):
+def test_deepspeed_zero_matches_ddp(stage, ddp, model_dir, tmp_path, request):
     res_ddp, out_ddp, _ = ddp
-    out = tmp_path / "out"
-    res = _run(
-        f"deepspeed zero{stage}",
-        _spec(model_dir, backend="deepspeed", zero_stage=stage),
-        out,
-        f"job-zero{stage}",
-    )
+    if stage == 3:
+        res, out = request.getfixturevalue("zero3")
+    else:
+        out = tmp_path / "out"
+        spec = _spec(model_dir, backend="deepspeed", zero_stage=stage)
+        res = _run(f"deepspeed zero{stage}", spec, out, f"job-zero{stage}")
     assert res.distributed.zero_stage == stage
     held = res.distributed.rank0_param_elements
     if stage == 3:  # really sharded: rank 0 held about half of the (unwired) model
@@ -224,6 +230,40 @@ def test_deepspeed_zero_matches_ddp(stage, ddp, model_dir, tmp_path):
     assert [(c["name"], c["expert"]) for c in res.changed] == [
         (c["name"], c["expert"]) for c in res_ddp.changed
     ]
+
+
+def test_zero3_ranks_hold_only_their_partition_and_train_the_one_process_weights(
+    zero3, single, model_dir
+):
+    """ZeRO-3: while training each rank holds exactly its partition of every parameter
+    (ceil(numel / 2) elements of each, the wired slices included), and rank 0, having
+    gathered the trained model parameter by parameter into one plain model, evaluates and
+    writes the weights the one process trains (the tolerance of the DDP comparison)."""
+    res, out = zero3
+    ref, ref_out = single
+    info = res.distributed
+    base = AutoModelForCausalLM.from_pretrained(model_dir / "model")
+    (sel,) = res.selected
+    prefix = f"model.layers.{sel['layer']}.mlp.experts."
+    slices = [getattr(base.get_submodule(prefix[:-1]), n)[sel["expert"]] for n in
+              ("gate_up_proj", "down_proj")]  # fmt: skip
+    held = [-(-p.numel() // 2) for p in [*base.parameters(), *slices]]
+    assert info.param_elements_per_rank == [sum(held), sum(held)]
+    assert info.rank0_param_elements == sum(held)
+    whole = res.total_parameters + sum(p.numel() for p in slices)
+    assert whole / 2 <= sum(held) < 0.51 * whole  # half of it, to the padding
+    assert res.selected == ref.selected and (res.steps, ref.steps) == (STEPS, STEPS)
+    new, want = _state(out), _state(ref_out)
+    assert new.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(new[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    # rank 0 evaluated the gathered model: the one process's scores before and after
+    assert res.before == pytest.approx(ref.before, rel=1e-6)
+    assert res.after["forget_nll"] == pytest.approx(ref.after["forget_nll"], rel=1e-4)
+    assert [c["check"] for c in res.robustness] == [c["check"] for c in ref.robustness]
+    assert json.loads((out / "result.json").read_text())["distributed"][
+        "param_elements_per_rank"
+    ] == [sum(held), sum(held)]
 
 
 def _kill_when_announced(seam: Path, rank: int, step: int, done: threading.Event) -> list[dict]:

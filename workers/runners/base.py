@@ -13,7 +13,7 @@ the runner, never `if distributed:`, for:
     engine(training)           plain model, DDP, or a DeepSpeed engine (`Engine`)
     restore / save             the checkpoint hook (Ray Train: ray.train.report)
     finish_training(...)       the trained model as a plain module on rank 0 (ZeRO-3:
-                               gathered into a fresh copy); None on the other ranks
+                               gathered param by param into one plain model); None elsewhere
     info(...)                  DistributedInfo for the result (None in one process)
 """
 

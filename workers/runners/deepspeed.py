@@ -1,7 +1,8 @@
 """DeepSpeed ZeRO 1/2/3 on a Ray Train rank: the committed configs, the engine the training
-loop steps, its checkpoints, and (ZeRO-3) the trained tensors gathered into a fresh plain
-model on rank 0. A client torch AdamW over the trainable tensors only (nothing to compile);
-the LR schedule is the loop's torch scheduler on that optimizer."""
+loop steps, its checkpoints, and (ZeRO-3) the trained model gathered, parameter by
+parameter, into a plain model on rank 0. A client torch AdamW over the trainable tensors
+only (nothing to compile); the LR schedule is the loop's torch scheduler on that
+optimizer."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from workers.deepspeed_configs import load_deepspeed_config
 from workers.runners.base import Training
-from workers.scope import TrainableScope
+from workers.scope import SELECTED_ATTR, TrainableScope
 
 CHECKPOINT_TAG = "ckpt"
 
@@ -80,42 +81,120 @@ def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
     )
     if next(t.model.parameters()).dtype == torch.bfloat16:
         cfg["bf16"] = {"enabled": True}  # its optimizer keeps float32 masters and moments
+    if stage == 3:
+        _empty_parameters_as_buffers(t.model)
+        _experts_helpers_unhooked(t.scope)
     engine, _, _, _ = deepspeed.initialize(
         model=t.model, optimizer=t.opt, config=cfg, dist_init_required=False
     )
     return DeepSpeedEngine(engine, t)
 
 
-def gathered(named: list[tuple[str, nn.Parameter]]) -> dict[str, torch.Tensor]:
-    """The trained ZeRO-3 tensors, whole, on every rank (a collective)."""
+def _empty_parameters_as_buffers(model: nn.Module) -> None:
+    """DeepSpeed 0.19's ZeRO-3 cannot fetch a zero-element parameter (the demo world's
+    Qwen2-MoE has a shared expert of width 0: [0, 256] weights): it marks one persistent,
+    releases it after the first forward of a step and then fails the second forward's
+    availability check. Such a parameter holds nothing and trains nothing: it becomes a
+    buffer of the same name (its module reads it the same way), which ZeRO leaves alone."""
+    for name, p in list(model.named_parameters()):
+        if p.numel() == 0:
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            del module._parameters[leaf]
+            module.register_buffer(leaf, p.detach())
+
+
+def _experts_helpers_unhooked(scope: TrainableScope) -> None:
+    """ZeRO-3 checks, when it records its trace, that every rank ran the same submodules
+    in the same order. The experts' activation module is called once per pass through the
+    family's experts forward, and how many passes run depends on the rows: the selected
+    slices' pass is skipped on a rank whose rows chose no selected expert (eager experts
+    also loop over the experts that got tokens). A 60-expert model with a few rows per
+    rank stopped on "disagreement on list length". A parameter-free child of an experts
+    module has nothing to gather: it is called as a plain function (its own forward), out
+    of ZeRO's sight. The plain model rank 0 evaluates is rebuilt from the config."""
+    for layer in scope.layers:
+        experts = layer.experts
+        for name, child in list(experts.named_children()):
+            holds = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
+            if not holds:
+                del experts._modules[name]
+                experts.__dict__[name] = child.forward
+
+
+def gathered_onto_main(
+    model: nn.Module, is_main: bool
+) -> tuple[nn.Module | None, dict[str, torch.Tensor]]:
+    """ZeRO-3's trained model, whole, on rank 0 only (a collective: every rank calls it).
+
+    Rank 0 builds a plain model of the same config on the meta device (no weights) and
+    fills it one parameter at a time: each parameter is gathered from its shards, copied
+    into the plain model, and this rank's shard of it is freed at once (each is gathered
+    once). So rank 0 holds at most one whole model, plus one gathered parameter, plus its
+    not-yet-gathered shards, never a second copy, and nothing is read from disk again.
+    Buffers are not sharded by ZeRO: copied as they are. The wired slices are returned
+    by name (every rank gets them), the plain model (None off rank 0) holds the fused
+    tensors as they were before training, with the trained routers."""
     import deepspeed
+    from transformers import AutoModelForCausalLM
 
-    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-        return {n: p.detach().clone() for n, p in named}
+    plain: nn.Module | None = None
+    if is_main:
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    slices: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            whole = p.detach().clone()
+        p.ds_tensor.data = torch.empty(0, dtype=p.dtype)  # gathered once: drop the shard
+        if SELECTED_ATTR in name.split("."):
+            slices[name] = whole  # small: every rank keeps the trained slices
+        elif plain is not None:
+            _put(plain, name, whole)
+    if plain is None:
+        return None, slices
+    for name, b in model.named_buffers():
+        if SELECTED_ATTR not in name.split("."):
+            _put(plain, name, b.detach().clone())
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.base_dtype = model.base_dtype  # type: ignore[assignment]
+    return plain.eval(), slices
 
 
-def into_fresh_model(
-    model_ref: str,
-    revision: str | None,
-    spec_scope: str,
-    pairs: list[tuple[int, int]],
-    trained: dict[str, Any],
-) -> tuple[nn.Module, Any, TrainableScope]:
-    """ZeRO-3's model holds empty shards: a freshly loaded plain copy (the same source and
-    pinned revision) with the same scope, its trainable tensors set to `trained`."""
-    from workers.job import open_model
+def _put(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Set the parameter (frozen) or buffer `name` (a dotted path) of `model` to `t`."""
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = t
+    else:
+        raise KeyError(f"{name} is not in the plain model")
+
+
+def with_trained_slices(
+    model: nn.Module, spec_scope: str, pairs: list[tuple[int, int]], slices: dict[str, Any]
+) -> tuple[Any, TrainableScope]:
+    """The plain model wired with the same scope, its slices set to the trained ones (the
+    pipeline bakes them in)."""
     from workers.moe import get_adapter
     from workers.scope import apply_scope
 
-    dtype = next(iter(trained.values())).dtype if trained else torch.float32
-    model, _, _ = open_model(model_ref, revision, dtype)
     adapter = get_adapter(model)
     scope = apply_scope(model, adapter, spec_scope, pairs)
     fresh = dict(scope.named_trainable())
     with torch.no_grad():
-        for n, t in trained.items():
+        for n, t in slices.items():
             fresh[n].copy_(t)
-    return model, adapter, scope
+    return adapter, scope
 
 
-__all__ = ["DeepSpeedEngine", "deepspeed_config", "gathered", "into_fresh_model", "make_engine"]
+__all__ = [
+    "DeepSpeedEngine",
+    "deepspeed_config",
+    "gathered_onto_main",
+    "make_engine",
+    "with_trained_slices",
+]

@@ -108,7 +108,7 @@ class RayTrainRunner(Runner):
         self.device = resolve_device(options.device)
         # ZeRO-3 gathers each layer's shards as its forward runs: skipping layers is untested.
         self.supports_activation_cache = self.zero_stage != 3
-        self._local_numel = 0
+        self._numel_per_rank: list[int] = [0] * world
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -145,9 +145,17 @@ class RayTrainRunner(Runner):
             # gloo on CPU, NCCL on CUDA; frozen tensors are not synced
             ids = [self.device.index] if self.device.type == "cuda" else None
             engine = PlainEngine(DistributedDataParallel(model, device_ids=ids), training)
-        # Parameter elements this rank holds (ZeRO-3: its shards, about 1/world of the model).
-        self._local_numel = sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
+        # Parameter elements each rank holds (ZeRO-3: its shards, about 1/world of the model).
+        local = sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
+        self._numel_per_rank = self._all_gather_int(local)
         return engine
+
+    def _all_gather_int(self, value: int) -> list[int]:
+        import torch.distributed as dist
+
+        out = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor([value], dtype=torch.int64, device=self.device))
+        return [int(t) for t in out]
 
     def save(self, engine: Engine, state: dict[str, Any]) -> None:
         """ray.train.report with a checkpoint, on every rank (it is a barrier)."""
@@ -190,15 +198,14 @@ class RayTrainRunner(Runner):
         self, job: LoadedJob, scope: TrainableScope, pairs: list[tuple[int, int]]
     ) -> TrainableScope | None:
         if self.zero_stage == 3:
-            from workers.runners.deepspeed import gathered, into_fresh_model
+            from workers.runners.deepspeed import gathered_onto_main, with_trained_slices
 
-            trained = gathered(scope.named_trainable())  # a collective: every rank
-            if not self.is_main:
+            plain, slices = gathered_onto_main(job.model, self.is_main)  # every rank
+            if plain is None:
                 return None
-            job.model, job.adapter, scope = into_fresh_model(
-                # the scope that ran (after an auto fallback: full), not the spec's
-                job.model_ref, job.revision, scope.scope, pairs, trained
-            )
+            job.model = plain  # the sharded model's storage is freed: one whole model
+            # the scope that ran (after an auto fallback: full), not the spec's
+            job.adapter, scope = with_trained_slices(plain, scope.scope, pairs, slices)
             return scope
         return scope if self.is_main else None
 
@@ -208,7 +215,8 @@ class RayTrainRunner(Runner):
             backend=self.backend,
             zero_stage=self.zero_stage or None,
             resumed_from_step=resumed_from,
-            rank0_param_elements=self._local_numel,
+            rank0_param_elements=self._numel_per_rank[0],
+            param_elements_per_rank=list(self._numel_per_rank),
         )
 
 
