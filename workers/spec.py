@@ -81,11 +81,8 @@ class WorldOptions(Strict):
 class SeufOptions(Strict):
     """Selected-expert unlearning: which experts, how they are found, the router anchor."""
 
-    # Defaults chosen on bench.quality's sweep (README "Quality on worlds nobody tuned it
-    # on"): one fixed expert lost utility where the knowledge is spread; auto fell back there
-    # and kept what full-parameter unlearning keeps, and kept one expert where it is not.
     num_experts: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
-        "auto",
+        1,
         description="M: how many experts to unlearn (the paper uses 1), or auto: experts by "
         "contrastive score until they carry `auto_min_share` of the forget gate mass at a "
         "forget/retain ratio >= `auto_min_ratio` (across layers if needed) within "
@@ -114,7 +111,7 @@ class SeufOptions(Strict):
         "full = unlearn all parameters instead; stop = end the job before training.",
     )
     router_projection: Literal["auto", "none", "nullspace"] = Field(
-        "auto",
+        "none",
         description="nullspace: project the trained routers' updates onto the null space of "
         "the retain hidden states at their layer (GRIP), so retain routing cannot move; "
         "auto: nullspace where it can run (a retain corpus, one worker, a scope that trains "

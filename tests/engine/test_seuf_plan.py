@@ -12,7 +12,7 @@ from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
 from workers.routing import router_outputs
 from workers.selection import SelectionRefused
-from workers.seuf_plan import attach_projection, close_all, plan_selection
+from workers.seuf_plan import attach_projection, close_all, plan_selection, projection_mode
 from workers.spec import JobSpec
 
 
@@ -63,3 +63,20 @@ def test_attach_projection_only_where_a_router_trains() -> None:
     assert (after - before)[mask].abs().max() < 1e-4
     close_all(routers)
     assert all(not r.handles for r in routers)
+
+
+def test_projection_auto_runs_nullspace_only_where_it_can() -> None:
+    """router_projection auto: nullspace with retain data, one worker and a scope that
+    trains a router; none otherwise; an explicit choice is kept as given."""
+    auto = JobSpec.model_validate(
+        {"forget": {"demo": "forget"}, "retain": {"demo": "retain"}, "algorithm": "gdiff",
+         "seuf": {"router_projection": "auto"}}
+    )  # fmt: skip
+    assert projection_mode(auto, "seuf", 1, True) == "nullspace"
+    assert projection_mode(auto, "router", 1, True) == "nullspace"
+    assert projection_mode(auto, "full", 1, True) == "none"  # e.g. after auto fell back
+    assert projection_mode(auto, "experts", 1, True) == "none"
+    assert projection_mode(auto, "seuf", 2, True) == "none"
+    assert projection_mode(auto, "seuf", 1, False) == "none"
+    off = JobSpec.model_validate(auto.resolved() | {"seuf": {"router_projection": "none"}})
+    assert projection_mode(off, "seuf", 1, True) == "none"

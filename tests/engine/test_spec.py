@@ -13,8 +13,8 @@ def test_defaults_resolve_and_hash_is_stable():
     b = JobSpec.model_validate(a.resolved())
     assert a.resolved() == b.resolved()
     assert a.spec_hash() == b.spec_hash()
-    assert a.resolved()["seuf"]["num_experts"] == "auto"  # chosen on the sweep (README)
-    assert a.resolved()["seuf"]["router_projection"] == "auto"
+    assert a.resolved()["seuf"]["num_experts"] == 1
+    assert a.resolved()["seuf"]["router_projection"] == "none"
     assert a.resolved()["seuf"]["anchor_reduction"] == "sum"
     other = JobSpec.model_validate(BASE | {"algorithm": "npo"})
     assert other.spec_hash() != a.spec_hash()
