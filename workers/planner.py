@@ -264,7 +264,7 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         "weights": weights,
         "trainable_state": master + grads + moments + buckets,
         # Training, evaluation and the robustness checks do not overlap: the largest.
-        "activations": max(activations + logits, evaluation, robustness_copy(shape, spec, b)),
+        "activations": max(activations + logits, evaluation + robustness_copy(shape, spec, b)),
         "activation_cache": cache,
         "reference": reference,
         "overhead": RUNTIME_OVERHEAD[device],
@@ -282,12 +282,12 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
 
 
 def robustness_copy(shape: ModelShape, spec: JobSpec, dtype_bytes: int) -> int:
-    """The quantisation check (workers/robustness.py) keeps a copy of every decoder weight
-    while it quantises them in place, plus a float32 temporary of the largest tensor."""
+    """The quantisation check (workers/robustness.py) quantises each module's weights just
+    before its forward: the largest module's (a layer's fused routed experts) exist twice
+    while it runs, during an evaluation-size forward."""
     if not any(c.check == "quantization" for c in spec.evaluation.robustness):
         return 0
-    largest = max(shape.expert_params * shape.num_experts, shape.router_params, 1)
-    return sum(shape.layer_params) * dtype_bytes + largest * 4
+    return max(shape.expert_params * shape.num_experts, shape.router_params, 1) * dtype_bytes
 
 
 # --- what the workers have -----------------------------------------------------------------

@@ -28,8 +28,8 @@ forget accuracy by less than MIN_GAP there is nothing to recover: `not_run`.
   floating weight matrix of the decoder layers (attention, routers, fused experts; not
   embeddings, norms or the LM head) at 8 and 4 bits, groups of `group_size` along the last
   dimension ("Catastrophic Failure of LLM Unlearning via Quantization", Zhang et al. 2024).
-  The quantised tensors are backed up on the CPU and written back after. Fails when
-  recovery at any bit width > threshold (0.5).
+  Each module's weights are quantised just before its forward and put back after it (no
+  backup copy of the model). Fails when recovery at any bit width > threshold (0.5).
 - membership_inference: per-record Min-K%++ (Zhang et al. 2024: the token log-probability
   standardised by the mean and spread of log-probabilities under the model's own
   next-token distribution, averaged over the lowest k% tokens) and mean token log-likelihood
@@ -291,22 +291,63 @@ def relearning_attack(
                        res.reason)
 
 
-def rtn_quantize_(t: torch.Tensor, bits: int, group_size: int) -> None:
-    """Round-to-nearest symmetric quantisation in place, one scale per group of
-    `group_size` values along the last dimension (the whole row when it does not divide)."""
+QUANT_CHUNK = 2**22  # weights quantised at a time: bounds the float32 temporaries (16 MiB)
+
+
+def rtn_quantized(t: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Round-to-nearest symmetric quantisation of `t` (a new tensor in its dtype), one scale
+    per group of `group_size` values along the last dimension (the whole row when it does
+    not divide); computed a few groups at a time."""
     last = t.shape[-1]
     g = group_size if last % group_size == 0 else last
     qmax = 2 ** (bits - 1) - 1
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    src, dst = t.detach().reshape(-1, g), out.view(-1, g)
+    rows = max(1, QUANT_CHUNK // g)
     with torch.no_grad():
-        w = t.float().reshape(-1, g)
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
-        q = torch.round(w / scale).clamp(-qmax - 1, qmax)
-        t.copy_((q * scale).reshape(t.shape).to(t.dtype))
+        for i in range(0, src.shape[0], rows):
+            w = src[i : i + rows].float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
+            dst[i : i + rows] = (torch.round(w / scale).clamp(-qmax - 1, qmax) * scale).to(t.dtype)
+    return out
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters()
             if p.dim() >= 2 and p.is_floating_point() and ".layers." in n]
+
+
+@contextmanager
+def quantized_forward(model: nn.Module, bits: int, group_size: int) -> Iterator[None]:
+    """The model runs with every decoder weight matrix RTN-quantised: each module's own
+    weights are swapped for their quantised values just before its forward and put back
+    right after it. At most one module's weights exist twice at a time (a model copy
+    would double the decoder's bytes); the parameters themselves are never written."""
+    owners: dict[nn.Module, list[str]] = {}
+    for name, _ in _quantizable(model):
+        path, _, attr = name.rpartition(".")
+        owners.setdefault(model.get_submodule(path), []).append(attr)
+    held: dict[nn.Module, dict[str, torch.Tensor]] = {}
+
+    def swap_in(mod: nn.Module, _args: object) -> None:
+        params = mod._parameters
+        held[mod] = {a: params[a].data for a in owners[mod]}  # type: ignore[union-attr]
+        for a, w in held[mod].items():
+            params[a].data = rtn_quantized(w, bits, group_size)  # type: ignore[union-attr]
+
+    def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
+        for a, w in held.pop(mod).items():
+            mod._parameters[a].data = w  # type: ignore[union-attr]
+
+    hooks = [h for m in owners for h in (m.register_forward_pre_hook(swap_in),
+                                         m.register_forward_hook(swap_out))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod in list(held):  # a forward that raised: its module's weights go back
+            swap_out(mod, None, None)
 
 
 def quantization_check(
@@ -321,18 +362,10 @@ def quantization_check(
     acc_u = token_accuracy(model, batches)
     with swapped_in(model, original):
         acc_o = token_accuracy(model, batches)
-    targets = _quantizable(model)
     probes: dict[str, float] = {}
     for b in bits:
-        backup = [p.detach().to("cpu", copy=True) for _, p in targets]
-        try:
-            for _, p in targets:
-                rtn_quantize_(p.data, int(b), group_size)
+        with quantized_forward(model, int(b), group_size):
             probes[f"int{b}"] = token_accuracy(model, batches)
-        finally:
-            with torch.no_grad():
-                for (_, p), saved in zip(targets, backup, strict=True):
-                    p.copy_(saved.to(p.device))
     res = _recovery_verdict("quantization", threshold, acc_u, acc_o, probes)
     rule = f"{res.threshold}; RTN symmetric, group {group_size}, decoder weights"
     return CheckResult(res.check, res.verdict, rule, res.metrics, res.reason)
