@@ -264,7 +264,7 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         "weights": weights,
         "trainable_state": master + grads + moments + buckets,
         # Training, evaluation and the robustness checks do not overlap: the largest.
-        "activations": max(activations + logits, evaluation + robustness_copy(shape, spec, b)),
+        "activations": max(activations + logits, evaluation + robustness_extra(spec)),
         "activation_cache": cache,
         "reference": reference,
         "overhead": RUNTIME_OVERHEAD[device],
@@ -281,13 +281,13 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
     )
 
 
-def robustness_copy(shape: ModelShape, spec: JobSpec, dtype_bytes: int) -> int:
-    """The quantisation check (workers/robustness.py) quantises each module's weights just
-    before its forward: the largest module's (a layer's fused routed experts) exist twice
-    while it runs, during an evaluation-size forward."""
+def robustness_extra(spec: JobSpec) -> int:
+    """The quantisation check (workers/robustness.py) spills each module's weights to a
+    temporary file while they are quantised in place: only its float32 temporaries (a few
+    chunks of 2**22 values) come on top of an evaluation-size forward."""
     if not any(c.check == "quantization" for c in spec.evaluation.robustness):
         return 0
-    return max(shape.expert_params * shape.num_experts, shape.router_params, 1) * dtype_bytes
+    return 4 * 2**22 * 4
 
 
 # --- what the workers have -----------------------------------------------------------------

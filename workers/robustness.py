@@ -28,8 +28,9 @@ forget accuracy by less than MIN_GAP there is nothing to recover: `not_run`.
   floating weight matrix of the decoder layers (attention, routers, fused experts; not
   embeddings, norms or the LM head) at 8 and 4 bits, groups of `group_size` along the last
   dimension ("Catastrophic Failure of LLM Unlearning via Quantization", Zhang et al. 2024).
-  Each module's weights are quantised just before its forward and put back after it (no
-  backup copy of the model). Fails when recovery at any bit width > threshold (0.5).
+  Each module's weights are written to a temporary file and quantised in place just
+  before its forward, and read back after it (no backup copy in memory). Fails when
+  recovery at any bit width > threshold (0.5).
 - membership_inference: per-record Min-K%++ (Zhang et al. 2024: the token log-probability
   standardised by the mean and spread of log-probabilities under the model's own
   next-token distribution, averaged over the lowest k% tokens) and mean token log-likelihood
@@ -44,10 +45,11 @@ the "after" evaluation, with the spec's `evaluation.robustness` list.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from torch import nn
@@ -291,25 +293,24 @@ def relearning_attack(
                        res.reason)
 
 
-QUANT_CHUNK = 2**22  # weights quantised at a time: bounds the float32 temporaries (16 MiB)
+QUANT_CHUNK = 2**22  # weights handled at a time: bounds the float32 temporaries (16 MiB)
 
 
-def rtn_quantized(t: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Round-to-nearest symmetric quantisation of `t` (a new tensor in its dtype), one scale
-    per group of `group_size` values along the last dimension (the whole row when it does
-    not divide); computed a few groups at a time."""
+def rtn_quantize_(t: torch.Tensor, bits: int, group_size: int) -> None:
+    """Round-to-nearest symmetric quantisation of a contiguous `t` in place, one scale per
+    group of `group_size` values along the last dimension (the whole row when it does not
+    divide); a few groups at a time."""
     last = t.shape[-1]
     g = group_size if last % group_size == 0 else last
     qmax = 2 ** (bits - 1) - 1
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    src, dst = t.detach().reshape(-1, g), out.view(-1, g)
+    groups = t.detach().view(-1, g)
     rows = max(1, QUANT_CHUNK // g)
     with torch.no_grad():
-        for i in range(0, src.shape[0], rows):
-            w = src[i : i + rows].float()
+        for i in range(0, groups.shape[0], rows):
+            w = groups[i : i + rows].float()
             scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
-            dst[i : i + rows] = (torch.round(w / scale).clamp(-qmax - 1, qmax) * scale).to(t.dtype)
-    return out
+            q = torch.round(w / scale).clamp(-qmax - 1, qmax) * scale
+            groups[i : i + rows] = q.to(t.dtype)
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -317,27 +318,46 @@ def _quantizable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if p.dim() >= 2 and p.is_floating_point() and ".layers." in n]
 
 
+def _spill(t: torch.Tensor, f: BinaryIO) -> None:
+    raw = t.detach().view(-1).view(torch.uint8)
+    step = QUANT_CHUNK * 4
+    for i in range(0, raw.numel(), step):
+        f.write(raw[i : i + step].cpu().numpy().tobytes())
+
+
+def _unspill(t: torch.Tensor, f: BinaryIO) -> None:
+    raw = t.detach().view(-1).view(torch.uint8)
+    step = QUANT_CHUNK * 4
+    with torch.no_grad():
+        for i in range(0, raw.numel(), step):
+            chunk = bytearray(f.read(min(step, raw.numel() - i)))
+            raw[i : i + len(chunk)].copy_(torch.frombuffer(chunk, dtype=torch.uint8))
+
+
 @contextmanager
 def quantized_forward(model: nn.Module, bits: int, group_size: int) -> Iterator[None]:
-    """The model runs with every decoder weight matrix RTN-quantised: each module's own
-    weights are swapped for their quantised values just before its forward and put back
-    right after it. At most one module's weights exist twice at a time (a model copy
-    would double the decoder's bytes); the parameters themselves are never written."""
-    owners: dict[nn.Module, list[str]] = {}
-    for name, _ in _quantizable(model):
-        path, _, attr = name.rpartition(".")
-        owners.setdefault(model.get_submodule(path), []).append(attr)
-    held: dict[nn.Module, dict[str, torch.Tensor]] = {}
+    """The model runs with every decoder weight matrix RTN-quantised: just before a
+    module's forward its own weights are written to a temporary file and quantised in
+    place, and right after it they are read back, bitwise. No weight exists twice in
+    memory (a backup would double the decoder's bytes, or a layer's fused experts at least)."""
+    owners: dict[nn.Module, list[nn.Parameter]] = {}
+    for name, p in _quantizable(model):
+        owners.setdefault(model.get_submodule(name.rpartition(".")[0]), []).append(p)
+    held: dict[nn.Module, BinaryIO] = {}
 
     def swap_in(mod: nn.Module, _args: object) -> None:
-        params = mod._parameters
-        held[mod] = {a: params[a].data for a in owners[mod]}  # type: ignore[union-attr]
-        for a, w in held[mod].items():
-            params[a].data = rtn_quantized(w, bits, group_size)  # type: ignore[union-attr]
+        f = tempfile.TemporaryFile()
+        for p in owners[mod]:
+            _spill(p, f)
+        held[mod] = f  # only once all is on disk: from here on the weights change
+        for p in owners[mod]:
+            rtn_quantize_(p, bits, group_size)
 
     def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
-        for a, w in held.pop(mod).items():
-            mod._parameters[a].data = w  # type: ignore[union-attr]
+        with held.pop(mod) as f:
+            f.seek(0)
+            for p in owners[mod]:
+                _unspill(p, f)
 
     hooks = [h for m in owners for h in (m.register_forward_pre_hook(swap_in),
                                          m.register_forward_hook(swap_out))]

@@ -64,21 +64,24 @@ def test_rtn_quantisation_uses_the_grid_and_bounds_the_error(monkeypatch):
     torch.manual_seed(0)
     w = torch.randn(6, 64)
     for bits in (8, 4):
-        q = R.rtn_quantized(w, bits, group_size=32)
+        q = w.clone()
+        R.rtn_quantize_(q, bits, group_size=32)
         for g in q.reshape(-1, 32):
             assert len(torch.unique(g)) <= 2**bits
         scale = w.reshape(-1, 32).abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
         err = (q - w).reshape(-1, 32).abs()
         assert bool((err <= scale / 2 + 1e-6).all())
-    odd = R.rtn_quantized(torch.randn(3, 10), 4, 32)  # 10 % 32 != 0: one group per row
+    odd = torch.randn(3, 10)  # 10 % 32 != 0: one group per row
+    R.rtn_quantize_(odd, 4, 32)
     assert all(len(torch.unique(r)) <= 16 for r in odd)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantised_forward_is_the_quantised_model_and_leaves_it_bitwise(family):
-    """The per-module swap gives the logits of a model whose decoder weights were all
-    quantised at once (every weight is reached by its module's forward), and the model's
-    parameters are the same tensors, bitwise, after (also after a forward that raised)."""
+    """The per-module spill and quantisation give the logits of a model whose decoder
+    weights were all quantised at once (every weight is reached by its module's forward),
+    and the model's parameters are bitwise as before after (also after a forward that
+    raised)."""
     model = tiny_model(family)
     batch = _random_batches(1, seed=3)[0]
     before = state_sha256(model.state_dict())
@@ -86,7 +89,7 @@ def test_quantised_forward_is_the_quantised_model_and_leaves_it_bitwise(family):
     with torch.no_grad():
         for name, p in quantised.named_parameters():
             if p.dim() >= 2 and ".layers." in name:
-                p.copy_(R.rtn_quantized(p, 4, 16))
+                R.rtn_quantize_(p, 4, 16)
         want = quantised(input_ids=batch["input_ids"]).logits
         plain = model(input_ids=batch["input_ids"]).logits
         with R.quantized_forward(model, 4, 16):
