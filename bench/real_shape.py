@@ -8,6 +8,10 @@ job's peak minus the process's RSS after its imports), the memory planner's esti
 same spec, and writes bench/results/real_shape.json with
 `ratios.peak_rss_over_model_bytes` and `ratios.planner_over_measured` (objects keyed by
 family). Targets: peak RSS <= 1.5x the model's bytes; planner within 25% of measured.
+After the job, bench/real_shape_steps.py (another subprocess) times the SEUF training step
+against the full-parameter step on the same batch, the latter only where the planner says
+it fits this machine's free memory (else `full_step_measured: false` and the planner's
+figure); `ratios.full_over_seuf_step` holds the measured ones.
 
     python -m bench.real_shape                                  # the three default families
     python -m bench.real_shape --families deepseek-v2-lite      # same recipe, another family
@@ -198,6 +202,15 @@ def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
     model_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     job_peak = measured["peak_rss"] - measured["rss_after_imports"]
     result = json.loads((out_dir / "result.json").read_text())
+    steps_file = root / f"{name}-L{layers}.steps.json"
+    steps_file.unlink(missing_ok=True)
+    proc = subprocess.run(  # after the job, in its own process: the job's peak stays its own
+        [sys.executable, "-m", "bench.real_shape_steps", str(spec_file),
+         str(out_dir / "result.json"), str(steps_file)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    if proc.returncode != 0 or not steps_file.is_file():
+        raise RuntimeError(f"{name}: the step timing failed:\n{proc.stderr[-3000:]}")
     stages = stage_peaks(measured["samples"], result["timings_s"], measured["rss_after_imports"])
     return {
         "family": name,
@@ -217,6 +230,7 @@ def measure(name: str, layers: int, steps: int, root: Path) -> dict[str, Any]:
         )
         if (out_dir / "model").is_dir()
         else None,
+        **json.loads(steps_file.read_text()),
     }
 
 
@@ -267,6 +281,8 @@ def main() -> None:
                 "planner_bytes",
                 "peak_rss_over_model_bytes",
                 "planner_over_measured",
+                "seuf_step_s",
+                "full_step_s",
             ],
         )
     )
@@ -279,6 +295,10 @@ def main() -> None:
                 r["family"]: r["peak_rss_over_model_bytes"] for r in rows
             },
             "planner_over_measured": {r["family"]: r["planner_over_measured"] for r in rows},
+            # only where the full-parameter step fitted and ran (`full_step_measured`)
+            "full_over_seuf_step": {
+                r["family"]: r["full_over_seuf_step"] for r in rows if r["full_step_measured"]
+            },
         },
         "targets": {"peak_rss_over_model_bytes": "<= 1.5", "planner_over_measured": "0.75-1.25"},
     }

@@ -271,7 +271,7 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         "weights": weights,
         "trainable_state": master + grads + moments + buckets,
         # Training, evaluation and the robustness checks do not overlap: the largest.
-        "activations": max(activations + logits, evaluation, robustness_copy(shape, spec, b)),
+        "activations": max(activations + logits, evaluation + robustness_extra(spec)),
         "activation_cache": cache,
         "reference": reference,
         "overhead": RUNTIME_OVERHEAD[device],
@@ -291,13 +291,13 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
     )
 
 
-def robustness_copy(shape: ModelShape, spec: JobSpec, dtype_bytes: int) -> int:
-    """The quantisation check (workers/robustness.py) keeps a copy of every decoder weight
-    while it quantises them in place, plus a float32 temporary of the largest tensor."""
+def robustness_extra(spec: JobSpec) -> int:
+    """The quantisation check (workers/robustness.py) spills each module's weights to a
+    temporary file while they are quantised in place: only its float32 temporaries (a few
+    chunks of 2**22 values) come on top of an evaluation-size forward."""
     if not any(c.check == "quantization" for c in spec.evaluation.robustness):
         return 0
-    largest = max(shape.expert_params * shape.num_experts, shape.router_params, 1)
-    return sum(shape.layer_params) * dtype_bytes + largest * 4
+    return 4 * 2**22 * 4
 
 
 # --- what the workers have -----------------------------------------------------------------

@@ -28,7 +28,8 @@ forget accuracy by less than MIN_GAP there is nothing to recover: `not_run`.
   floating weight matrix of the decoder layers (attention, routers, fused experts; not
   embeddings, norms or the LM head) at 8 and 4 bits, groups of `group_size` along the last
   dimension ("Catastrophic Failure of LLM Unlearning via Quantization", Zhang et al. 2024).
-  The quantised tensors are backed up on the CPU and written back after. Fails when
+  Each module's weights are written to a temporary file and quantised in place just
+  before its forward, and read back after it (no backup copy in memory). Fails when
   recovery at any bit width > threshold (0.5).
 - membership_inference: per-record Min-K%++ (Zhang et al. 2024: the token log-probability
   standardised by the mean and spread of log-probabilities under the model's own
@@ -44,10 +45,11 @@ the "after" evaluation, with the spec's `evaluation.robustness` list.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from torch import nn
@@ -291,22 +293,81 @@ def relearning_attack(
                        res.reason)
 
 
+QUANT_CHUNK = 2**22  # weights handled at a time: bounds the float32 temporaries (16 MiB)
+
+
 def rtn_quantize_(t: torch.Tensor, bits: int, group_size: int) -> None:
-    """Round-to-nearest symmetric quantisation in place, one scale per group of
-    `group_size` values along the last dimension (the whole row when it does not divide)."""
+    """Round-to-nearest symmetric quantisation of a contiguous `t` in place, one scale per
+    group of `group_size` values along the last dimension (the whole row when it does not
+    divide); a few groups at a time."""
     last = t.shape[-1]
     g = group_size if last % group_size == 0 else last
     qmax = 2 ** (bits - 1) - 1
+    groups = t.detach().view(-1, g)
+    rows = max(1, QUANT_CHUNK // g)
     with torch.no_grad():
-        w = t.float().reshape(-1, g)
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
-        q = torch.round(w / scale).clamp(-qmax - 1, qmax)
-        t.copy_((q * scale).reshape(t.shape).to(t.dtype))
+        for i in range(0, groups.shape[0], rows):
+            w = groups[i : i + rows].float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
+            q = torch.round(w / scale).clamp(-qmax - 1, qmax) * scale
+            groups[i : i + rows] = q.to(t.dtype)
 
 
 def _quantizable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters()
             if p.dim() >= 2 and p.is_floating_point() and ".layers." in n]
+
+
+def _spill(t: torch.Tensor, f: BinaryIO) -> None:
+    raw = t.detach().view(-1).view(torch.uint8)
+    step = QUANT_CHUNK * 4
+    for i in range(0, raw.numel(), step):
+        f.write(raw[i : i + step].cpu().numpy().tobytes())
+
+
+def _unspill(t: torch.Tensor, f: BinaryIO) -> None:
+    raw = t.detach().view(-1).view(torch.uint8)
+    step = QUANT_CHUNK * 4
+    with torch.no_grad():
+        for i in range(0, raw.numel(), step):
+            chunk = bytearray(f.read(min(step, raw.numel() - i)))
+            raw[i : i + len(chunk)].copy_(torch.frombuffer(chunk, dtype=torch.uint8))
+
+
+@contextmanager
+def quantized_forward(model: nn.Module, bits: int, group_size: int) -> Iterator[None]:
+    """The model runs with every decoder weight matrix RTN-quantised: just before a
+    module's forward its own weights are written to a temporary file and quantised in
+    place, and right after it they are read back, bitwise. No weight exists twice in
+    memory (a backup would double the decoder's bytes, or a layer's fused experts at least)."""
+    owners: dict[nn.Module, list[nn.Parameter]] = {}
+    for name, p in _quantizable(model):
+        owners.setdefault(model.get_submodule(name.rpartition(".")[0]), []).append(p)
+    held: dict[nn.Module, BinaryIO] = {}
+
+    def swap_in(mod: nn.Module, _args: object) -> None:
+        f = tempfile.TemporaryFile()
+        for p in owners[mod]:
+            _spill(p, f)
+        held[mod] = f  # only once all is on disk: from here on the weights change
+        for p in owners[mod]:
+            rtn_quantize_(p, bits, group_size)
+
+    def swap_out(mod: nn.Module, _args: object, _out: object) -> None:
+        with held.pop(mod) as f:
+            f.seek(0)
+            for p in owners[mod]:
+                _unspill(p, f)
+
+    hooks = [h for m in owners for h in (m.register_forward_pre_hook(swap_in),
+                                         m.register_forward_hook(swap_out))]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod in list(held):  # a forward that raised: its module's weights go back
+            swap_out(mod, None, None)
 
 
 def quantization_check(
@@ -321,18 +382,10 @@ def quantization_check(
     acc_u = token_accuracy(model, batches)
     with swapped_in(model, original):
         acc_o = token_accuracy(model, batches)
-    targets = _quantizable(model)
     probes: dict[str, float] = {}
     for b in bits:
-        backup = [p.detach().to("cpu", copy=True) for _, p in targets]
-        try:
-            for _, p in targets:
-                rtn_quantize_(p.data, int(b), group_size)
+        with quantized_forward(model, int(b), group_size):
             probes[f"int{b}"] = token_accuracy(model, batches)
-        finally:
-            with torch.no_grad():
-                for (_, p), saved in zip(targets, backup, strict=True):
-                    p.copy_(saved.to(p.device))
     res = _recovery_verdict("quantization", threshold, acc_u, acc_o, probes)
     rule = f"{res.threshold}; RTN symmetric, group {group_size}, decoder weights"
     return CheckResult(res.check, res.verdict, rule, res.metrics, res.reason)

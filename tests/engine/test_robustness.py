@@ -15,7 +15,7 @@ from workers import robustness as R
 from workers.attribution import attribute
 from workers.data import BatchStream, read_corpus, tokenize
 from workers.moe import get_adapter
-from workers.moe.tiny import TINY_VOCAB, tiny_model
+from workers.moe.tiny import FAMILIES, TINY_VOCAB, tiny_model
 from workers.objectives import objective_from_spec
 from workers.patch import state_sha256
 from workers.reference import prepare_reference
@@ -60,7 +60,8 @@ def test_forced_routing_replays_the_original_choice_exactly():
             model(input_ids=batches[0]["input_ids"])
 
 
-def test_rtn_quantisation_uses_the_grid_and_bounds_the_error():
+def test_rtn_quantisation_uses_the_grid_and_bounds_the_error(monkeypatch):
+    monkeypatch.setattr(R, "QUANT_CHUNK", 64)  # several chunks: they must tile the tensor
     torch.manual_seed(0)
     w = torch.randn(6, 64)
     for bits in (8, 4):
@@ -74,6 +75,38 @@ def test_rtn_quantisation_uses_the_grid_and_bounds_the_error():
     odd = torch.randn(3, 10)  # 10 % 32 != 0: one group per row
     R.rtn_quantize_(odd, 4, 32)
     assert all(len(torch.unique(r)) <= 16 for r in odd)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantised_forward_is_the_quantised_model_and_leaves_it_bitwise(family):
+    """The per-module spill and quantisation give the logits of a model whose decoder
+    weights were all quantised at once (every weight is reached by its module's forward),
+    and the model's parameters are bitwise as before after (also after a forward that
+    raised)."""
+    model = tiny_model(family)
+    batch = _random_batches(1, seed=3)[0]
+    before = state_sha256(model.state_dict())
+    quantised = tiny_model(family)
+    with torch.no_grad():
+        for name, p in quantised.named_parameters():
+            if p.dim() >= 2 and ".layers." in name:
+                R.rtn_quantize_(p, 4, 16)
+        want = quantised(input_ids=batch["input_ids"]).logits
+        plain = model(input_ids=batch["input_ids"]).logits
+        with R.quantized_forward(model, 4, 16):
+            got = model(input_ids=batch["input_ids"]).logits
+        assert not torch.allclose(want, plain, atol=1e-3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert state_sha256(model.state_dict()) == before
+    last = [n for n, p in model.named_parameters() if p.dim() >= 2 and ".layers." in n][-1]
+
+    def fail(*_: object) -> None:  # runs before the swap-back hook registered after it
+        raise RuntimeError("boom")
+
+    model.get_submodule(last.rpartition(".")[0]).register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"), R.quantized_forward(model, 4, 16):
+        model(input_ids=batch["input_ids"])
+    assert state_sha256(model.state_dict()) == before
 
 
 def test_auc_and_membership_on_an_overfit_model():
