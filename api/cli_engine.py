@@ -82,9 +82,9 @@ def before_after_table(res: dict[str, Any]) -> Any:
     from rich.table import Table
 
     t = Table(title=f"{res['algorithm']} / {res['scope']}: before -> after")
-    t.add_column("measure")
+    t.add_column("measure", no_wrap=True)  # a long verdict wraps, not the labels
     t.add_column("before", justify="right")
-    t.add_column("after", justify="right")
+    t.add_column("after", justify="right", overflow="fold")
     rows = [
         ("forget accuracy (lower is better)", "forget_accuracy"),
         ("utility accuracy (retain pool)", "utility_accuracy"),
