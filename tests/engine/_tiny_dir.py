@@ -4,11 +4,13 @@ corpora on disjoint vocabularies: what a user's own model and data look like, in
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from workers.moe.tiny import tiny_model
+from workers.spec import JobSpec
 
 WORDS = [f"w{i}" for i in range(120)]
 
@@ -29,3 +31,16 @@ def make_tiny_model_dir(d: Path, family: str = "qwen2_moe") -> Path:
                 rec = {"prompt": " ".join(rng.sample(words, 5)), "answer": " " + rng.choice(words)}
                 f.write(json.dumps(rec) + "\n")
     return d
+
+
+def tiny_dir_spec(d: Path, max_steps: int, **over: Any) -> JobSpec:
+    """A GDiff job on a make_tiny_model_dir folder (its model, forget and retain files);
+    `over` replaces top-level spec fields."""
+    base = {
+        "model": str(d / "model"),
+        "algorithm": "gdiff",
+        "forget": {"path": str(d / "forget.jsonl")},
+        "retain": {"path": str(d / "retain.jsonl")},
+        "training": {"max_steps": max_steps, "batch_size": 8, "lr": 3e-3},
+    }
+    return JobSpec.model_validate(base | over)

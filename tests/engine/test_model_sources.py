@@ -12,7 +12,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from tests.engine._tiny_dir import make_tiny_model_dir
+from tests.engine._tiny_dir import make_tiny_model_dir, tiny_dir_spec
 from workers.job import open_model
 from workers.model_source import BASE_REF_FILE, resolve
 from workers.patch import state_sha256
@@ -52,15 +52,7 @@ def hub(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 
 
 def _spec(d: Path, **over) -> JobSpec:
-    base = {
-        "model": str(d / "model"),
-        "algorithm": "gdiff",
-        "forget": {"path": str(d / "forget.jsonl")},
-        "retain": {"path": str(d / "retain.jsonl")},
-        "training": {"max_steps": 3, "batch_size": 8, "lr": 3e-3},
-        "evaluation": {"robustness": []},
-    }
-    return JobSpec.model_validate(base | over)
+    return tiny_dir_spec(d, 3, **({"evaluation": {"robustness": []}} | over))
 
 
 def test_hub_id_resolves_offline_to_the_commit_its_revision_names(hub: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.engine._tiny_dir import make_tiny_model_dir
+from tests.engine._tiny_dir import make_tiny_model_dir, tiny_dir_spec
 from workers.patch import apply_patch, state_sha256
 from workers.run import JobCancelled, run_job
 from workers.spec import JobSpec
@@ -21,14 +21,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _spec(d: Path, **over) -> JobSpec:
-    base = {
-        "model": str(d / "model"),
-        "algorithm": "gdiff",
-        "forget": {"path": str(d / "forget.jsonl")},
-        "retain": {"path": str(d / "retain.jsonl")},
-        "training": {"max_steps": 8, "batch_size": 8, "lr": 3e-3},
-    }
-    return JobSpec.model_validate(base | over)
+    return tiny_dir_spec(d, 8, **over)
 
 
 def test_seuf_job_changes_only_the_selected_expert_and_router(model_dir, tmp_path):
