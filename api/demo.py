@@ -214,6 +214,9 @@ def run_demo(
                     f"selected expert: layer {s['layer']} expert {s['expert']} "
                     f"(score {s['score']:.3f}, {emap['method']} attribution)"
                 )
+            warning = (res.get("selection") or {}).get("selection_warning")
+            if warning:  # num_experts auto found no small expert set and said what it did
+                console.print(f"[yellow]selection: {warning}[/yellow]")
             verify = audit.audit_verify()
             state = "intact" if verify["ok"] else f"BROKEN at entry {verify['first_bad_seq']}"
             console.print(f"audit chain: {state} ({verify['checked']} entries checked)")

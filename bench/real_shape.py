@@ -98,7 +98,9 @@ def job_spec(model_dir: Path, steps: int) -> dict[str, Any]:
             "max_steps": steps,
             "lr": 1e-4,
         },
-        "seuf": {"token_budget": 2048},
+        # One expert, what the figures measure: random weights hold no localised knowledge,
+        # so the default (num_experts auto) would fall back to full parameters (or stop).
+        "seuf": {"token_budget": 2048, "num_experts": 1},
     }
 
 

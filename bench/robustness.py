@@ -39,7 +39,7 @@ def specs(size: str, steps: int, lr: float) -> dict[str, dict[str, Any]]:
     for scope in ("router", "experts", "seuf"):
         out[scope] = {
             "world": world, "forget": {"demo": "forget"}, "retain": {"demo": "retain"},
-            "scope": scope, "algorithm": "gdiff",
+            "scope": scope, "algorithm": "gdiff", "seuf": {"num_experts": 1},
             "training": {"max_steps": steps, "batch_size": 16, "lr": lr},
             "evaluation": {"backend": "direct"},
         }

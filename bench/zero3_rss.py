@@ -92,6 +92,7 @@ def spec_for(model: str, steps: int, workers: int) -> JobSpec:
                 "algorithm": "gdiff",
                 "forget": {"demo": "forget"},
                 "retain": {"demo": "retain"},
+                "seuf": {"num_experts": 1},
                 "training": training,
                 "distributed": dist,
             }
@@ -104,7 +105,7 @@ def spec_for(model: str, steps: int, workers: int) -> JobSpec:
             "forget": {"path": str(d / "forget.jsonl"), "max_records": 8},
             "retain": {"path": str(d / "retain.jsonl"), "max_records": 8},
             "training": training,
-            "seuf": {"token_budget": 1024},
+            "seuf": {"token_budget": 1024, "num_experts": 1},  # random weights: see real_shape
             "distributed": dist,
         }
     )

@@ -56,6 +56,7 @@ from workers.selection import SelectionCost
 from workers.seuf_plan import (
     attach_projection,
     close_all,
+    full_fallback_refusal,
     plan_selection,
     projection_mode,
     training_for,
@@ -178,7 +179,12 @@ def run_pipeline(
             reduce=runner.reduce_sum,
         )
     cost = SelectionCost.of(model, adapter) if spec.seuf.num_experts == "auto" else None
-    sel_plan = plan_selection(emap, spec, cost)  # issue 13: auto, fallback, warning
+    sel_plan = plan_selection(  # issue 13: auto, fallback, warning
+        emap, spec, cost,
+        lambda: full_fallback_refusal(
+            spec, model.config.to_dict(), job.device.type, runner.world
+        ),
+    )  # fmt: skip
     selected, pairs, tr = sel_plan.selected, sel_plan.pairs, training_for(sel_plan, spec)
     prog.event(
         "experts_selected", 0, {"method": emap.method, "selected": [s._asdict() for s in selected]}

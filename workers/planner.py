@@ -73,8 +73,10 @@ class MemoryPlan:
     trainable_params: int
     parts: dict[str, int] = field(default_factory=dict)  # bytes per worker
     capacity: Capacity | None = None
-    # num_experts auto with fallback full: planned for its worst case, every parameter.
-    auto_full_fallback: bool = False
+    # num_experts auto with fallback full: the same job with every parameter trained (what
+    # it runs when no small expert set qualifies). The job is planned at its parameter
+    # budget; where this fallback does not fit, the worker stops instead of falling back.
+    full_fallback: MemoryPlan | None = None
 
     @property
     def per_worker_bytes(self) -> int:
@@ -91,18 +93,24 @@ class MemoryPlan:
             return need
         have = f"workers have {self.capacity.per_worker_bytes / GiB:.1f} GiB"
         if self.fits:
-            return f"{need}, {have} ({self.capacity.source}): fits"
+            return f"{need}, {have} ({self.capacity.source}): fits{self.fallback_note()}"
         return f"{need}, {have} ({self.capacity.source}): {self.advice()}"
+
+    def fallback_note(self) -> str:
+        fb = self.full_fallback
+        if fb is None or fb.fits:
+            return ""
+        return (
+            f" (if no small expert set qualifies, its full-parameter fallback needs "
+            f"{fb.per_worker_bytes / GiB:.1f} GiB per worker: the job stops instead)"
+        )
 
     def advice(self) -> str:
         tips: list[str] = []
         if self.dtype == "float32":
             tips.append("use training.dtype bfloat16")
-        if self.auto_full_fallback:
-            tips.append(
-                "seuf.fallback widen or stop (num_experts auto may fall back to training "
-                "every parameter), or a fixed seuf.num_experts"
-            )
+        if self.full_fallback is not None:
+            tips.append("a smaller seuf.parameter_budget or a fixed seuf.num_experts")
         elif self.trainable_params > self.total_params // 10:
             tips.append("use scope seuf (only the selected experts train)")
         if self.workers > 1 or self.parts.get("weights", 0) > self.per_worker_bytes // 2:
@@ -128,6 +136,12 @@ class MemoryPlan:
             ),
             "capacity_source": None if self.capacity is None else self.capacity.source,
             "fits": self.fits,
+            "full_fallback_gib": (
+                None
+                if self.full_fallback is None
+                else round(self.full_fallback.per_worker_bytes / GiB, 3)
+            ),
+            "full_fallback_fits": None if self.full_fallback is None else self.full_fallback.fits,
             "line": self.line(),
         }
 
@@ -135,19 +149,17 @@ class MemoryPlan:
 def trainable_params(shape: ModelShape, spec: JobSpec) -> int:
     """Parameters that train under the spec's scope (an upper bound for SEUF: each selected
     expert may sit in its own layer, with its own router)."""
+    if spec.scope == "full":
+        return shape.total_params
     m = spec.seuf.num_experts
     if m == "auto":
-        # auto: within the parameter budget, or every parameter when it falls back to full.
-        if spec.seuf.fallback == "full":
-            return shape.total_params
+        # auto: within the parameter budget (its full fallback is planned on its own).
         return int(spec.seuf.parameter_budget * shape.total_params)
     if spec.seuf.selection == "per_layer":
         m = len(shape.moe_layers)
     elif spec.seuf.selection == "manual":
         m = len(spec.seuf.experts)
     routers = min(m, len(shape.moe_layers)) * shape.router_params
-    if spec.scope == "full":
-        return shape.total_params
     if spec.scope == "experts":
         return m * shape.expert_params
     if spec.scope == "router":
@@ -285,9 +297,13 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         trainable_params=train,
         parts=parts,
         capacity=capacity,
-        auto_full_fallback=spec.scope != "full"
-        and spec.seuf.num_experts == "auto"
-        and spec.seuf.fallback == "full",
+        full_fallback=(
+            estimate(shape, spec.model_copy(update={"scope": "full"}), capacity)
+            if spec.scope != "full"
+            and spec.seuf.num_experts == "auto"
+            and spec.seuf.fallback == "full"
+            else None
+        ),
     )
 
 

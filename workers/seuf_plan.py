@@ -15,8 +15,8 @@ stopped on a forget accuracy of 0.30 measured before the projection and ended at
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -64,20 +64,57 @@ class SelectionPlan:
 
 
 def plan_selection(
-    emap: ExpertMap, spec: JobSpec, cost: SelectionCost | None = None
+    emap: ExpertMap,
+    spec: JobSpec,
+    cost: SelectionCost | None = None,
+    full_fallback_refusal: Callable[[], str | None] | None = None,
 ) -> SelectionPlan:
     """The experts and scope of a job. Raises workers.selection.SelectionRefused (a
-    ValueError) when num_experts is auto, nothing qualifies and the fallback is stop."""
+    ValueError) when num_experts is auto, nothing qualifies and the fallback is stop, or
+    the fallback is full and `full_fallback_refusal` says it cannot run (its memory plan
+    does not fit the worker: stopping beats an out-of-memory error hours later)."""
     if spec.scope == "full":
         return SelectionPlan([], "full")
     if spec.seuf.num_experts != "auto":
         return SelectionPlan(select_experts(emap, spec.seuf), spec.scope)
     auto = select_auto(emap, spec.seuf, cost)
+    if auto.outcome == "full" and full_fallback_refusal is not None:
+        why = full_fallback_refusal()
+        if why is not None:
+            head = (auto.warning or "").split("; fallback full")[0]
+            auto = replace(
+                auto,
+                outcome="stop",
+                warning=f"{head}; fallback full cannot run ({why}): stopping the job "
+                "(seuf.fallback widen, or more memory per worker)",
+            )
     if auto.outcome == "stop":
         raise SelectionRefused(auto)
     emap.selected = list(auto.selected)
     scope = "full" if auto.outcome == "full" else spec.scope
     return SelectionPlan(list(auto.selected), scope, auto)
+
+
+def full_fallback_refusal(
+    spec: JobSpec, config: dict[str, Any], device: str, workers: int
+) -> str | None:
+    """None when the job's full-parameter fallback fits this worker (workers/planner.py on
+    the loaded model's config, against this machine's memory or GPU), else the numbers."""
+    from workers.model_shape import shape_from_config
+    from workers.planner import GiB, estimate, local_capacity
+
+    try:
+        shape = shape_from_config(config)
+    except ValueError:
+        return None  # a config the planner cannot read: the planner never refuses it
+    cap = local_capacity(device, workers)
+    plan = estimate(shape, spec.model_copy(update={"scope": "full"}), cap)
+    if plan.fits:
+        return None
+    return (
+        f"it needs {plan.per_worker_bytes / GiB:.1f} GiB per worker, workers have "
+        f"{cap.per_worker_bytes / GiB:.1f} GiB ({cap.source})"
+    )
 
 
 def projection_mode(spec: JobSpec, scope: str, workers: int, has_retain: bool) -> str:
@@ -131,13 +168,13 @@ def close_all(routers: Iterable[ProjectedRouter]) -> None:
 
 def training_for(plan: SelectionPlan, spec: JobSpec) -> TrainingOptions:
     """The training settings the plan's scope needs: the spec's, or after a fallback to
-    full parameters its step size capped and its budget widened (FULL_FALLBACK_*)."""
+    full parameters its step size capped and, when a forget target ends the job, its
+    budget widened (FULL_FALLBACK_*: the smaller steps need more of them; without a target
+    the spec's max_steps is the user's budget and stays)."""
     tr = spec.training
     if plan.scope == "full" and spec.scope != "full":
-        return tr.model_copy(
-            update={
-                "lr": min(tr.lr, FULL_FALLBACK_LR),
-                "max_steps": max(tr.max_steps, FULL_FALLBACK_STEPS),
-            }
-        )
+        stop = tr.stop
+        targeted = stop.forget_accuracy_target is not None or stop.forget_loss_target is not None
+        steps = max(tr.max_steps, FULL_FALLBACK_STEPS) if targeted else tr.max_steps
+        return tr.model_copy(update={"lr": min(tr.lr, FULL_FALLBACK_LR), "max_steps": steps})
     return tr

@@ -82,8 +82,9 @@ class SeufOptions(Strict):
     """Selected-expert unlearning: which experts, how they are found, the router anchor."""
 
     num_experts: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
-        1,
-        description="M: how many experts to unlearn (the paper uses 1), or auto: experts by "
+        "auto",
+        description="M: how many experts to unlearn (the paper uses 1), or auto (the default "
+        "with selection top_m; other selection modes default to 1): experts by "
         "contrastive score until they carry `auto_min_share` of the forget gate mass at a "
         "forget/retain ratio >= `auto_min_ratio` (across layers if needed) within "
         "`parameter_budget`; when none qualifies, `fallback` decides (workers/selection.py).",
@@ -108,10 +109,11 @@ class SeufOptions(Strict):
         "full",
         description="auto, when no expert set within the budget qualifies (the job reports "
         "`selection_warning`): widen = the best-scoring experts that fill the budget; "
-        "full = unlearn all parameters instead; stop = end the job before training.",
+        "full = unlearn all parameters instead (at lr <= 1e-4; when the planner says that "
+        "does not fit the worker, the job stops instead); stop = end the job before training.",
     )
     router_projection: Literal["auto", "none", "nullspace"] = Field(
-        "none",
+        "auto",
         description="nullspace: project the trained routers' updates onto the null space of "
         "the retain hidden states at their layer (GRIP), so retain routing cannot move; "
         "auto: nullspace where it can run (a retain corpus, one worker, a scope that trains "
@@ -167,7 +169,11 @@ class SeufOptions(Strict):
         if self.selection != "manual" and self.experts:
             raise ValueError("`experts` is only used with selection 'manual'")
         if self.num_experts == "auto" and self.selection != "top_m":
-            raise ValueError("num_experts 'auto' works with selection 'top_m' only")
+            if "num_experts" in self.model_fields_set:
+                raise ValueError("num_experts 'auto' works with selection 'top_m' only")
+            # The default follows the mode: auto picks by diagnostics, the other modes
+            # name their experts, so their count defaults to the paper's one.
+            self.num_experts = 1
         return self
 
 

@@ -41,17 +41,18 @@ def test_a_job_that_cannot_fit_a_worker_is_refused_with_the_numbers(
     assert "GiB per worker" in err["reason"] and "24.0 GiB" in err["reason"]
     assert "bfloat16" in err["reason"]  # a way out
 
+    # The default SEUF job (num_experts auto) is planned at its parameter budget: accepted.
+    # Its full-parameter fallback would not fit: the worker stops instead of falling back.
     seuf = spec(fid, rid, model=name)
     seuf["training"] = {"dtype": "bfloat16"}
     r = c.post("/v1/jobs", json=seuf, headers=req)
     assert r.status_code == 202, r.text
-    # num_experts auto may fall back to every parameter: planned for that, refused, and
-    # told how to bound it.
-    seuf["seuf"] = {"num_experts": "auto"}
+    # A budget as large as the model is planned as such: refused, told how to bound it.
+    seuf["seuf"] = {"parameter_budget": 1.0}
     r = c.post("/v1/jobs", json=seuf, headers=req)
     assert r.status_code == 422, r.text
-    assert "seuf.fallback widen or stop" in r.json()["errors"][0]["reason"]
-    seuf["seuf"] = {"num_experts": "auto", "fallback": "widen"}
+    assert "seuf.parameter_budget" in r.json()["errors"][0]["reason"]
+    seuf["seuf"] = {"num_experts": 1}
     r = c.post("/v1/jobs", json=seuf, headers=req)
     assert r.status_code == 202, r.text
 

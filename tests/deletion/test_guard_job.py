@@ -38,6 +38,9 @@ def _ga_spec(**training: Any) -> JobSpec:
     stop = {**data["training"]["stop"], "eval_every": 1, **training.pop("stop", {})}
     data["training"] = {**data["training"], **training, "stop": stop}
     data["evaluation"] = {"backend": "direct", "robustness": []}  # fast; same scorer as lm-eval
+    # One expert at the given step size: a full-parameter fallback (auto's, on this world)
+    # would cap the step size, and the guard is tested against a too-large one.
+    data["seuf"].update(num_experts=1, router_projection="none")
     return JobSpec.model_validate(data)
 
 

@@ -21,6 +21,7 @@ def test_run_with_two_workers_uses_ray_train(tmp_path: Path) -> None:
         f"model: {d / 'model'}\nalgorithm: gdiff\nforget: {{path: forget.jsonl}}\n"
         "retain: {path: retain.jsonl}\ntraining: {max_steps: 4, batch_size: 8, lr: 0.003}\n"
         "distributed: {num_workers: 2, checkpoint_every: 2}\n"
+        "seuf: {num_experts: 1}\n"  # a random model: auto would fall back to full
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     r = subprocess.run(

@@ -53,6 +53,9 @@ def _spec(d: Path, **dist: Any) -> JobSpec:
             "forget": {"path": str(d / "forget.jsonl")},
             "retain": {"path": str(d / "retain.jsonl")},
             "training": {"max_steps": STEPS, "batch_size": 8, "lr": 3e-3},
+            # One expert (a random model: auto would fall back to full), no projection (the
+            # one-process run would project, Ray Train ranks cannot yet: not the same job).
+            "seuf": {"num_experts": 1, "router_projection": "none"},
             "distributed": {"num_workers": 2, **dist},
         }
     )

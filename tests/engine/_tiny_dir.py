@@ -34,13 +34,16 @@ def make_tiny_model_dir(d: Path, family: str = "qwen2_moe") -> Path:
 
 
 def tiny_dir_spec(d: Path, max_steps: int, **over: Any) -> JobSpec:
-    """A GDiff job on a make_tiny_model_dir folder (its model, forget and retain files);
-    `over` replaces top-level spec fields."""
+    """A one-expert SEUF GDiff job on a make_tiny_model_dir folder (its model, forget and
+    retain files); `over` replaces top-level spec fields."""
     base = {
         "model": str(d / "model"),
         "algorithm": "gdiff",
         "forget": {"path": str(d / "forget.jsonl")},
         "retain": {"path": str(d / "retain.jsonl")},
         "training": {"max_steps": max_steps, "batch_size": 8, "lr": 3e-3},
+        # One expert: a random-weight model holds no localised knowledge, so the default
+        # (num_experts auto) would fall back to full parameters; these tests are about SEUF.
+        "seuf": {"num_experts": 1},
     }
     return JobSpec.model_validate(base | over)

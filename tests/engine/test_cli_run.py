@@ -30,6 +30,7 @@ def tiny(tmp_path_factory) -> Path:
     (d / "spec.yaml").write_text(
         "model: model\nalgorithm: npo\nforget: {path: forget.jsonl}\n"
         "retain: {path: retain.jsonl}\ntraining: {max_steps: 4, batch_size: 8, lr: 0.003}\n"
+        "seuf: {num_experts: 1}\n"  # a random model: auto would fall back to full
     )
     return d
 

@@ -29,6 +29,7 @@ def _spec(d: Path, device: str, dtype: str) -> JobSpec:
             "forget": {"path": str(d / "forget.jsonl")},
             "retain": {"path": str(d / "retain.jsonl")},
             "distributed": {"device": device},
+            "seuf": {"num_experts": 1},  # a random model: auto would fall back to full
             "training": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "dtype": dtype},
         }
     )

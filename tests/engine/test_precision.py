@@ -31,6 +31,7 @@ def _spec(d: Path, dtype: str, **training) -> JobSpec:
             "forget": {"path": str(d / "forget.jsonl")},
             "retain": {"path": str(d / "retain.jsonl")},
             "distributed": {"device": "cpu"},
+            "seuf": {"num_experts": 1},  # SEUF slices (a random model falls back under auto)
             "training": {"max_steps": 6, "batch_size": 8, "lr": 3e-3, "dtype": dtype, **training},
         }
     )
@@ -106,6 +107,8 @@ def test_the_demo_job_in_bfloat16_matches_float32(tmp_path):
                 "retain": {"demo": "retain"},
                 "algorithm": "gdiff",
                 "distributed": {"device": "cpu"},
+                # One expert, its router's own update: the job as measured for issue 12.
+                "seuf": {"num_experts": 1, "router_projection": "none"},
                 "training": {"max_steps": 40, "batch_size": 16, "lr": 1e-2, "dtype": dtype},
             }
         )

@@ -148,6 +148,7 @@ def _unlearn(world, scope: str):
     spec = JobSpec.model_validate({
         "forget": {"demo": "forget"}, "retain": {"demo": "retain"}, "scope": scope,
         "algorithm": "gdiff", "training": {"max_steps": 40, "batch_size": 16, "lr": 1e-2},
+        "seuf": {"num_experts": 1},  # the scopes compared on one expert
     })
     forget = read_corpus(world.corpus_path("forget"), "auto", "text", None)
     retain = read_corpus(world.corpus_path("retain"), "auto", "text", None)

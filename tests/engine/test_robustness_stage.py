@@ -35,7 +35,7 @@ def _spec(d: Path, **evaluation) -> JobSpec:
     return JobSpec.model_validate({
         "model": str(d / "model"), "algorithm": "gdiff",
         "forget": {"path": str(d / "forget.jsonl")}, "retain": {"path": str(d / "retain.jsonl")},
-        "objective": {"loss_tokens": "answer"},
+        "objective": {"loss_tokens": "answer"}, "seuf": {"num_experts": 1},
         "training": {"max_steps": 4, "batch_size": 8, "lr": 3e-3},
         "evaluation": evaluation,
     })

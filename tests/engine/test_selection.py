@@ -39,7 +39,7 @@ def pairs(sel: list) -> list[tuple[int, int]]:
 
 def test_top_m_is_global_and_sets_target_layer() -> None:
     emap = make_map()
-    sel = select_experts(emap, SeufOptions())
+    sel = select_experts(emap, SeufOptions(num_experts=1))
     assert pairs(sel) == [(2, 0)] and sel[0].score == 0.70
     assert emap.selected == sel and emap.target_layer == 2
     sel3 = select_experts(emap, SeufOptions(num_experts=3))

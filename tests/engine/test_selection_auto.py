@@ -162,9 +162,14 @@ def test_spec_accepts_auto_and_refuses_bad_values() -> None:
     )
     seuf = spec.resolved()["seuf"]
     assert seuf["num_experts"] == "auto" and seuf["fallback"] == "full"
-    assert seuf["router_projection"] == "none"
+    assert seuf["router_projection"] == "auto"
     for bad in ({"num_experts": "many"}, {"parameter_budget": 0}, {"fallback": "ignore"}):
         with pytest.raises(ValueError):
             SeufOptions.model_validate(bad)
     with pytest.raises(ValueError, match="'auto' works with selection 'top_m' only"):
         SeufOptions(num_experts="auto", selection="per_layer")
+    # The default count follows the selection mode: auto for top_m, one expert otherwise.
+    assert SeufOptions().num_experts == "auto"
+    assert SeufOptions(selection="per_layer").num_experts == 1
+    assert SeufOptions(selection="in_layer", layer=1).num_experts == 1
+    assert SeufOptions(selection="random").num_experts == 1

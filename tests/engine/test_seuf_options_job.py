@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def _spec(**seuf: object) -> JobSpec:
     d = example_on_small_world("demo-gdiff-seuf.yaml")
-    d["seuf"].update(seuf)
+    d["seuf"].update({"num_experts": 1, **seuf})  # one expert: what these tests inspect
     d["evaluation"] = {"backend": "direct"}
     return JobSpec.model_validate(d)
 

@@ -3,6 +3,9 @@ projected routers of a job spec."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,8 +15,19 @@ from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
 from workers.routing import router_outputs
 from workers.selection import SelectionRefused
-from workers.seuf_plan import attach_projection, close_all, plan_selection, projection_mode
+from workers.seuf_plan import (
+    FULL_FALLBACK_LR,
+    FULL_FALLBACK_STEPS,
+    attach_projection,
+    close_all,
+    full_fallback_refusal,
+    plan_selection,
+    projection_mode,
+    training_for,
+)
 from workers.spec import JobSpec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def spec(scope: str = "seuf", **seuf: object) -> JobSpec:
@@ -25,7 +39,7 @@ def spec(scope: str = "seuf", **seuf: object) -> JobSpec:
 def test_plan_keeps_fixed_selections_and_full_scope() -> None:
     assert plan_selection(LOCAL, spec("full")).scope == "full"
     assert plan_selection(LOCAL, spec("full")).selected == []
-    plan = plan_selection(LOCAL, spec())
+    plan = plan_selection(LOCAL, spec(num_experts=1))
     assert plan.pairs == [(2, 1)] and plan.scope == "seuf" and plan.warning is None
 
 
@@ -38,6 +52,44 @@ def test_plan_auto_qualified_fallback_full_and_stop() -> None:
     assert full.to_json()["selection_warning"] == full.warning
     with pytest.raises(SelectionRefused, match="fallback stop"):
         plan_selection(SPREAD, spec(num_experts="auto", fallback="stop"))
+
+
+def test_a_full_fallback_trains_at_a_capped_lr_and_widens_only_a_targeted_budget() -> None:
+    fell = plan_selection(SPREAD, spec(num_experts="auto"))
+    assert fell.scope == "full"
+    targeted = JobSpec.model_validate(
+        spec().resolved()
+        | {"training": {"lr": 3e-3, "max_steps": 150, "stop": {"forget_accuracy_target": 0.3}}}
+    )
+    tr = training_for(fell, targeted)
+    assert (tr.lr, tr.max_steps) == (FULL_FALLBACK_LR, FULL_FALLBACK_STEPS)
+    untargeted = JobSpec.model_validate(
+        spec().resolved() | {"training": {"lr": 3e-3, "max_steps": 6}}
+    )
+    assert (training_for(fell, untargeted).lr, training_for(fell, untargeted).max_steps) == (
+        FULL_FALLBACK_LR, 6,
+    )  # fmt: skip
+    kept = plan_selection(LOCAL, targeted)  # qualified: the spec's own settings
+    assert training_for(kept, targeted) == targeted.training
+
+
+def test_a_full_fallback_that_cannot_fit_the_worker_stops_the_job_instead() -> None:
+    """The default (auto, fallback full) on a model whose full-parameter training does not
+    fit this machine: the planner says so from the loaded model's config and the job stops
+    with the numbers, rather than running out of memory after hours."""
+    cfg = json.loads((ROOT / "bench" / "configs" / "qwen1.5-moe-a2.7b.json").read_text())
+    big = {**cfg, "num_hidden_layers": 2}  # 1.76B parameters: full float32 AdamW > 24 GiB
+    job = spec()  # the defaults
+    why = full_fallback_refusal(job, big, "cpu", 1)
+    assert why is not None and "GiB per worker" in why and "this machine" in why
+    with pytest.raises(SelectionRefused, match="fallback full cannot run") as e:
+        plan_selection(SPREAD, job, None, lambda: full_fallback_refusal(job, big, "cpu", 1))
+    assert e.value.auto.outcome == "stop" and "GiB per worker" in str(e.value)
+    # A model whose full training fits: the fallback runs as before.
+    tiny = tiny_model("qwen2_moe", seed=0).config.to_dict()
+    assert full_fallback_refusal(job, tiny, "cpu", 1) is None
+    plan = plan_selection(SPREAD, job, None, lambda: full_fallback_refusal(job, tiny, "cpu", 1))
+    assert plan.scope == "full"
 
 
 def test_attach_projection_only_where_a_router_trains() -> None:

@@ -51,7 +51,9 @@ def test_seuf_trainable_count_equals_the_wired_scope(family):
     adapter = get_adapter(model)
     layer = adapter.moe_layers()[-1].layer
     scope = apply_scope(model, adapter, "seuf", [(layer, 1)])
-    spec = JobSpec.model_validate({"model": "x", "forget": {"path": "f"}, "algorithm": "ga"})
+    spec = JobSpec.model_validate(
+        {"model": "x", "forget": {"path": "f"}, "algorithm": "ga", "seuf": {"num_experts": 1}}
+    )
     assert trainable_params(shape_from_config(model.config.to_dict()), spec) == (
         scope.trainable_params
     )

@@ -38,7 +38,7 @@ def spec(**over):
 
 def test_weights_and_trainable_state_follow_their_formulas():
     shape = shape_from_config(QWEN2)
-    p = estimate(shape, spec(training__dtype="bfloat16"))
+    p = estimate(shape, spec(training__dtype="bfloat16", seuf__num_experts=1))
     t = shape.expert_params + shape.router_params
     assert p.trainable_params == t
     assert p.parts["weights"] == shape.total_params * 2
@@ -74,6 +74,13 @@ def test_seuf_in_bfloat16_fits_24_gib_where_full_float32_does_not():
     assert not full.fits and seuf.fits
     line = full.line()
     assert "GiB per worker" in line and "24.0 GiB" in line and "bfloat16" in line
+    # The default (num_experts auto, fallback full) is planned at its parameter budget; its
+    # full-parameter fallback does not fit here, and the line says the job would stop.
+    assert seuf.trainable_params == int(0.1 * shape.total_params)
+    assert seuf.full_fallback is not None and not seuf.full_fallback.fits
+    assert "the job stops instead" in seuf.line()
+    one = estimate(shape, spec(training__dtype="bfloat16", seuf__num_experts=1), cap)
+    assert one.fits and one.full_fallback is None and "stops" not in one.line()
 
 
 def test_auto_device_and_dtype_follow_the_capacity():
@@ -94,7 +101,7 @@ def test_scopes_count_what_trains():
     shape = shape_from_config(QWEN2)
     e, r = shape.expert_params, shape.router_params
     assert trainable_params(shape, spec(scope="experts", seuf__num_experts=3)) == 3 * e
-    assert trainable_params(shape, spec(scope="router")) == r
+    assert trainable_params(shape, spec(scope="router", seuf__num_experts=1)) == r
     assert trainable_params(shape, spec(seuf__num_experts=3)) == 3 * e + 2 * r  # 2 MoE layers
     assert trainable_params(shape, spec(seuf__selection="per_layer")) == 2 * e + 2 * r
 
@@ -163,14 +170,17 @@ def test_plan_command_refuses_an_unsupported_model(tmp_path):
 
 
 def test_auto_selection_and_the_robustness_check_are_planned():
-    """num_experts auto plans for its budget (or all parameters when it falls back to
-    full); the quantisation check's float32 temporaries count when it runs, on top of its
-    evaluation forward (the weights it quantises are spilled to disk, never copied)."""
+    """num_experts auto plans for its budget, and its full fallback on its own (every
+    parameter); the quantisation check's float32 temporaries count when it runs, on top of
+    its evaluation forward (the weights it quantises are spilled to disk, never copied)."""
     shape = shape_from_config(QWEN2)
-    full = spec(seuf__num_experts="auto")  # fallback: full
-    assert trainable_params(shape, full) == shape.total_params
+    auto = spec(seuf__num_experts="auto")  # fallback: full
+    assert trainable_params(shape, auto) == int(0.1 * shape.total_params)
+    fb = estimate(shape, auto).full_fallback
+    assert fb is not None and fb.trainable_params == shape.total_params
     budget = spec(seuf__num_experts="auto", seuf__fallback="stop", seuf__parameter_budget=0.05)
     assert trainable_params(shape, budget) == int(0.05 * shape.total_params)
+    assert estimate(shape, budget).full_fallback is None
     on = estimate(shape, spec(training__dtype="bfloat16"))
     off = estimate(shape, spec(training__dtype="bfloat16", evaluation__robustness=[]))
     on_spec = spec(training__dtype="bfloat16")
