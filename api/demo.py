@@ -112,6 +112,10 @@ def follow(client: Client, job_id: str, max_steps: int) -> dict[str, Any]:
                 if acc is not None:
                     desc += f", forget accuracy {acc:.2f}"
                 bar.update(task, completed=ev.get("step", 0), description=desc)
+            elif kind == "selection_warning":  # a fallback may run a longer step budget
+                steps = (payload.get("training") or {}).get("max_steps")
+                if isinstance(steps, int) and steps > 0:
+                    bar.update(task, total=steps)
             elif kind == "end":
                 bar.update(task, description=f"job {str(ev.get('job_state')).lower()}")
     return client.get(job_id)

@@ -5,8 +5,10 @@ embeddings, the lower layers and their routers are frozen), so the hidden states
 ENTER the target layer are constants for a given input, and so is the output of the target
 layer's own attention when it is frozen too (SEUF trains only the MoE block: the selected
 slices and the router). `ActivationCache.build` computes them once per sample (one no-grad
-pass over a corpus that stops after the target layer's attention), keeps them bounded (in
-memory up to `max_bytes`, then in memory-mapped chunk files under a temporary directory)
+pass over a corpus that stops after the target layer's attention), keeps them bounded (on
+the model's device up to `max_bytes`: GPU memory on CUDA, RAM on CPU; then in
+memory-mapped chunk files on the host under a temporary directory, copied to the device
+row by row at lookup)
 and, while `cache.active(model)` is open, every forward pass of the model whose batch is
 fully cached runs only the target layer's MoE block and the layers above it:
 
@@ -151,6 +153,7 @@ class ActivationCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         spill_dir: str | Path | None = None,
         attention: bool = False,
+        device: torch.device | str = "cpu",
     ) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0 (got {max_bytes})")
@@ -159,12 +162,13 @@ class ActivationCache:
         self.attention = attention
         self.width = self.hidden_size * (2 if attention else 1)  # per cached token
         self.dtype = dtype
+        self.device = torch.device(device)  # where the in-memory tier and lookups live
         self.max_bytes = int(max_bytes)
         self._spill_parent = None if spill_dir is None else Path(spill_dir)
         self._spill_path: Path | None = None
-        self._chunks: list[torch.Tensor] = []  # [rows, H]; in memory or mmap'ed from disk
+        self._chunks: list[torch.Tensor] = []  # [rows, H]; on the device or mmap'ed from disk
         self._entries: dict[bytes, _Entry] = {}
-        self.memory_bytes = 0  # bytes held in RAM
+        self.memory_bytes = 0  # bytes held on the device (RAM on CPU, GPU memory on CUDA)
         self.disk_bytes = 0  # bytes spilled to chunk files
         self.stats = CacheStats()
         self._finalizer: weakref.finalize | None = None
@@ -196,7 +200,7 @@ class ActivationCache:
             attention = attention_frozen(layers[target_layer])
         p = next(model.parameters())
         cache = cls(target_layer, int(model.config.hidden_size), p.dtype, max_bytes, spill_dir,
-                    attention)  # fmt: skip
+                    attention, p.device)  # fmt: skip
         cache.add(model, adapter, corpus, batch_size)
         return cache
 
@@ -252,7 +256,7 @@ class ActivationCache:
             key = _key(input_ids[r, :n])
             if key in self._entries or any(k == key for k, _, _ in new):
                 continue  # identical token sequences have identical hidden states
-            rows.append(hidden[r, :n].to("cpu", self.dtype))
+            rows.append(hidden[r, :n].to(self.device, self.dtype))
             new.append((key, offset, n))
             offset += n
         if not rows:
@@ -260,7 +264,7 @@ class ActivationCache:
         chunk = torch.cat(rows).contiguous()
         nbytes = chunk.numel() * chunk.element_size()
         if self.memory_bytes + nbytes > self.max_bytes:
-            chunk = self._spill(chunk)
+            chunk = self._spill(chunk.cpu())  # past the cap: host disk, not device memory
             self.disk_bytes += nbytes
         else:
             self.memory_bytes += nbytes
@@ -314,8 +318,8 @@ class ActivationCache:
                 return None
             entries.append(e)
         b, s = input_ids.shape
-        out = torch.zeros(b, s, self.width, dtype=self.dtype)
-        for r, e in enumerate(entries):
+        out = torch.zeros(b, s, self.width, dtype=self.dtype, device=self.device)
+        for r, e in enumerate(entries):  # a spilled chunk's rows are copied host -> device
             out[r, : e.length] = self._chunks[e.chunk][e.offset : e.offset + e.length]
         return out
 

@@ -189,8 +189,11 @@ def run_pipeline(
     prog.event(
         "experts_selected", 0, {"method": emap.method, "selected": [s._asdict() for s in selected]}
     )
-    if sel_plan.warning:
-        prog.event("selection_warning", 0, sel_plan.to_json())
+    if sel_plan.warning:  # with the step size and budget that will run (a fallback's own)
+        prog.event(
+            "selection_warning", 0,
+            {**sel_plan.to_json(), "training": {"lr": tr.lr, "max_steps": tr.max_steps}},
+        )  # fmt: skip
 
     prog.stage("unlearning")
     projection = projection_mode(spec, sel_plan.scope, runner.world, retain_train is not None)
@@ -225,6 +228,7 @@ def run_pipeline(
                 "samples": plan.cached_samples,
                 "memory_bytes": plan.memory_bytes,
                 "disk_bytes": plan.disk_bytes,
+                "device": str(cache.device),  # where memory_bytes live
             }
 
     def on_step(info: StepInfo) -> bool:

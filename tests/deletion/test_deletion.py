@@ -107,6 +107,11 @@ def _assert_only_the_plans_scope_changed(res: JobResult, rec: Recorder) -> None:
     if res.scope == "full":
         assert res.selected == [] and warned and "fallback full" in str(sel["selection_warning"])
         assert res.tunable_ratio == 1.0
+        # the event told the budget and step size that ran (the progress bars follow it)
+        assert res.training_used is not None
+        assert warned[0]["training"] == {
+            k: res.training_used[k] for k in ("lr", "max_steps")
+        }
         return
     assert not warned and res.selected and res.tunable_ratio <= 0.1
     by_layer: dict[int, set[int | None]] = {}

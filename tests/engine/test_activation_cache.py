@@ -168,6 +168,8 @@ def test_disk_spill_matches_memory(tmp_path) -> None:
     batch = forget.collate([8, 1, 4, 2])
     h_mem = mem.lookup(batch["input_ids"], batch["attention_mask"])
     assert h_mem is not None
+    # The in-memory tier lives on the model's device (tests/engine/test_gpu.py: CUDA).
+    assert mem.device == torch.device("cpu") and h_mem.device == mem.device
     for c in (disk, mixed):
         h = c.lookup(batch["input_ids"], batch["attention_mask"])
         assert h is not None and torch.equal(h, h_mem)

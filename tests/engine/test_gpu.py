@@ -56,3 +56,36 @@ def test_the_model_and_batches_live_on_the_gpu(model_dir):
     assert {p.dtype for p in job.model.parameters()} == {torch.bfloat16}
     corpus = job.tokenized(job.forget_records, "answer")
     assert {t.device.type for t in corpus.collate([0, 1]).values()} == {"cuda"}
+
+
+def test_the_activation_cache_lives_on_the_gpu_and_spills_to_the_host(tmp_path):
+    """Up to its cap the cache is GPU memory; past it, host chunk files copied to the GPU at
+    lookup; both equal the CPU cache of the same model."""
+    from tests.engine.test_activation_cache import N_LAYERS, rand_corpus
+    from workers.activation_cache import ActivationCache
+    from workers.moe import get_adapter
+    from workers.moe.tiny import tiny_model
+    from workers.scope import apply_scope
+
+    target = 2
+    forget = rand_corpus(9, seed=31)
+    caches = []
+    for device in ("cpu", "cuda"):  # the same model, placed before its scope is applied
+        model = tiny_model("mixtral", seed=3, num_hidden_layers=N_LAYERS).to(device)
+        scope = apply_scope(model, get_adapter(model), "seuf", [(target, 1)])
+        cap = 1 << 40
+        if caches:  # a budget of one chunk: the first build batch on the GPU, the rest spill
+            cap = sum(len(forget.samples[i].input_ids) for i in range(4)) * caches[0].width * 4
+        caches.append(ActivationCache.build(
+            model, scope.adapter, target, forget, batch_size=4, max_bytes=cap, spill_dir=tmp_path
+        ))  # fmt: skip
+    on_cpu, mixed = caches
+    chunk0 = sum(len(forget.samples[i].input_ids) for i in range(4)) * on_cpu.width * 4
+    assert mixed.device.type == "cuda" and mixed.memory_bytes == chunk0
+    assert mixed.disk_bytes == on_cpu.memory_bytes - chunk0
+    batch = forget.collate([8, 1, 4, 2])
+    want = on_cpu.lookup(batch["input_ids"], batch["attention_mask"])
+    got = mixed.lookup(batch["input_ids"], batch["attention_mask"])
+    assert want is not None and got is not None and got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-4)
+    mixed.close()
