@@ -147,15 +147,24 @@ def _refs(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(n, r) for n, r in out if isinstance(r, dict)]
 
 
-def check_spec_corpora(session: Session, tenant: str, spec_data: dict[str, Any]) -> None:
-    """Every `corpus_id` of a remote client's spec must be a live corpus of its tenant."""
+def check_spec_corpora(
+    session: Session, tenant: str, spec_data: dict[str, Any]
+) -> dict[str, CorpusRecord]:
+    """Every `corpus_id` of a remote client's spec must be a live corpus of its tenant.
+    Returns those records by id (the submit's audit entry reads their size from them)."""
+    found: dict[str, CorpusRecord] = {}
     for name, ref in _refs(spec_data):
         cid = ref.get("corpus_id")
-        if cid is not None and _live(session, tenant, cid) is None:
+        if cid is None:
+            continue
+        row = found.get(cid) or _live(session, tenant, cid)
+        if row is None:
             raise SpecRejected(
                 f"{name}.corpus_id",
                 "no such corpus of this tenant (upload it with POST /v1/corpora)",
             )
+        found[cid] = row
+    return found
 
 
 def list_records(session: Session, tenant: str, limit: int = 500) -> list[CorpusRecord]:

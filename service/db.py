@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import from_json
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +37,10 @@ def normalize_url(url: str) -> str:
     return url
 
 
+def _json_loads(text: str | bytes) -> Any:
+    return from_json(text)
+
+
 def make_engine(
     url: str,
     *,
@@ -52,7 +57,10 @@ def make_engine(
     call that took it (api/auth.py explains the deadlock otherwise)."""
     url = normalize_url(url)
     u = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo, "future": True}
+    # JSON columns (job specs, event and audit payloads) are decoded with pydantic-core's
+    # parser: the same values as json.loads at about twice the speed; listing jobs
+    # decodes 50 specs of ~2 KB per request (bench/api_load.py --profile).
+    kwargs: dict[str, Any] = {"echo": echo, "future": True, "json_deserializer": _json_loads}
     if u.get_backend_name() != "sqlite" or (u.database and u.database != ":memory:"):
         # A file or server database gets a QueuePool (in-memory SQLite uses a static one).
         kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_timeout=pool_timeout_s)

@@ -107,10 +107,19 @@ class StreamSlots:
 
 
 def check_queue(session: Session, tenant: str, settings: Settings) -> None:
-    """Refuse a new job when the tenant already has `max_queued_jobs` unfinished ones."""
-    n = session.execute(
-        select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.state.in_(UNFINISHED))
-    ).scalar_one()
+    """Refuse a new job when the tenant already has `max_queued_jobs` unfinished ones.
+
+    Counts at most the limit: the answer is the same, and the cost of a submit stays bounded
+    by the limit, not by the tenant's backlog. The (tenant, state) index makes it an
+    index-only count (migration 0005; it read every job row of the tenant, ~1 ms per
+    thousand jobs on SQLite)."""
+    unfinished = (
+        select(Job.state)  # a column of the index: no table read
+        .where(Job.tenant == tenant, Job.state.in_(UNFINISHED))
+        .limit(settings.max_queued_jobs)
+        .subquery()
+    )
+    n = session.execute(select(func.count()).select_from(unfinished)).scalar_one()
     if n >= settings.max_queued_jobs:
         raise Throttled(
             "request",

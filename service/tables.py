@@ -86,6 +86,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
         Index("ix_jobs_state_created", "state", "created_at"),
+        # The per-tenant admission check counts unfinished jobs from the index alone.
+        Index("ix_jobs_tenant_state", "tenant", "state"),
     )
 
 

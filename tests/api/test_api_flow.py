@@ -277,6 +277,44 @@ def test_roles(client: TestClient, api_keys: Keys) -> None:
     assert new["key"] not in json.dumps(ents)
 
 
+def _not_json(word: str) -> None:
+    raise ValueError(f"{word} is not JSON")
+
+
+def test_list_items_are_the_job_bodies(client: TestClient, app: FastAPI, api_keys: Keys) -> None:
+    """The list passes each stored spec through as its JSON text (api/routes/jobs.py): every
+    item equals the job's own GET body, across pages. On SQLite a stored spec may hold a
+    non-finite number (an edited row; json.dumps writes NaN, which is not JSON): it still
+    lists as JSON, exactly as GET writes it (null)."""
+    h = Keys.h(api_keys.requester)
+    fid = upload(client, api_keys.requester, FORGET)
+    ids = [client.post("/v1/jobs", json=spec(fid), headers=h).json()["id"] for _ in range(3)]
+    if app.state.engine.dialect.name == "sqlite":
+        with db.session_scope(app.state.session_factory) as s:
+            stored = json.loads(
+                s.execute(text("SELECT spec FROM jobs WHERE id = :i"), {"i": ids[0]}).scalar_one()
+            )
+            stored["training"]["lr"] = float("nan")
+            s.execute(
+                text("UPDATE jobs SET spec = :s WHERE id = :i"),
+                {"s": json.dumps(stored), "i": ids[0]},
+            )
+    listed: dict[str, dict[str, object]] = {}
+    cursor = None
+    while True:
+        r = client.get("/v1/jobs", params={"cursor": cursor} if cursor else {}, headers=h)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        body = json.loads(r.content, parse_constant=_not_json)  # NaN is not JSON
+        listed |= {j["id"]: j for j in body["items"]}
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    for jid in ids:
+        assert listed[jid] == client.get(f"/v1/jobs/{jid}", headers=h).json()
+    if app.state.engine.dialect.name == "sqlite":
+        assert listed[ids[0]]["spec"]["training"]["lr"] is None  # type: ignore[index]
+
+
 def test_audit_verify_catches_an_edited_row(
     client: TestClient, app: FastAPI, api_keys: Keys
 ) -> None:
