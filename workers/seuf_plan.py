@@ -119,11 +119,13 @@ def full_fallback_refusal(
 
 def projection_mode(spec: JobSpec, scope: str, workers: int, has_retain: bool) -> str:
     """The router projection that runs: the spec's choice, or for `auto` nullspace where it
-    can run (retain data, one worker, a scope that trains a router), else none."""
+    can run (retain data, one worker, a scope that trains a router: seuf, router, or the
+    full-parameter fallback of a job that asked for SEUF), else none."""
     mode = spec.seuf.router_projection
     if mode != "auto":
         return mode
-    runs = has_retain and workers == 1 and scope in ("seuf", "router")
+    fallback = scope == "full" and spec.scope != "full"
+    runs = has_retain and workers == 1 and (scope in ("seuf", "router") or fallback)
     return "nullspace" if runs else "none"
 
 
@@ -138,19 +140,27 @@ def attach_projection(
 ) -> list[ProjectedRouter]:
     """ProjectedRouter handles for every router the scope trains, when the projection
     `mode` (projection_mode; default the spec's) is nullspace (call BEFORE training: the
-    retain hidden states are the original model's). Empty when it is off, the scope trains
-    no router (full and experts: full-parameter training is the baseline, left as it is),
-    or there is no retain data (ValueError: the projection is defined by it)."""
+    retain hidden states are the original model's): the selected pairs' layers, or every
+    MoE layer when `scope` is full (num_experts auto's fallback: every router trains; the
+    spec refuses nullspace for a job that asked for full parameters). Empty when it is off,
+    the scope trains no router (experts), or there is no retain data (ValueError: the
+    projection is defined by it)."""
     scope = scope or spec.scope
     mode = mode or spec.seuf.router_projection
-    if mode != "nullspace" or scope not in ("seuf", "router") or not pairs:
+    if scope == "full":
+        layers = [m.layer for m in adapter.moe_layers()]
+    elif scope in ("seuf", "router"):
+        layers = sorted({layer for layer, _ in pairs})
+    else:
+        layers = []
+    if mode != "nullspace" or not layers:
         return []
     if retain_batches is None:
         raise ValueError("seuf.router_projection 'nullspace' needs a retain corpus")
     batches = list(retain_batches)
     out: list[ProjectedRouter] = []
     try:
-        for layer in sorted({layer for layer, _ in pairs}):
+        for layer in layers:
             proj = RouterProjector.for_layer(
                 model, adapter, layer, batches, energy=spec.seuf.router_projection_energy
             )

@@ -104,6 +104,9 @@ def test_attach_projection_only_where_a_router_trains() -> None:
         attach_projection(model, adapter, on, [(1, 0)], None)
     routers = attach_projection(model, adapter, on, [(1, 0), (2, 3), (1, 2)], retain)
     assert [r.projector.rank for r in routers] == [14, 14]  # one per trained router layer
+    every = attach_projection(model, adapter, on, [], retain, scope="full")  # auto's fallback
+    assert [r.projector.rank for r in every] == [14] * len(adapter.moe_layers())
+    close_all(every)
     # A change the optimizer would make is projected: retain logits of layer 1 hold.
     router = adapter.moe_layer(1).router
     before = router_outputs(model, adapter, retain[0])[1].logits
@@ -126,7 +129,10 @@ def test_projection_auto_runs_nullspace_only_where_it_can() -> None:
     )  # fmt: skip
     assert projection_mode(auto, "seuf", 1, True) == "nullspace"
     assert projection_mode(auto, "router", 1, True) == "nullspace"
-    assert projection_mode(auto, "full", 1, True) == "none"  # e.g. after auto fell back
+    # auto's full-parameter fallback trains every router: each is projected
+    assert projection_mode(auto, "full", 1, True) == "nullspace"
+    asked_full = JobSpec.model_validate(auto.resolved() | {"scope": "full"})
+    assert projection_mode(asked_full, "full", 1, True) == "none"  # the baseline, as asked
     assert projection_mode(auto, "experts", 1, True) == "none"
     assert projection_mode(auto, "seuf", 2, True) == "none"
     assert projection_mode(auto, "seuf", 1, False) == "none"
