@@ -344,13 +344,20 @@ class Dispatcher:
         except (LeaseLost, IllegalTransition) as e:
             log.warning("job %s: could not record the failure: %s", job_id, e)
             return
-        log.info("job %s failed (%s) -> %s", job_id, fclass, state)
+        # the operator's log keeps the message whole; the job's copy names no server path
+        log.info("job %s failed (%s: %s) -> %s", job_id, fclass, message, state)
         self._ended(job_id, state)
 
     def _record_success(self, a: _Active, result: JobResult) -> None:
-        out = read_outputs(result, a.output_dir, self.settings.model_tar_max_bytes)
+        # a.spec names the model as the runner loaded it (a server path for a registered
+        # directory or job:<id>); what a client sees is the stored spec's name for it
         with session_scope(self.factory) as s:
-            state = record_success(s, a.job_id, self.owner, out, a.spec.model, a.stage)
+            model = str(jobs.get_job(s, a.job_id).spec.get("model", a.spec.model))
+        out = read_outputs(
+            result, a.output_dir, self.settings.model_tar_max_bytes, model=model, job_id=a.job_id
+        )
+        with session_scope(self.factory) as s:
+            state = record_success(s, a.job_id, self.owner, out, a.stage)
         a.stage = Stage.PACKAGING
         self._ended(a.job_id, state)
 

@@ -23,6 +23,7 @@ from service.job_states import (
     load_job,
     owned_job,
 )
+from service.redact import scrub_json
 from service.tables import (
     Artifact,
     Evaluation,
@@ -81,7 +82,8 @@ def record_event(
     keeps the first payload. Payloads must not carry text (`UnsafePayload`)."""
     if not kind or len(kind) > 64:
         raise ValueError("kind must be 1..64 characters")
-    data = dict(payload)
+    # Clients read events (API, stream, console): no server path in them (service.redact).
+    data = scrub_json(dict(payload), max_chars=audit.MAX_STRING)
     audit.check_payload(data)
     job = owned_job(session, job_id, owner)
     values = {

@@ -28,6 +28,7 @@ from service.job_states import (
     owned_job,
     transition,
 )
+from service.redact import scrub_text
 from service.tables import (
     Job,
     utcnow,
@@ -212,7 +213,9 @@ def finish_job(
     if outcome != "failed":
         raise ValueError(f"outcome must be succeeded, failed or cancelled (got {outcome!r})")
     fclass = (failure_class or "error")[:64]
-    fmsg = (failure_message or "")[:4000]
+    # Shown to the client (job, certificate, console): no server path ("model '/srv/m'
+    # could not be loaded", a traceback's files); the model's by the client's name for it.
+    fmsg = scrub_text(failure_message or "", _model_paths(session, job))[:4000]
     if retryable and job.attempt < job.max_attempts and State(job.state) == State.RUNNING:
         return transition(
             session,
@@ -234,6 +237,19 @@ def finish_job(
         payload={"failure_class": fclass},
         guard_owner=owner,
     )
+
+
+def _model_paths(session: Session, job: Job) -> dict[str, str]:
+    """{the directory the runner loads the job's model from: the client's name for it}
+    ({} for a hub id, `demo`, or a source no longer there)."""
+    from service import models
+
+    name = str((job.spec or {}).get("model", ""))
+    try:
+        ref, _ = models.runner_source(session, name, (job.spec or {}).get("revision"))
+    except ValueError:
+        return {}
+    return {ref: name} if ref != name else {}
 
 
 def request_cancel(session: Session, job_id: str, tenant: str | None, actor: str) -> Job:

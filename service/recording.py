@@ -17,6 +17,13 @@ dispatcher's model_index.json and model.tar; a patch-only job, `output.model: pa
 base_model.json instead of the model directory, model_index.json and model.tar). On a
 multi-node cluster `data_dir` must be shared storage, since the worker writes there and the
 dispatcher reads it.
+
+What a client downloads names no server path (service.redact): a JSON artifact that holds
+one (result.json's `model` and `output_dir`, base_model.json's and spec.json's `model`: the
+runner's directory) is served from a copy in `client/` that names the model as the client
+did (`demo`, a registered id, a hub id, `job:<id>`) and the output as `job:<id>`; its
+SHA-256 is the copy's. The worker's own files stay as written: a later `job:<id>` loads
+from them (base_model.json's path).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from service import jobs, proof, routing_scores
 from service.audit import FORBIDDEN_KEYS, MAX_STRING
 from service.errors import IllegalTransition
 from service.jobs import ExpertScore, ParamChange, Stage
+from service.redact import scrub_json
 from workers.events import RANK_STARTED, RANK_STOPPED
 from workers.model_source import BASE_REF_FILE
 from workers.progress import AttemptStarted, JobEvent, Message, StageStarted
@@ -119,16 +127,25 @@ def stored_kind(m: JobEvent) -> str:
 @dataclasses.dataclass(frozen=True)
 class Outputs:
     """A finished attempt's outputs, read and hashed before the transaction that records
-    them (so the job's row lock is held briefly)."""
+    them (so the job's row lock is held briefly). `model`: the model as the client named
+    it (the stored spec's `model`), what the records show."""
 
     result: JobResult
     expert_map: dict[str, Any]
     artifacts: list[tuple[str, Path, str, int]]  # (kind, path, sha256, size)
+    model: str
 
 
-def read_outputs(result: JobResult, output_dir: Path, model_tar_max_bytes: int) -> Outputs:
+CLIENT_DIR = "client"  # the served copies of JSON artifacts that named a server path
+JSON_KINDS = frozenset({"expert_map", "spec", "result", "base_model", "model_index"})
+
+
+def read_outputs(
+    result: JobResult, output_dir: Path, model_tar_max_bytes: int, *, model: str, job_id: str
+) -> Outputs:
     """Package the model directory (model_index.json, model.tar when small enough) and hash
-    every artifact of the attempt."""
+    every artifact of the attempt, a JSON one as served (`served_copy`). `model`: the
+    stored spec's `model` (the client's name for it); `job_id`: the job."""
     files: list[tuple[str, Path]] = [
         ("expert_patch", output_dir / "expert_patch.safetensors"),
         ("expert_map", output_dir / "expert_map.json"),
@@ -140,13 +157,38 @@ def read_outputs(result: JobResult, output_dir: Path, model_tar_max_bytes: int) 
     model_dir = output_dir / "model"
     if model_dir.is_dir():
         files += package_model(model_dir, output_dir, model_tar_max_bytes)
-    hashed = [(kind, p, *file_sha256(p)) for kind, p in files if p.is_file()]
-    return Outputs(result, emap, hashed)
+    # The runner's model and output directories -> the client's names for them.
+    known = {result.model: model, str(output_dir.resolve()): f"job:{job_id}",
+             result.output_dir: f"job:{job_id}"}  # fmt: skip
+    served = [
+        (kind, served_copy(kind, p, model, job_id, known) if kind in JSON_KINDS else p)
+        for kind, p in files
+        if p.is_file()
+    ]
+    hashed = [(kind, p, *file_sha256(p)) for kind, p in served]
+    return Outputs(result, emap, hashed, model)
 
 
-def record_success(
-    s: Session, job_id: str, owner: str, out: Outputs, model_ref: str, stage: Stage | None
-) -> str:
+def served_copy(kind: str, path: Path, model: str, job_id: str, known: Mapping[str, str]) -> Path:
+    """The file a client downloads for a JSON artifact: `path` itself when it names no
+    server path, else a copy under `client/` in which the model is named as the client
+    named it, the output as `job:<id>`, and any other path is `<server path>`."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    view = scrub_json(data, known)
+    if isinstance(view, dict):
+        if kind in ("result", "spec", "base_model") and "model" in view:
+            view["model"] = model
+        if kind == "result" and "output_dir" in view:
+            view["output_dir"] = f"job:{job_id}"
+    if view == data:
+        return path
+    dest = path.parent / CLIENT_DIR / path.name
+    dest.parent.mkdir(exist_ok=True)
+    dest.write_text(json.dumps(view, indent=1), encoding="utf-8")
+    return dest
+
+
+def record_success(s: Session, job_id: str, owner: str, out: Outputs, stage: Stage | None) -> str:
     """Write a finished attempt's records and mark the job SUCCEEDED (FAILED, class
     target_not_met, when its forget target was not met); returns its state."""
     result, emap = out.result, out.expert_map
@@ -158,10 +200,8 @@ def record_success(
             after[name] = {**after[name], **overlaps}
     if stage != Stage.PACKAGING:
         jobs.set_stage(s, job_id, owner, Stage.PACKAGING)
-    jobs.record_model(
-        s, job_id, owner, result.model or model_ref, result.base_model_sha256,
-        result.model_revision,
-    )
+    # the client's name for the model: result.model is where the runner loaded it from
+    jobs.record_model(s, job_id, owner, out.model, result.base_model_sha256, result.model_revision)
     summary = {k: getattr(result, k) for k in RESULT_SUMMARY}
     jobs.record_event(s, job_id, owner, result.steps, jobs.RESULT_KIND, safe_payload(summary))
     jobs.record_expert_map(s, job_id, owner, scores, str(emap.get("method", "")))
@@ -346,6 +386,7 @@ def package_model(model_dir: Path, dest: Path, max_tar_bytes: int) -> list[tuple
 
 __all__ = [
     "ATTEMPT_STARTED_KIND",
+    "CLIENT_DIR",
     "STAGE_MAP",
     "expert_scores",
     "file_sha256",
@@ -357,6 +398,7 @@ __all__ = [
     "record_progress",
     "record_success",
     "safe_payload",
+    "served_copy",
     "stored_kind",
     "target_message",
 ]

@@ -36,8 +36,10 @@ def readyz(request: Request) -> HealthOut | JSONResponse:
     """Ready to serve: the database is reachable and at the newest migration."""
     try:
         db.check_migrated(request.app.state.engine)
-    except db.DatabaseNotMigrated as e:
-        return JSONResponse(status_code=503, content={"status": "not_ready", "detail": str(e)})
+    except db.DatabaseNotMigrated:
+        # Not str(e): it names the database URL (a SQLite file's server path) to anyone.
+        detail = f"database not migrated: run `{db.UPGRADE_COMMAND}`"
+        return JSONResponse(status_code=503, content={"status": "not_ready", "detail": detail})
     except Exception as e:  # noqa: BLE001 - any connection failure means "not ready"
         return JSONResponse(
             status_code=503,

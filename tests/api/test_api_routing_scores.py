@@ -105,9 +105,10 @@ def test_routing_overlap_per_layer_in_db_api_certificate_and_console(
     # The dispatcher's part: claim, then its own recording of the attempt's outputs.
     driver.claim(jid)
     driver.stage(jid, "evaluating_after")
-    outputs = read_outputs(res, out, driver.settings.model_tar_max_bytes)
+    outputs = read_outputs(res, out, driver.settings.model_tar_max_bytes, model="demo",
+                           job_id=jid)
     with session_scope(driver.factory) as s:
-        state = record_success(s, jid, driver.owner, outputs, "demo", jobs.Stage.EVALUATING_AFTER)
+        state = record_success(s, jid, driver.owner, outputs, jobs.Stage.EVALUATING_AFTER)
     assert state == "SUCCEEDED"
 
     per = res.routing_overlap_retain_per_layer

@@ -51,7 +51,8 @@ def test_patch_only_job_after_auto_fallback(db, tmp_path, finished) -> None:
     with session_scope(db.factory) as s:
         jobs.claim_next(s, "w1", 60)
     with session_scope(db.factory) as s:
-        record_success(s, job.id, "w1", read_outputs(res, out, 1 << 30), spec.model, None)
+        outs = read_outputs(res, out, 1 << 30, model=spec.model, job_id=job.id)
+        record_success(s, job.id, "w1", outs, None)
     with session_scope(db.factory) as s:
         kinds = {a.kind for a in jobs.list_artifacts(s, job.id)}
         cert = certificate.build_certificate(s, job.id, "acme")
