@@ -22,6 +22,8 @@ def write_specs(d: Path) -> Path:
     still running when it is cancelled)."""
     common = (
         f"model: demo\nworld: {WORLD}\nalgorithm: gdiff\nscope: seuf\n"
+        # one expert: on the small world auto finds no small set and would train all
+        "seuf: {num_experts: 1}\n"
         "evaluation: {backend: direct}\ndistributed: {num_workers: 1}\n"
     )
     (d / "spec.yaml").write_text(

@@ -62,7 +62,9 @@ def submit(
             "retain": {"corpus_id": retain_id},
             "algorithm": "gdiff",
             "scope": "seuf",
-            "seuf": seuf or {},
+            # One expert unless asked: a random model holds no localised knowledge, so the
+            # default (num_experts auto) would fall back to full parameters.
+            "seuf": {"num_experts": 1, **(seuf or {})},
             "training": {"max_steps": max_steps, "batch_size": 4, "max_length": 16, "lr": 0.01},
             "evaluation": {"batch_size": 8},
             "distributed": distributed or {},
@@ -148,6 +150,7 @@ def http_spec(
         "forget": {"corpus_id": forget_id},
         "retain": {"corpus_id": retain_id},
         "algorithm": "gdiff",
+        "seuf": {"num_experts": 1},  # a random model: auto would fall back to full
         "training": {"max_steps": steps, "batch_size": 4, "max_length": 16, "lr": 0.01},
         "evaluation": {"batch_size": 8},
         "distributed": distributed,

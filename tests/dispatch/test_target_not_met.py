@@ -34,6 +34,7 @@ def test_a_job_that_never_meets_its_target_fails_and_keeps_its_outputs(
             "forget": {"corpus_id": upload(db, settings, corpus_bytes(FORGET_SUBJECTS, 12))},
             "retain": {"corpus_id": upload(db, settings, corpus_bytes(RETAIN_SUBJECTS, 12))},
             "algorithm": "gdiff",
+            "seuf": {"num_experts": 1},  # a random model: auto would fall back to full
             "training": {
                 "max_steps": 4, "batch_size": 4, "max_length": 16, "lr": 0.01,
                 # a forget NLL no 4 steps reach; the guard keeps the best state on the way
