@@ -70,13 +70,15 @@ def test_one_expert_when_it_carries_the_knowledge() -> None:
 
 def test_grows_until_the_mass_is_covered() -> None:
     # Without a cost model the budget is a share of the 8 routed experts: 0.25 -> 2.
-    auto = select_auto(TWO, SeufOptions(num_experts="auto", parameter_budget=0.25))
+    auto = select_auto(TWO, SeufOptions(num_experts="auto", parameter_budget=0.25, auto_min_ratio=15))
     assert auto.outcome == "qualified"
     assert pairs(auto.selected) == [(2, 0), (2, 1)]
     assert auto.coverage == pytest.approx(0.8)
     assert auto.ratio == pytest.approx(0.8 / 0.03)
     # A budget of one expert's worth (1/8 of the routed experts) is not enough for two.
-    tight = select_auto(TWO, SeufOptions(num_experts="auto", parameter_budget=0.125))
+    tight = select_auto(
+        TWO, SeufOptions(num_experts="auto", parameter_budget=0.125, auto_min_ratio=15)
+    )
     assert tight.outcome == "full" and tight.selected == []
     assert "carry 0.45 of the forget gate mass" in (tight.warning or "")
 
@@ -86,7 +88,8 @@ def test_across_layers_when_one_layer_is_not_enough() -> None:
         [[0.55, 0.15, 0.15, 0.15], [0.55, 0.15, 0.15, 0.15]],
         [[0.01, 0.33, 0.33, 0.33], [0.02, 0.33, 0.33, 0.32]],
     )
-    auto = select_auto(emap, SeufOptions(num_experts="auto", parameter_budget=0.25))
+    opts = SeufOptions(num_experts="auto", parameter_budget=0.25, auto_min_ratio=15)
+    auto = select_auto(emap, opts)
     assert auto.outcome == "qualified" and pairs(auto.selected) == [(1, 0), (2, 0)]
     assert auto.coverage == pytest.approx(1 - 0.45 * 0.45)
     assert auto.per_layer_share == {1: pytest.approx(0.55), 2: pytest.approx(0.55)}
@@ -145,10 +148,14 @@ def test_parameter_budget_prices_slices_and_routers_on_a_real_model() -> None:
     two = cost.of_pairs(TWO.ranking[:2])  # same layer: the router counts once
     assert two == one + cost.expert[2]
     fits_one = one / cost.total + 1e-9
-    auto = select_auto(TWO, SeufOptions(num_experts="auto", parameter_budget=fits_one), cost)
+    loose = {"num_experts": "auto", "auto_min_ratio": 15}  # TWO's experts: 22.5x and 35x
+    auto = select_auto(TWO, SeufOptions(**loose, parameter_budget=fits_one), cost)
     assert auto.outcome == "full"
-    auto = select_auto(TWO, SeufOptions(num_experts="auto", parameter_budget=0.5), cost)
+    auto = select_auto(TWO, SeufOptions(**loose, parameter_budget=0.5), cost)
     assert auto.outcome == "qualified"
+    # The default ratio (30, from the sweep) refuses an expert at 22.5x: not specific enough.
+    strict = select_auto(TWO, SeufOptions(num_experts="auto", parameter_budget=0.5), cost)
+    assert SeufOptions().auto_min_ratio == 30.0 and strict.outcome == "full"
     assert auto.parameter_fraction == pytest.approx(two / cost.total)
 
 
