@@ -70,7 +70,8 @@ def test_one_expert_when_it_carries_the_knowledge() -> None:
 
 def test_grows_until_the_mass_is_covered() -> None:
     # Without a cost model the budget is a share of the 8 routed experts: 0.25 -> 2.
-    auto = select_auto(TWO, SeufOptions(num_experts="auto", parameter_budget=0.25, auto_min_ratio=15))
+    opts = SeufOptions(num_experts="auto", parameter_budget=0.25, auto_min_ratio=15)
+    auto = select_auto(TWO, opts)
     assert auto.outcome == "qualified"
     assert pairs(auto.selected) == [(2, 0), (2, 1)]
     assert auto.coverage == pytest.approx(0.8)
