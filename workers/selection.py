@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -188,7 +189,10 @@ def _stats(emap: ExpertMap, pairs: list[ScoredExpert]) -> tuple[float, float | N
 
 
 def select_auto(
-    emap: ExpertMap, options: SeufOptions, cost: SelectionCost | None = None
+    emap: ExpertMap,
+    options: SeufOptions,
+    cost: SelectionCost | None = None,
+    full_refusal: Callable[[], str | None] | None = None,
 ) -> AutoSelection:
     """Experts by score (best first), each with its own forget/retain ratio >= min_ratio
     (so the set's ratio is too: it is a weighted mean of theirs), added while the set stays
@@ -198,7 +202,9 @@ def select_auto(
     When no such set exists (knowledge spread thin, or the specific experts carry little):
     `warning` says why and `outcome` is the fallback: widen (the best-scoring experts with a
     positive score that fit the budget, whatever their ratio), full (no experts: the caller
-    trains all parameters) or stop (the caller ends the job)."""
+    trains all parameters) or stop (the caller ends the job). `full_refusal`, asked only
+    when the fallback is full: why full-parameter training cannot run (None: it can); a
+    reason turns the outcome into stop, and the warning says why."""
     min_share, min_ratio, budget = (
         options.auto_min_share,
         options.auto_min_ratio,
@@ -249,6 +255,9 @@ def select_auto(
             "knowledge is not localised in a few experts"
         )
     outcome: Outcome = options.fallback
+    cannot = full_refusal() if outcome == "full" and full_refusal is not None else None
+    if cannot is not None:
+        outcome = "stop"
     picked: list[ScoredExpert] = []
     if outcome == "widen":
         for p in ranking:
@@ -264,6 +273,10 @@ def select_auto(
         "full": "unlearning all parameters instead",
         "stop": "stopping the job",
     }[outcome]
+    told = f"fallback {outcome}"
+    if cannot is not None:
+        told = f"fallback full cannot run ({cannot})"
+        action += " (seuf.fallback widen, or more memory per worker)"
     return AutoSelection(
         picked,
         outcome,
@@ -273,7 +286,7 @@ def select_auto(
         min_share,
         min_ratio,
         budget,
-        f"seuf.num_experts auto: {reason}; fallback {outcome}: {action}",
+        f"seuf.num_experts auto: {reason}; {told}: {action}",
         shares,
     )
 

@@ -16,7 +16,7 @@ stopped on a forget accuracy of 0.30 measured before the projection and ended at
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -77,17 +77,7 @@ def plan_selection(
         return SelectionPlan([], "full")
     if spec.seuf.num_experts != "auto":
         return SelectionPlan(select_experts(emap, spec.seuf), spec.scope)
-    auto = select_auto(emap, spec.seuf, cost)
-    if auto.outcome == "full" and full_fallback_refusal is not None:
-        why = full_fallback_refusal()
-        if why is not None:
-            head = (auto.warning or "").split("; fallback full")[0]
-            auto = replace(
-                auto,
-                outcome="stop",
-                warning=f"{head}; fallback full cannot run ({why}): stopping the job "
-                "(seuf.fallback widen, or more memory per worker)",
-            )
+    auto = select_auto(emap, spec.seuf, cost, full_fallback_refusal)
     if auto.outcome == "stop":
         raise SelectionRefused(auto)
     emap.selected = list(auto.selected)
