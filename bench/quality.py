@@ -56,9 +56,23 @@ VARIANTS = ("seuf", "full", "seuf_no_anchor", "random", "top3", "affinity")
 # (nullspace), adaptive selection without and with it (auto, auto_nullspace), and the step
 # size of METHOD.md's held-out runs (lr1e3).
 SWEEP_VARIANTS = (
-    "full", "seuf", "seuf1", "experts", "nullspace", "auto", "auto_nullspace", "lr1e3"
+    "full",
+    "seuf",
+    "seuf1",
+    "experts",
+    "nullspace",
+    "auto",
+    "auto_nullspace",
+    "lr1e3",
 )
-ALL_VARIANTS = tuple(dict.fromkeys(VARIANTS + SWEEP_VARIANTS))
+# The retain routing loss's weights tried on the sweep (rr<w>; _noproj: without the router
+# projection); "defaults" is the shipped example untouched.
+RR_VARIANTS = ("rr0", "rr1", "rr3", "rr10", "rr30", "rr100", "rr300", "rr10_noproj")
+# auto with the full fallback's step size named (flr<m>e<x> = m*10^-x, [_rr<w>]): RMU.
+FLR_VARIANTS = ("flr1e3", "flr1e3_rr0", "flr3e4", "flr3e4_rr10", "flr3e4_rr0")
+ALL_VARIANTS = tuple(
+    dict.fromkeys(VARIANTS + SWEEP_VARIANTS + RR_VARIANTS + FLR_VARIANTS + ("defaults",))
+)
 SWEEP_FAMILIES = ("qwen2_moe", "olmoe", "mixtral")
 SWEEP_SEEDS = (1000, 10_000)  # the bench's own range: no example or test uses these seeds
 SWEEP_TOPICS = (6, 12)
@@ -125,6 +139,17 @@ def variant_spec(
     elif variant == "auto_nullspace":  # both: experts by the diagnostics, retain-safe router
         seuf["num_experts"] = "auto"
         seuf["router_projection"] = "nullspace"
+        seuf["retain_routing_weight"] = 0.0  # the previous defaults (before the loss)
+    elif variant in RR_VARIANTS:  # the example with the retain routing loss at weight w
+        w, _, rest = variant.removeprefix("rr").partition("_")
+        seuf["retain_routing_weight"] = float(w)
+        seuf["router_projection"] = "none" if rest == "noproj" else "nullspace"
+    elif variant in FLR_VARIANTS:  # auto whose full fallback steps at lr [with weight w]
+        lr, _, rr = variant.removeprefix("flr").partition("_rr")
+        seuf["num_experts"] = "auto"
+        seuf["fallback_lr"] = float(lr.replace("e", "e-"))  # flr3e4: 3e-4
+        if rr:
+            seuf["retain_routing_weight"] = float(rr)
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":

@@ -73,6 +73,9 @@ def _ran(result: dict[str, Any]) -> dict[str, Any]:
         "max_steps": used.get("max_steps"),
         "steps": result.get("steps"),
         "precision": result.get("precision"),
+        # What kept retain routing in place (issue 13); None: recorded before these existed.
+        "router_projection": selection.get("router_projection_mode"),
+        "retain_routing_weight": (selection.get("retain_routing") or {}).get("weight"),
     }
 
 

@@ -31,7 +31,8 @@ Conventions (batch fields: see workers/data.py):
           p_t = adapter.gate_probs(router logits) from the router's own forward (router_tap);
           a = one-hot on the layer's selected expert (1/m on each of m selected experts of
           one layer, so a stays a distribution); averaged over the anchored layers.
-SEUF wraps any base objective: total = base (l_f + lambda*l_r) + alpha * L_anchor.
+SEUF wraps any base objective: total = base (l_f + lambda*l_r) + alpha * L_anchor
+          [+ w_rr * L_rr, the retain routing loss of workers/retain_routing.py, when on].
 The model's load-balancing aux loss is off (output_router_logits=False) unless
 `router_aux_loss` is set; then router_aux_loss_coef * aux_loss is added (never negated).
 """
@@ -48,6 +49,7 @@ from torch import nn
 
 from workers.data import Batch
 from workers.moe.base import MoEAdapter, MoELayer, RouterOutput, router_tap
+from workers.retain_routing import RoutingTargets, retain_routing_loss
 from workers.spec import JobSpec, ObjectiveOptions
 
 
@@ -85,6 +87,7 @@ class Reference:
     retain_activations: list[torch.Tensor] | None = None  # per retain sample [L_i, H]
     rmu_direction: torch.Tensor | None = None  # [H] unit vector u
     rmu_block_norm: float | None = None  # mean per-token norm of h_ref (rmu_coeff_relative)
+    retain_routing: RoutingTargets | None = None  # the retain routing loss's targets
 
 
 LossFn = Callable[
@@ -390,10 +393,22 @@ class Objective:
     capture: nn.Module | None = None  # RMU: the block whose output is steered
     router_aux_loss: bool = False
     aux_coef: float = 0.0
+    # The retain routing loss (weight, the MoE layers it keeps): on when weight > 0.
+    retain_routing_weight: float = 0.0
+    retain_routing_layers: list[MoELayer] = field(default_factory=list)
 
     @property
     def definition(self) -> ObjectiveDef:
         return get_objective(self.name)
+
+    @property
+    def keeps_retain_routing(self) -> bool:
+        return self.retain_routing_weight > 0 and bool(self.retain_routing_layers)
+
+    @property
+    def uses_retain(self) -> bool:
+        """Whether a step's retain batch is used: by the base loss, or by L_rr (GA)."""
+        return self.definition.uses_retain or self.keeps_retain_routing
 
     def forward(
         self, model: nn.Module, batches: Batches, extra_tap: Sequence[MoELayer] = ()
@@ -405,8 +420,10 @@ class Objective:
         aux = self.router_aux_loss
         fo = run_forward(model, batches.forget, list(tap.values()), cap, aux, at)
         ro = None
-        if batches.retain is not None and d.uses_retain:
-            ro = run_forward(model, batches.retain, (), cap, aux, at)
+        if batches.retain is not None and self.uses_retain:
+            r_tap = self.retain_routing_layers if self.keeps_retain_routing else []
+            r_at: LogitsAt = at if d.uses_retain else "none"  # GA: routing only
+            ro = run_forward(model, batches.retain, r_tap, cap, aux, r_at)
         return Outputs(fo, ro)
 
     def __call__(self, outputs: Outputs, batches: Batches) -> tuple[torch.Tensor, dict[str, float]]:
@@ -423,6 +440,14 @@ class Objective:
             )
             loss = loss + self.anchor.weight * a
             parts["anchor"] = float(a.detach())
+        if self.keeps_retain_routing and outputs.retain is not None and batches.retain is not None:
+            if self.adapter is None or self.reference is None or not self.reference.retain_routing:
+                raise ValueError("the retain routing loss needs its reference (prepare_reference)")
+            rr = retain_routing_loss(
+                outputs.retain.routers, self.reference.retain_routing, batches.retain, self.adapter
+            )
+            loss = loss + self.retain_routing_weight * rr
+            parts["retain_routing"] = float(rr.detach())
         if self.router_aux_loss:
             for side in (outputs.forget, outputs.retain):
                 if side is not None and side.aux_loss is not None:
@@ -443,11 +468,14 @@ def make_objective(
     reference: Reference | None = None,
     router_aux_loss: bool = False,
     layers: Sequence[MoELayer] | None = None,
+    retain_routing_weight: float = 0.0,
 ) -> Objective:
     """Bind a registered objective. With anchor_weight > 0 and a selection, SEUF's anchor is
     added on the selected experts' layers. Pass `layers` (adapter.moe_layers() taken before
     apply_scope) when the scope is already wired; the RMU layer is options.rmu_layer, else
-    the first selected layer, else the middle decoder layer."""
+    the first selected layer, else the middle decoder layer. With retain_routing_weight > 0
+    the retain routing loss keeps the MoE layers from the lowest selected layer up (every
+    MoE layer without a selection: all parameters train)."""
     d = get_objective(name)
     moe_layers = list(layers) if layers is not None else adapter.moe_layers()
     by_idx = {m.layer: m for m in moe_layers}
@@ -464,9 +492,12 @@ def make_objective(
     if d.captures_activations:
         capture = adapter.decoder_layers()[rmu_layer_index(options, adapter, selected)].mlp
     coef = float(getattr(adapter.config, "router_aux_loss_coef", 0.0) or 0.0)
+    lowest = min((lay for lay, _ in selected), default=None)
+    kept = [m for m in moe_layers if lowest is None or m.layer >= lowest]
     return Objective(
-        name, options, reference, anchor, adapter, anchor_layers, capture, router_aux_loss, coef
-    )
+        name, options, reference, anchor, adapter, anchor_layers, capture, router_aux_loss,
+        coef, retain_routing_weight, kept if retain_routing_weight > 0 else [],
+    )  # fmt: skip
 
 
 def objective_from_spec(
@@ -474,10 +505,12 @@ def objective_from_spec(
     adapter: MoEAdapter,
     selected: Sequence[tuple[int, int]],
     layers: Sequence[MoELayer] | None = None,
+    retain_routing_weight: float = 0.0,
 ) -> Objective:
     """The objective a job spec asks for. The anchor is SEUF's: it is added when the
     router trains (scope "seuf" or "router") and seuf.anchor_weight > 0; "full" is the
-    plain baseline and "experts" has no trainable router to anchor."""
+    plain baseline and "experts" has no trainable router to anchor. The retain routing
+    loss's weight is resolved by the caller (JobSpec.retain_routing_weight)."""
     anchor = spec.seuf.anchor_weight if spec.scope in ("seuf", "router") else 0.0
     return make_objective(
         spec.algorithm,
@@ -488,6 +521,7 @@ def objective_from_spec(
         anchor_reduction=spec.seuf.anchor_reduction,
         router_aux_loss=spec.seuf.router_aux_loss,
         layers=layers,
+        retain_routing_weight=retain_routing_weight,
     )
 
 

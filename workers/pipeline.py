@@ -44,10 +44,11 @@ from workers.job import (
     stop_check_for,
 )
 from workers.model_source import write_base_ref
-from workers.objectives import objective_from_spec
+from workers.objectives import Objective, objective_from_spec
 from workers.patch import state_sha256, write_region_patch
 from workers.reference import prepare_reference
 from workers.results import JobResult, overlap_from_target, target_layer
+from workers.retain_routing import held_out
 from workers.robustness_stage import robustness_stage
 from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
@@ -207,8 +208,15 @@ def run_pipeline(
     scope = apply_scope(model, adapter, sel_plan.scope, pairs)
     before_state = snapshot_regions(model, scope.regions) if main else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
-    objective = objective_from_spec(spec, adapter, pairs, layers=adapter.moe_layers())
-    prepare_reference(objective, model, forget_train, retain_train, seed=tr.seed)
+    rr_weight = spec.retain_routing_weight() if retain_train is not None else 0.0
+    objective = objective_from_spec(
+        spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight
+    )
+    probe_ids = [int(i) for b in probe_retain or [] for i in b["index"]]
+    holdout = held_out(len(retain_train), probe_ids) if retain_train is not None else set()
+    prepare_reference(
+        objective, model, forget_train, retain_train, seed=tr.seed, routing_holdout=holdout
+    )
 
     cache, cache_info = None, None
     if tr.activation_cache and runner.supports_activation_cache:
@@ -340,6 +348,13 @@ def run_pipeline(
             **sel_plan.to_json(),
             "router_projection_mode": projection,
             "router_projection": [r.projector.to_json() for r in routers],
+            "retain_routing": {
+                "weight": rr_weight,
+                "layers": [m.layer for m in objective.retain_routing_layers],
+                **_retain_routing_reference(objective),
+                # the overlap probe's samples, left out of the loss (workers/retain_routing)
+                "probe_held_out": len(holdout) if rr_weight > 0 else 0,
+            },
         },
         trainable_parameters=trainable,
         total_parameters=total,
@@ -363,6 +378,14 @@ def run_pipeline(
     )
     res.write(out_dir)
     return res
+
+
+def _retain_routing_reference(objective: Objective) -> dict[str, int]:
+    """How much of the retain corpus the retain routing loss has a reference for."""
+    ref = objective.reference.retain_routing if objective.reference is not None else None
+    if ref is None:
+        return {"reference_bytes": 0, "reference_samples": 0}
+    return {"reference_bytes": ref.nbytes, "reference_samples": ref.samples}
 
 
 def target_met(

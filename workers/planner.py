@@ -39,6 +39,7 @@ from typing import Any, Literal
 from workers.model_shape import ModelShape
 from workers.spec import JobSpec
 
+RETAIN_ROUTING_MAX_BYTES = 256 * 2**20  # the retain routing loss's reference cap
 GiB = 2**30
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -270,6 +271,14 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         # h_ref of the retain batches at the steered layer, kept for the run (capped like the
         # cache: the engine precomputes them once).
         reference = min(cache or 256 * 2**20, 256 * 2**20)
+    if spec.retain_routing_weight() > 0:
+        # The retain routing loss's targets: K int8/int16 indices + K float16 per token and
+        # MoE layer, capped (workers/retain_routing.py); bounded corpora need less.
+        per_token = len(shape.moe_layers) * shape.top_k * 4
+        rr = RETAIN_ROUTING_MAX_BYTES
+        if spec.retain is not None and spec.retain.max_records is not None:
+            rr = min(rr, spec.retain.max_records * spec.training.max_length * per_token)
+        reference += rr
 
     ev = spec.evaluation
     if spec.model == "demo" or ev.tasks or ev.forget_tasks:

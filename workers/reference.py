@@ -1,14 +1,19 @@
 """What an objective needs from the frozen model, computed once before training: NPO's
-reference forget NLLs, RMU's retain activations and steering direction
+reference forget NLLs, RMU's retain activations and steering direction, the retain routing
+loss's original routing (workers/retain_routing.py)
 (`prepare_reference` attaches them to the objective; see workers/objectives.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
 from workers.data import TokenizedCorpus
+from workers.moe import get_adapter
 from workers.objectives import Objective, Reference, run_forward, sequence_nll
+from workers.retain_routing import collect_routing_targets
 
 
 @torch.no_grad()
@@ -58,13 +63,27 @@ def prepare_reference(
     retain: TokenizedCorpus | None,
     seed: int = 0,
     batch_size: int = 16,
+    routing_holdout: Collection[int] = (),
 ) -> Reference | None:
     """Compute what `objective` needs from the frozen model (call BEFORE training) and
-    attach it to the objective. Returns None for reference-free objectives."""
+    attach it to the objective. Returns None for reference-free objectives.
+    `routing_holdout`: retain samples the retain routing loss leaves out (the overlap probe,
+    workers/retain_routing.held_out)."""
     d = objective.definition
-    if not d.needs_reference:
+    if not d.needs_reference and not objective.keeps_retain_routing:
         return None
     ref = Reference()
+    if objective.keeps_retain_routing:
+        if retain is None or objective.adapter is None:
+            raise ValueError("the retain routing loss needs a retain corpus")
+        adapter = objective.adapter
+        layers = objective.retain_routing_layers
+        if adapter.model is not model:  # another copy of the original (tests): its routers
+            adapter = get_adapter(model)
+            layers = [adapter.moe_layer(m.layer) for m in layers]
+        ref.retain_routing = collect_routing_targets(
+            model, adapter, layers, retain, batch_size, skip=routing_holdout
+        )
     if objective.name == "npo":
         ref.forget_nll = reference_forget_nll(model, forget, batch_size)
     if objective.name == "rmu":

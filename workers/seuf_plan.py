@@ -176,5 +176,7 @@ def training_for(plan: SelectionPlan, spec: JobSpec) -> TrainingOptions:
         stop = tr.stop
         targeted = stop.forget_accuracy_target is not None or stop.forget_loss_target is not None
         steps = max(tr.max_steps, FULL_FALLBACK_STEPS) if targeted else tr.max_steps
-        return tr.model_copy(update={"lr": min(tr.lr, FULL_FALLBACK_LR), "max_steps": steps})
+        lr = spec.seuf.fallback_lr
+        lr = min(tr.lr, FULL_FALLBACK_LR) if lr == "auto" else lr
+        return tr.model_copy(update={"lr": lr, "max_steps": steps})
     return tr

@@ -78,6 +78,11 @@ class WorldOptions(Strict):
         return self
 
 
+# seuf.retain_routing_weight auto: chosen on the quality sweep (README "Worlds nobody tuned
+# it on").
+RETAIN_ROUTING_WEIGHT = 100.0
+
+
 class SeufOptions(Strict):
     """Selected-expert unlearning: which experts, how they are found, the router anchor."""
 
@@ -114,6 +119,12 @@ class SeufOptions(Strict):
         "`selection_warning`): widen = the best-scoring experts that fill the budget; "
         "full = unlearn all parameters instead (at lr <= 1e-4; when the planner says that "
         "does not fit the worker, the job stops instead); stop = end the job before training.",
+    )
+    fallback_lr: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = Field(
+        "auto",
+        description="The step size of the full fallback: all parameters need a smaller "
+        "one than a few experts. auto: min(training.lr, the fallback's measured step size "
+        "for the algorithm; workers/seuf_plan.py FULL_FALLBACK_LR).",
     )
     router_projection: Literal["auto", "none", "nullspace"] = Field(
         "auto",
@@ -153,6 +164,15 @@ class SeufOptions(Strict):
         "positions of prompt/answer records (all tokens of text records); all = every token.",
     )
     anchor_weight: Weight = Field(1.0, description="alpha of the router anchor loss.")
+    retain_routing_weight: Weight | Literal["auto"] = Field(
+        "auto",
+        description="w_rr of the retain routing loss: KL of every retain token's routing "
+        "(its original top-K experts' gate probabilities and the rest of the mass) from the "
+        "original model's, at every MoE layer from the lowest trained one up "
+        "(workers/retain_routing.py); 0 = off. auto: on with a retain corpus when the job "
+        "asked for SEUF (scope seuf or router, and auto's full fallback), off for a job "
+        "that asked for scope full or experts (the baselines).",
+    )
     anchor_reduction: AnchorReduction = Field(
         "sum",
         description="sum: the paper's squared L2 over experts; mean: divided by E "
@@ -457,6 +477,18 @@ class JobSpec(Strict):
                 refs.append((f"evaluation.robustness[{i}].holdout", check.holdout))
         return refs
 
+    def retain_routing_weight(self) -> float:
+        """The retain routing loss's weight that runs (torch-free: the planner reads it):
+        the spec's, or for `auto` RETAIN_ROUTING_WEIGHT when the job asked for SEUF (scope
+        seuf or router, whatever scope auto's plan ends on); 0 without a retain corpus and,
+        under auto, for the full and experts baselines."""
+        w = self.seuf.retain_routing_weight
+        if self.retain is None:
+            return 0.0
+        if w != "auto":
+            return float(w)
+        return RETAIN_ROUTING_WEIGHT if self.scope in ("seuf", "router") else 0.0
+
     def resolved(self) -> dict[str, Any]:
         """The fully resolved spec (every default filled in) as plain JSON data."""
         return self.model_dump(mode="json")
@@ -485,8 +517,11 @@ def load_spec(path: str | Path) -> JobSpec:
         raise ValueError(f"spec {p} must be a mapping at the top level")
     ev = data.get("evaluation")
     checks = ev.get("robustness") if isinstance(ev, dict) else None
-    holdouts = [c.get("holdout") for c in checks if isinstance(c, dict)] if isinstance(
-        checks, list) else []
+    holdouts = (
+        [c.get("holdout") for c in checks if isinstance(c, dict)]
+        if isinstance(checks, list)
+        else []
+    )
     for ref in [data.get("forget"), data.get("retain"), *holdouts]:
         if isinstance(ref, dict) and isinstance(ref.get("path"), str):
             cp = Path(ref["path"])

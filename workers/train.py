@@ -238,7 +238,7 @@ def train(
 
     # Overlap is measured with the layer list pinned before wiring (see TrainableScope).
     probe_adapter = scope.adapter or adapter
-    uses_retain = objective_fn.definition.uses_retain and retain_batches is not None
+    uses_retain = objective_fn.uses_retain and retain_batches is not None
     forget_src = run.shard(forget_batches)  # type: ignore[arg-type]
     retain_src = run.shard(retain_batches) if uses_retain else None  # type: ignore[arg-type]
     history: list[StepInfo] = []

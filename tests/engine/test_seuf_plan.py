@@ -71,6 +71,27 @@ def test_a_full_fallback_trains_at_a_capped_lr_and_widens_only_a_targeted_budget
     )  # fmt: skip
     kept = plan_selection(LOCAL, targeted)  # qualified: the spec's own settings
     assert training_for(kept, targeted) == targeted.training
+    # seuf.fallback_lr names the fallback's step size (the cap is auto's)
+    named = JobSpec.model_validate(
+        targeted.resolved() | {"seuf": {**targeted.resolved()["seuf"], "fallback_lr": 1e-3}}
+    )
+    assert training_for(fell, named).lr == 1e-3
+    assert training_for(kept, named) == named.training  # only a fallback uses it
+
+
+def test_retain_routing_weight_auto_is_on_for_seuf_jobs_with_retain_data_only() -> None:
+    from workers.spec import RETAIN_ROUTING_WEIGHT
+
+    assert spec().retain_routing_weight() == RETAIN_ROUTING_WEIGHT > 0
+    assert spec("router").retain_routing_weight() == RETAIN_ROUTING_WEIGHT
+    assert spec("full").retain_routing_weight() == 0.0  # the baseline stays plain
+    assert spec("experts").retain_routing_weight() == 0.0
+    assert spec("full", retain_routing_weight=2.5).retain_routing_weight() == 2.5
+    assert spec(retain_routing_weight=0).retain_routing_weight() == 0.0
+    no_retain = JobSpec.model_validate(
+        {"forget": {"demo": "forget"}, "algorithm": "ga", "seuf": {"attribution": "affinity"}}
+    )
+    assert no_retain.retain_routing_weight() == 0.0
 
 
 def test_a_full_fallback_that_cannot_fit_the_worker_stops_the_job_instead() -> None:

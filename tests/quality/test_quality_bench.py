@@ -143,6 +143,10 @@ def test_sweep_shards_pick_by_index_or_key() -> None:
         ("nullspace", lambda d: d["seuf"]["router_projection"] == "nullspace"),
         ("auto", lambda d: d["seuf"]["num_experts"] == "auto"),
         ("lr1e3", lambda d: d["training"]["lr"] == 1e-3),
+        ("rr10", lambda d: d["seuf"]["retain_routing_weight"] == 10.0),
+        ("rr10_noproj", lambda d: d["seuf"]["router_projection"] == "none"),
+        ("flr3e4", lambda d: d["seuf"]["fallback_lr"] == 3e-4),
+        ("flr1e3_rr0", lambda d: d["seuf"]["retain_routing_weight"] == 0.0),
     ],
 )
 def test_sweep_variants_change_only_their_field(variant: str, check) -> None:
@@ -151,6 +155,11 @@ def test_sweep_variants_change_only_their_field(variant: str, check) -> None:
     assert check(var)
     assert {k for k in base if base[k] != var[k]} <= {"seuf", "scope", "training"}
     assert sum(base[k] != var[k] for k in base) == 1
+
+
+def test_defaults_variant_is_the_example_untouched() -> None:
+    base = JobSpec.model_validate(quality.variant_spec("npo", "seuf", 1)).resolved()
+    assert JobSpec.model_validate(quality.variant_spec("npo", "defaults", 1)).resolved() == base
 
 
 def _sweep_run(alg: str, variant: str, forget: float, kept: float, overlap: float) -> dict:

@@ -20,7 +20,7 @@ from workers.job import open_model
 from workers.patch import state_sha256
 from workers.run import run_job
 from workers.seuf_plan import FULL_FALLBACK_LR
-from workers.spec import JobSpec
+from workers.spec import RETAIN_ROUTING_WEIGHT, JobSpec
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,11 @@ def test_patch_only_job_after_auto_fallback(db, tmp_path, finished) -> None:
     # No forget target: the spec's budget stays (a target widens it: tests/engine).
     assert ran["lr"] == FULL_FALLBACK_LR and ran["max_steps"] == 2
     assert ran["precision"]["dtype"] == "float32" and ran["selection_warning"]
+    # the fallback's retain-routing guards (the defaults: every router projected, the loss on)
+    assert ran["router_projection"] == "nullspace"
+    assert ran["retain_routing_weight"] == RETAIN_ROUTING_WEIGHT
     assert "the spec asked for seuf" in page and "reference only" in page
+    assert "Retain routing loss weight" in page
     # job:<id> loads as the base with the patch applied, hash-checked.
     assert Path(ref) == out and revision is None
     model, _, _ = open_model(ref)
