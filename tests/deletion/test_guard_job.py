@@ -39,8 +39,10 @@ def _ga_spec(**training: Any) -> JobSpec:
     data["training"] = {**data["training"], **training, "stop": stop}
     data["evaluation"] = {"backend": "direct", "robustness": []}  # fast; same scorer as lm-eval
     # One expert at the given step size: a full-parameter fallback (auto's, on this world)
-    # would cap the step size, and the guard is tested against a too-large one.
-    data["seuf"].update(num_experts=1, router_projection="none")
+    # would cap the step size, and the guard is tested against a too-large one. Without the
+    # retain routing loss: at weight 100 it kept utility in place at lr 0.05 (the job met
+    # its forget target instead), and the guard is tested against damage.
+    data["seuf"].update(num_experts=1, router_projection="none", retain_routing_weight=0)
     return JobSpec.model_validate(data)
 
 

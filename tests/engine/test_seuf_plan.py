@@ -20,6 +20,7 @@ from workers.seuf_plan import (
     FULL_FALLBACK_STEPS,
     attach_projection,
     close_all,
+    full_fallback_lr,
     full_fallback_refusal,
     plan_selection,
     projection_mode,
@@ -92,6 +93,20 @@ def test_retain_routing_weight_auto_is_on_for_seuf_jobs_with_retain_data_only() 
         {"forget": {"demo": "forget"}, "algorithm": "ga", "seuf": {"attribution": "affinity"}}
     )
     assert no_retain.retain_routing_weight() == 0.0
+    rmu = JobSpec.model_validate(spec().resolved() | {"algorithm": "rmu"})
+    assert rmu.retain_routing_weight() == 0.0  # auto: off for RMU (it fought the steering)
+    named = JobSpec.model_validate(rmu.resolved() | {"seuf": {"retain_routing_weight": 5}})
+    assert named.retain_routing_weight() == 5.0
+
+
+def test_rmu_falls_back_at_its_own_step_size() -> None:
+    fell = plan_selection(SPREAD, spec(num_experts="auto"))
+    rmu = JobSpec.model_validate(
+        spec().resolved()
+        | {"algorithm": "rmu", "training": {"lr": 1e-2, "stop": {"forget_accuracy_target": 0.3}}}
+    )
+    assert training_for(fell, rmu).lr == full_fallback_lr("rmu") == 1e-3
+    assert full_fallback_lr("gdiff") == FULL_FALLBACK_LR
 
 
 def test_a_full_fallback_that_cannot_fit_the_worker_stops_the_job_instead() -> None:
