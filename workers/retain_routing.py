@@ -61,12 +61,6 @@ class RoutingTargets:
         return sum(t.numel() * t.element_size() for t in (*self.indices, *self.probs))
 
 
-def layers_from(adapter: MoEAdapter, lowest: int | None) -> list[MoELayer]:
-    """The MoE layers at or above decoder layer `lowest` (None: every MoE layer): the
-    layers whose routing a trained parameter at `lowest` can move."""
-    return [m for m in adapter.moe_layers() if lowest is None or m.layer >= lowest]
-
-
 @torch.no_grad()
 def collect_routing_targets(
     model: nn.Module,
