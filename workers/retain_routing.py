@@ -90,6 +90,8 @@ def collect_routing_targets(
     try:
         for b in corpus.in_order(batch_size):
             kept = [r for r, i in enumerate(b["index"].tolist()) if i not in skipped]
+            if not kept:  # every sample held out (the probe is the corpus's first batches)
+                continue
             budget -= int(b["attention_mask"][kept].sum()) * per_token
             if budget < 0:
                 break
