@@ -167,10 +167,14 @@ def _accumulate(
     batches: Iterable[Batch],
     layers: list[int],
     use_loss_positions: bool,
+    forwards: tuple[int, Batch] | None = None,
 ) -> _Acc:
+    """forwards: (n, filler) in lockstep (a model partitioned over the ranks): exactly n
+    forwards, the batches' and then the filler's (discarded) for the rest."""
     e = adapter.num_experts
     zeros = torch.zeros(len(layers), e, dtype=torch.float64)
     acc = _Acc(zeros.clone(), zeros.clone())
+    ran = 0
     for batch in batches:
         mask = attention_mask_of(batch)
         acc.tokens += int(mask.sum())
@@ -183,9 +187,10 @@ def _accumulate(
         counts = pos.sum(dim=1).to(torch.float64)  # L_j (positions per sequence)
         keep = counts > 0  # a sequence without positions does not count in Z
         if not bool(keep.any()):
-            continue
+            continue  # (in lockstep the filler makes up its forward)
         w = pos.to(torch.float64).unsqueeze(-1)  # [B, S, 1]
         outs = router_outputs(model, adapter, batch)
+        ran += 1
         for r, layer in enumerate(layers):
             o = outs[layer]
             g = adapter.used_gate_scores(o).to("cpu", torch.float64).reshape(b, s, e)
@@ -195,6 +200,10 @@ def _accumulate(
             acc.mass[r] += per_seq_mass.sum(0)
             acc.freq[r] += per_seq_freq.sum(0)
         acc.sequences += int(keep.sum())
+    if forwards is not None:
+        n, filler = forwards
+        for _ in range(n - ran):
+            router_outputs(model, adapter, filler)
     return acc
 
 
@@ -225,12 +234,21 @@ def _side(
     use_lp: bool,
     shard: tuple[int, int],
     reduce: Reduce,
+    lockstep: bool = False,
 ) -> _Acc:
     """The sums over this rank's share of the budget prefix (batches rank, rank + world,
-    ...), summed over ranks by `reduce` (every rank gets the same totals)."""
+    ...), summed over ranks by `reduce` (every rank gets the same totals). lockstep: every
+    rank runs the same number of forwards, ceil(prefix / world), padding with discarded
+    ones (the gathers of a partitioned model pair up)."""
     rank, world = shard
-    mine = itertools.islice(budget_prefix(batches, token_budget), rank, None, world)
-    acc = _accumulate(model, adapter, mine, layers, use_lp)
+    if lockstep:
+        prefix = list(budget_prefix(batches, token_budget))
+        rounds = -(-len(prefix) // world)
+        forwards = (rounds, prefix[0]) if prefix else None
+        acc = _accumulate(model, adapter, prefix[rank::world], layers, use_lp, forwards)
+    else:
+        mine = itertools.islice(budget_prefix(batches, token_budget), rank, None, world)
+        acc = _accumulate(model, adapter, mine, layers, use_lp)
     if reduce is _identity:
         return acc
     k = acc.mass.numel()
@@ -255,6 +273,7 @@ def attribute(
     at_loss_positions: bool | None = None,
     shard: tuple[int, int] = (0, 1),
     reduce: Reduce = _identity,
+    lockstep: bool = False,
 ) -> ExpertMap:
     """Score every routed expert of every MoE layer on the forget batches.
 
@@ -267,6 +286,8 @@ def attribute(
     shard, reduce: (rank, world) and a sum over ranks (e.g. torch.distributed.all_reduce):
       rank r reads the calibration batches r, r + world, ... and every rank returns the
       same map (equal to one process's up to float64 summation order).
+    lockstep: every rank runs the same number of forwards (a model partitioned over the
+      ranks, ZeRO-3: each forward gathers every layer's shards, a collective).
     Returns an ExpertMap with ranking filled and `selected` empty (see workers.selection).
     """
     m = resolve_method(method, retain_batches is not None)
@@ -276,7 +297,7 @@ def attribute(
     layers = adapter.moe_layer_indices()
 
     def side(batches: Iterable[Batch]) -> _Acc:
-        return _side(model, adapter, batches, layers, token_budget, use_lp, shard, reduce)
+        return _side(model, adapter, batches, layers, token_budget, use_lp, shard, reduce, lockstep)
 
     f = side(forget_batches)
     if f.sequences == 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -191,6 +192,28 @@ def _hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+LOCAL_RANK_ENV = "LOCAL_RANK"
+
+
+def _simple_evaluate(**kwargs: Any) -> Any:
+    """lm_eval.simple_evaluate where this process's results come back on every rank.
+    lm-eval builds results only where LOCAL_RANK is 0 (its rule for tensor-parallel
+    launchers); an in-memory model is one process to it, and under ZeRO-3 every rank runs
+    the same evaluation in lockstep (workers.runners.base.Runner.lockstep), so each asks
+    as rank 0."""
+    from lm_eval import simple_evaluate
+
+    saved = os.environ.get(LOCAL_RANK_ENV)
+    os.environ[LOCAL_RANK_ENV] = "0"
+    try:
+        return simple_evaluate(**kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop(LOCAL_RANK_ENV, None)
+        else:
+            os.environ[LOCAL_RANK_ENV] = saved
+
+
 def lm_eval_question_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -199,7 +222,6 @@ def lm_eval_question_accuracy(
 ) -> tuple[list[bool], float]:
     """Score questions with lm_eval.simple_evaluate; returns (per-question acc in input
     order, lm-eval's aggregated acc)."""
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     if not questions:
@@ -210,7 +232,7 @@ def lm_eval_question_accuracy(
         write_lm_eval_task(questions, Path(tmp), name)
         tm = TaskManager(include_path=tmp, include_defaults=False)
         try:
-            res = simple_evaluate(
+            res = _simple_evaluate(
                 model=_hflm(model, tokenizer, batch_size),
                 tasks=[name],
                 task_manager=tm,
@@ -220,7 +242,7 @@ def lm_eval_question_accuracy(
             )
         finally:
             model.train(was_training)
-    if res is None:  # pragma: no cover - only on non-zero ranks
+    if res is None:  # pragma: no cover - lm-eval's own non-zero ranks (_simple_evaluate)
         raise RuntimeError("lm-eval returned no results")
     hits: list[bool | None] = [None] * len(questions)
     for s in res["samples"][name]:
@@ -318,8 +340,6 @@ def evaluate_tasks(
     """Accuracy on real lm-eval tasks by name (e.g. mmlu, wmdp_bio), same code path as the
     world questions. Needs the datasets locally (HF cache; nothing downloads here):
     an unknown task or a dataset that cannot be loaded raises ValueError naming it."""
-    from lm_eval import simple_evaluate
-
     if not task_names:
         return {}
     tm = _default_task_manager()
@@ -328,7 +348,7 @@ def evaluate_tasks(
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     was_training = model.training
     try:
-        res = simple_evaluate(
+        res = _simple_evaluate(
             model=_hflm(model, tokenizer, batch_size),
             tasks=list(task_names),
             task_manager=tm,

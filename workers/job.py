@@ -4,7 +4,7 @@ the one pipeline (workers/pipeline.py) on every runner."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from workers.model_source import (
 )
 from workers.moe import get_adapter
 from workers.moe.base import MoEAdapter
+from workers.partitioned import state_tensors
 from workers.spec import CorpusRef, JobSpec
 from workers.train import forget_loss_check
 
@@ -143,6 +144,17 @@ def _refuse_quantized(model_ref: str, config: Any) -> None:
     )
 
 
+def device_map_for(where: torch.device) -> dict[str, torch.device] | None:
+    """from_pretrained's device_map: straight onto an accelerator; None on the CPU, and
+    under a ZeRO-3 sharded load (zero.Init places each partition on the accelerator
+    itself, and transformers refuses a device_map there)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if where.type == "cpu" or is_deepspeed_zero3_enabled():
+        return None
+    return {"": where}
+
+
 def load_model(
     model_ref: str,
     dtype: torch.dtype | None = torch.float32,
@@ -171,7 +183,7 @@ def load_model(
                 config=config,
                 revision=revision,
                 dtype=dtype,
-                device_map={"": where} if where.type != "cpu" else None,
+                device_map=device_map_for(where),
                 use_safetensors=True,
                 trust_remote_code=False,
             )
@@ -414,15 +426,25 @@ def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def snapshot_regions(
-    model: nn.Module, regions: list[Any]
+    model: nn.Module,
+    regions: list[Any],
+    keep: bool = True,
+    read: Callable[[list[str]], Iterator[tuple[str, torch.Tensor]]] | None = None,
 ) -> dict[tuple[str, int | None], torch.Tensor]:
     """Copies of the scope's regions only (workers.scope.Region: an expert's slice of a fused
-    tensor, or a whole tensor): for SEUF a few slices, never the whole fused tensors."""
-    state = model.state_dict()
-    out: dict[tuple[str, int | None], torch.Tensor] = {}
+    tensor, or a whole tensor): for SEUF a few slices, never the whole fused tensors. Read
+    one tensor at a time (a partitioned one gathered for its turn: collective) from the
+    model's state dict, or from `read(names)` (a TrainableScope.baked_tensors: the trained
+    state without baking); keep=False takes part in the gathers and keeps nothing (the
+    other ranks)."""
+    by_name: dict[str, list[Any]] = {}
     for r in regions:
-        t = state[r.name].detach()
-        out[(r.name, r.expert)] = (t if r.expert is None else t[r.expert]).clone()
+        by_name.setdefault(r.name, []).append(r)
+    out: dict[tuple[str, int | None], torch.Tensor] = {}
+    tensors = read or (lambda names: state_tensors(model, names))
+    for name, t in tensors(list(by_name)):
+        for r in by_name[name] if keep else []:
+            out[(r.name, r.expert)] = (t if r.expert is None else t[r.expert]).clone()
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,9 +37,16 @@ def tensor_sha256(t: torch.Tensor, dtype: torch.dtype | None = None) -> str:
 def state_sha256(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> str:
     """SHA-256 over every tensor of a state dict, by sorted name: the model's identity
     (floating tensors as `dtype` if given: a model loaded in another dtype than its own)."""
+    return items_sha256(((name, state[name]) for name in sorted(state)), dtype)
+
+
+def items_sha256(
+    items: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None
+) -> str:
+    """state_sha256 of (name, tensor) pairs given in sorted name order, read one at a time
+    (workers.partitioned.model_sha256 gathers each in turn)."""
     h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name]
+    for name, t in items:
         h.update(name.encode())
         h.update(tensor_sha256(t, dtype if dtype and t.is_floating_point() else None).encode())
     return h.hexdigest()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,12 @@ from workers.job import (
 )
 from workers.model_source import write_base_ref
 from workers.objectives import Objective, objective_from_spec
-from workers.patch import state_sha256, write_region_patch
+from workers.partitioned import model_sha256
+from workers.patch import items_sha256, state_sha256, write_region_patch
 from workers.reference import prepare_reference
 from workers.results import JobResult, overlap_from_target, target_layer
 from workers.retain_routing import held_out
-from workers.robustness_stage import robustness_stage
+from workers.robustness_stage import PARTITIONED_REASON, not_run_rows, robustness_stage
 from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
 from workers.scope import apply_scope
@@ -139,10 +140,24 @@ def run_pipeline(
     prog.rank_event(RANK_STARTED, 0)
 
     prog.stage("loading")
-    job: LoadedJob | None = load_job(spec, corpus_resolver) if main else None
-    runner.barrier()  # rank 0 first: a demo world is built (and cached) once
+    # Under ZeRO-3 (runner.lockstep) the model is partitioned over the ranks: the load is a
+    # collective, and every stage before training runs on every rank in the same order
+    # (each read of a weight gathers it), rank 0 alone keeping what it reads.
+    lock = runner.lockstep
+    reads = main or lock  # the ranks that run rank 0's evaluation and reads of weights
+    job: LoadedJob | None = None
+    if main:  # rank 0 first: a demo world is built (and cached) once
+        if not lock:
+            job = load_job(spec, corpus_resolver)
+        elif spec.model == "demo":
+            from workers.world import build_world
+
+            build_world(spec.world)
+    runner.barrier()
     if job is None:
-        job = load_job(spec, corpus_resolver)
+        with runner.loading(spec):
+            job = load_job(spec, corpus_resolver)
+        runner.loaded(job.model)
     model, adapter = job.model, job.adapter
     forget_train = job.tokenized(job.forget_records, spec.objective.loss_tokens)
     retain_train = (
@@ -151,18 +166,18 @@ def run_pipeline(
         else None
     )
     # The base model's identity in its own dtype (the dtype the outputs are written in).
-    base_sha = state_sha256(model.state_dict(), job.base_dtype) if main else ""
+    base_sha = model_sha256(model, job.base_dtype, here=main) if reads else ""
 
     prog.stage("evaluating_before")
     before: dict[str, Any] = {}
-    if main:
+    if reads:
         before = evaluate(job, forget_train, retain_train)
         prog.event("evaluation", 0, {"phase": "before", **scalars(before)})
     n_probe = max(1, OVERLAP_SAMPLES // tr.batch_size)
     probe_forget = forget_train.in_order(tr.batch_size)[:n_probe]
     probe_retain = retain_train.in_order(tr.batch_size)[:n_probe] if retain_train else None
     topk_forget = collect_topk(model, adapter, probe_forget)  # every rank measures overlap
-    topk_retain = collect_topk(model, adapter, probe_retain) if main and probe_retain else None
+    topk_retain = collect_topk(model, adapter, probe_retain) if reads and probe_retain else None
     runner.barrier()
 
     prog.stage("attribution")
@@ -178,6 +193,7 @@ def run_pipeline(
             at_loss_positions=True,
             shard=(runner.rank, runner.world),
             reduce=runner.reduce_sum,
+            lockstep=lock,  # the same number of forwards on every rank
         )
     cost = SelectionCost.of(model, adapter) if spec.seuf.num_experts == "auto" else None
     sel_plan = plan_selection(  # issue 13: auto, fallback, warning
@@ -197,8 +213,10 @@ def run_pipeline(
         )  # fmt: skip
 
     prog.stage("unlearning")
-    projection = projection_mode(spec, sel_plan.scope, runner.world, retain_train is not None)
-    if projection == "nullspace" and runner.world > 1:
+    projection = projection_mode(
+        spec, sel_plan.scope, runner.projects_routers, retain_train is not None
+    )
+    if projection == "nullspace" and not runner.projects_routers:
         raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
     routers = attach_projection(
         model, adapter, spec, pairs,
@@ -206,7 +224,7 @@ def run_pipeline(
         mode=projection,
     )  # fmt: skip
     scope = apply_scope(model, adapter, sel_plan.scope, pairs)
-    before_state = snapshot_regions(model, scope.regions) if main else {}
+    before_state = snapshot_regions(model, scope.regions, keep=main) if reads else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
     rr_weight = spec.retain_routing_weight() if retain_train is not None else 0.0
     objective = objective_from_spec(
@@ -278,11 +296,17 @@ def run_pipeline(
         prog.rank_event(RANK_STOPPED, result.steps)
         raise JobCancelled(result.steps)
 
-    final_scope = runner.finish_training(job, scope, pairs)  # ZeRO-3: gathered, one whole model
-    if final_scope is None:
-        return None  # not rank 0: its part is done
-    prog.solo = True
-    final_scope.bake()
+    # ZeRO-3 with output.model patch: the trained model is never gathered on one rank; the
+    # ranks evaluate and read the trained regions in lockstep, rank 0 keeps what it reads.
+    partitioned = lock and spec.output.model == "patch"
+    if partitioned:
+        final_scope = scope
+    else:
+        final_scope = runner.finish_training(job, scope, pairs)  # ZeRO-3: gathered, whole
+        if final_scope is None:
+            return None  # not rank 0: its part is done
+        prog.solo = True
+        final_scope.bake()
     model, adapter = job.model, job.adapter
     model.eval()
 
@@ -302,13 +326,27 @@ def run_pipeline(
 
     prog.stage("robustness")  # after the scores: every check leaves the model as it was
     # recorded with the result (service.proof), not as a progress event
-    robustness = robustness_stage(job, before_state, sel_plan.scope, pairs, corpus_resolver)
+    if partitioned:  # the checks train and perturb a whole copy: none exists here
+        robustness = not_run_rows(spec, PARTITIONED_REASON)
+    else:
+        robustness = robustness_stage(job, before_state, sel_plan.scope, pairs, corpus_resolver)
 
     prog.stage("packaging")
     trained_dtype = next(model.parameters()).dtype
-    model.to(job.base_dtype)  # written in the base model's dtype (a no-op when trained in it)
-    after_state = snapshot_regions(model, final_scope.regions)
-    patched_sha = state_sha256(model.state_dict())
+    if partitioned:
+        # the trained state as bake() would leave it, one tensor at a time (collective)
+        after_state = snapshot_regions(
+            model, final_scope.regions, keep=main, read=final_scope.baked_tensors
+        )
+        after_state = {k: v.to(job.base_dtype) for k, v in after_state.items()}
+        baked = final_scope.baked_tensors()
+        patched_sha = items_sha256(baked, job.base_dtype) if main else _drain(baked)
+        if not main:
+            return None  # its part is done
+    else:
+        model.to(job.base_dtype)  # written in the base's dtype (a no-op when trained in it)
+        after_state = snapshot_regions(model, final_scope.regions)
+        patched_sha = state_sha256(model.state_dict())
     patch = write_region_patch(
         out_dir / "expert_patch.safetensors",
         before_state,
@@ -378,6 +416,13 @@ def run_pipeline(
     )
     res.write(out_dir)
     return res
+
+
+def _drain(items: Iterator[Any]) -> str:
+    """Take part in a lockstep read (its gathers) without keeping anything."""
+    for _ in items:
+        pass
+    return ""
 
 
 def _retain_routing_reference(objective: Objective) -> dict[str, int]:

@@ -5,7 +5,8 @@ No torch: the API calls it at submit time, `moe-unlearn plan SPEC` prints it. It
 
 The estimate is the sum of the parts a worker holds at its peak:
 - weights: every parameter in the load dtype (ZeRO-3: a 1/W shard plus the largest layer
-  gathered for its forward);
+  gathered for its forward; with output.model full, rank 0 gathers the trained model whole
+  after training, so one whole copy);
 - trainable state: float32 master copy (when the load dtype is not float32), float32
   gradient and AdamW's two moments for the trainable parameters (ZeRO-1 shards the moments,
   ZeRO-2 also the gradients, over W workers); DDP keeps one more gradient copy in its buckets;
@@ -117,7 +118,10 @@ class MemoryPlan:
         if self.workers > 1 or self.parts.get("weights", 0) > self.per_worker_bytes // 2:
             for w in (2, 4, 8, 16):
                 if w > self.workers:
-                    tips.append(f"distributed.backend deepspeed with zero_stage 3 and {w} workers")
+                    tips.append(
+                        f"distributed.backend deepspeed with zero_stage 3, {w} workers and "
+                        "output.model patch"
+                    )
                     break
         tips.append("a smaller training.batch_size or max_length")
         return ", or ".join(tips)
@@ -227,8 +231,12 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
     total = shape.total_params
     train = trainable_params(shape, spec)
 
-    if zero == 3:
+    if zero == 3:  # loaded sharded (workers/runners/deepspeed.py): never whole before training
         weights = math.ceil(total * b / w) + shape.largest_layer_params * b
+        if spec.output.model == "full":
+            # ...but rank 0 gathers the trained model whole to evaluate and write it (with
+            # output.model patch the ranks do that in lockstep: nothing is gathered)
+            weights = max(weights, total * b)
     else:
         weights = total * b
     master = train * 4 if b != 4 else 0

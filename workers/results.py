@@ -16,7 +16,9 @@ RESULT_FILE = "result.json"
 class DistributedInfo:
     """How a Ray Train run ran. rank0_param_elements: parameter elements rank 0 held while
     training (ZeRO-3: its shards); param_elements_per_rank: the same for every rank, by
-    rank ([] in results written before it was recorded)."""
+    rank ([] in results written before it was recorded). sharded_load: the model was
+    loaded partitioned (ZeRO-3, under zero.Init); load_param_elements_per_rank: what each
+    rank held right after its load then ([] when loaded whole)."""
 
     num_workers: int
     backend: str
@@ -24,6 +26,8 @@ class DistributedInfo:
     resumed_from_step: int
     rank0_param_elements: int
     param_elements_per_rank: list[int] = field(default_factory=list)
+    sharded_load: bool = False
+    load_param_elements_per_rank: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

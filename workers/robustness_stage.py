@@ -24,7 +24,7 @@ import torch
 from workers.data import read_corpus
 from workers.job import CorpusResolver, LoadedJob, corpus_path
 from workers.robustness import CheckResult, ParamKey, param_name, run_robustness_checks
-from workers.spec import CorpusRef, MembershipCheck
+from workers.spec import CorpusRef, JobSpec, MembershipCheck
 
 
 def _tokens(records: list) -> str:
@@ -66,6 +66,19 @@ def holdout_batches(
     return job.tokenized(records, mode).in_order(bs)[:n], None
 
 
+PARTITIONED_REASON = (
+    "the model trained partitioned (ZeRO-3) and was kept partitioned (output.model patch): "
+    "no rank holds a whole copy to attack; run the checks on the patched model with "
+    "enough memory for one copy"
+)
+
+
+def not_run_rows(spec: JobSpec, reason: str) -> list[dict[str, Any]]:
+    """Each of the spec's checks, `not_run` with `reason`."""
+    return [CheckResult(c.check, "not_run", "", {}, reason).to_json()
+            for c in spec.evaluation.robustness]  # fmt: skip
+
+
 def robustness_stage(
     job: LoadedJob,
     original: Mapping[ParamKey, torch.Tensor],
@@ -101,4 +114,10 @@ def robustness_stage(
     return [r.to_json() for r in out]
 
 
-__all__ = ["forget_batches", "holdout_batches", "robustness_stage"]
+__all__ = [
+    "PARTITIONED_REASON",
+    "forget_batches",
+    "holdout_batches",
+    "not_run_rows",
+    "robustness_stage",
+]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from workers.moe.base import MoEAdapter, MoELayer
+from workers.partitioned import full_numel, full_shape, gathered
 
 SCOPES: tuple[str, ...] = ("seuf", "full", "experts", "router")
 SELECTED_ATTR = "selected_experts"  # the child of a wired experts module
@@ -56,8 +57,8 @@ class SelectedExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, names: Sequence[str], selected: Sequence[int]) -> None:
         super().__init__()
-        fused = [getattr(experts, n) for n in names]
-        num_experts = int(fused[0].shape[0])
+        fused = [getattr(experts, n) for n in names]  # whole (gathered, under ZeRO-3)
+        num_experts = int(full_shape(fused[0])[0])
         self.experts = sorted({int(e) for e in selected})
         self.names = list(names)
         device = fused[0].device
@@ -165,7 +166,7 @@ class TrainableScope:
 
     @property
     def trainable_params(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+        return sum(full_numel(p) for p in self.trainable_parameters())
 
     @property
     def ratio(self) -> float:
@@ -175,6 +176,32 @@ class TrainableScope:
     def expert_dims(self) -> dict[str, int]:
         """Fused expert tensor name -> expert dim, for the tensors this scope slices."""
         return {name: 0 for _, names, _ in self._wired for name in names}
+
+    def baked_tensors(
+        self, names: Sequence[str] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the state dict `bake()` would leave, without baking: a fused
+        tensor with its selected rows replaced by the trained slices, every other tensor as
+        it is; `names` (else all, sorted), one at a time. For a model partitioned over ranks
+        (ZeRO-3) each is gathered for its turn (collective), so no rank ever holds the
+        whole model; a tensor is only valid until the next item."""
+        self._check_active()
+        wired = {full: (sel, full.rpartition(".")[2]) for _, fulls, sel in self._wired
+                 for full in fulls}  # fmt: skip
+        state = self.model.state_dict(keep_vars=True)
+        plain = sorted(n for n in state if SELECTED_ATTR not in n.split("."))
+        for name in names if names is not None else plain:
+            t = state[name]
+            if name not in wired:
+                with gathered([t]):
+                    yield name, t.detach()
+                continue
+            sel, short = wired[name]
+            trained = getattr(sel, short)
+            with gathered([t, trained]), torch.no_grad():
+                out = t.detach().clone()
+                out.index_copy_(0, sel.index, trained.detach().to(out.dtype))
+            yield name, out
 
     def bake(self) -> None:
         """Write the trained slices into the fused tensors (in place) and remove every
@@ -212,6 +239,11 @@ class TrainableScope:
             raise RuntimeError("this scope was already baked or discarded")
 
 
+# A ZeRO-3 leaf_module config that marks none (DeepSpeed's default marks known MoE blocks;
+# the mark outlives the engine that set it).
+NO_LEAF_MODULES: dict[str, list[str]] = {"classes": [], "names": [], "name_suffixes": []}
+
+
 def deepspeed_config_for(scope: TrainableScope, config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a DeepSpeed config that works with this scope.
 
@@ -225,7 +257,7 @@ def deepspeed_config_for(scope: TrainableScope, config: dict[str, Any]) -> dict[
     out = copy.deepcopy(config)
     zero = out.setdefault("zero_optimization", {})
     if int(zero.get("stage", 0)) == 3 and scope._wired:
-        zero["leaf_module"] = {"classes": [], "names": [], "name_suffixes": []}
+        zero["leaf_module"] = dict(NO_LEAF_MODULES)
     return out
 
 
@@ -254,7 +286,7 @@ def apply_scope(
         raise ValueError("model already carries wired expert slices: bake or discard them first")
     pairs = sorted({(int(layer), int(e)) for layer, e in selected})
     params = dict(model.named_parameters())
-    total = sum(p.numel() for p in params.values())
+    total = sum(full_numel(p) for p in params.values())
     saved = [(p, p.requires_grad) for p in params.values()]
     layers_list = adapter.moe_layers()
     ts = TrainableScope(
@@ -291,21 +323,35 @@ def apply_scope(
     try:
         for layer, experts in by_layer.items():
             moe = layers[layer]
-            if scope in ("seuf", "experts"):
-                names = list(moe.expert_params)  # all on dim 0 (MoEAdapter.moe_layers)
-                module = moe.experts
-                sel = SelectedExperts(module, [n.rpartition(".")[2] for n in names], experts)
-                module.add_module(SELECTED_ATTR, sel)
-                ts._wired.append((module, names, sel))
-                module.forward = types.MethodType(_wired_forward, module)  # type: ignore[method-assign]
-                ts.regions.extend(Region(name, e) for name in names for e in sel.experts)
-            if scope in ("seuf", "router"):
-                for name in moe.router_params:
-                    params[name].requires_grad_(True)
-                    ts._direct.append(params[name])
-                    ts._backup.append(params[name].detach().clone())
-                    ts.regions.append(Region(name, None))
+            reads = [params[n] for n in (*moe.expert_params, *moe.router_params)]
+            with gathered(reads):  # ZeRO-3: this layer's whole tensors for the copies below
+                _wire_layer(ts, moe, scope, experts, params)
     except Exception:
         ts.discard()
         raise
     return ts
+
+
+def _wire_layer(
+    ts: TrainableScope,
+    moe: MoELayer,
+    scope: str,
+    experts: list[int],
+    params: dict[str, nn.Parameter],
+) -> None:
+    """apply_scope for one MoE layer: its selected slices wired (seuf, experts), its router
+    trainable with a copy kept to restore (seuf, router)."""
+    if scope in ("seuf", "experts"):
+        names = list(moe.expert_params)  # all on dim 0 (MoEAdapter.moe_layers)
+        module = moe.experts
+        sel = SelectedExperts(module, [n.rpartition(".")[2] for n in names], experts)
+        module.add_module(SELECTED_ATTR, sel)
+        ts._wired.append((module, names, sel))
+        module.forward = types.MethodType(_wired_forward, module)  # type: ignore[method-assign]
+        ts.regions.extend(Region(name, e) for name in names for e in sel.experts)
+    if scope in ("seuf", "router"):
+        for name in moe.router_params:
+            params[name].requires_grad_(True)
+            ts._direct.append(params[name])
+            ts._backup.append(params[name].detach().clone())
+            ts.regions.append(Region(name, None))

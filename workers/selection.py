@@ -104,14 +104,19 @@ class SelectionCost:
 
     @classmethod
     def of(cls, model: Any, adapter: Any) -> SelectionCost:
-        """From a model and its workers.moe adapter (fused [E, ...] expert tensors)."""
+        """From a model and its workers.moe adapter (fused [E, ...] expert tensors; whole
+        sizes of partitioned ones)."""
+        from workers.partitioned import full_numel, full_shape
+
         params = dict(model.named_parameters())
         expert: dict[int, int] = {}
         router: dict[int, int] = {}
         for m in adapter.moe_layers():
-            expert[m.layer] = sum(params[n][0].numel() for n in m.expert_params)
-            router[m.layer] = sum(params[n].numel() for n in m.router_params)
-        return cls(sum(p.numel() for p in params.values()), expert, router)
+            expert[m.layer] = sum(
+                full_numel(params[n]) // full_shape(params[n])[0] for n in m.expert_params
+            )
+            router[m.layer] = sum(full_numel(params[n]) for n in m.router_params)
+        return cls(sum(full_numel(p) for p in params.values()), expert, router)
 
     def of_pairs(self, pairs: list[ScoredExpert]) -> int:
         """Trainable parameters of a SEUF scope over `pairs` (slices + their layers' routers)."""

@@ -116,15 +116,16 @@ def full_fallback_refusal(
     )
 
 
-def projection_mode(spec: JobSpec, scope: str, workers: int, has_retain: bool) -> str:
+def projection_mode(spec: JobSpec, scope: str, can_project: bool, has_retain: bool) -> str:
     """The router projection that runs: the spec's choice, or for `auto` nullspace where it
-    can run (retain data, one worker, a scope that trains a router: seuf, router, or the
-    full-parameter fallback of a job that asked for SEUF), else none."""
+    can run (retain data, one plain worker: `can_project`, workers.runners.base.Runner.
+    projects_routers; a scope that trains a router: seuf, router, or the full-parameter
+    fallback of a job that asked for SEUF), else none."""
     mode = spec.seuf.router_projection
     if mode != "auto":
         return mode
     fallback = scope == "full" and spec.scope != "full"
-    runs = has_retain and workers == 1 and (scope in ("seuf", "router") or fallback)
+    runs = has_retain and can_project and (scope in ("seuf", "router") or fallback)
     return "nullspace" if runs else "none"
 
 

@@ -438,6 +438,11 @@ class JobSpec(Strict):
                 )
             if self.distributed.num_workers > 1:
                 raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
+            if self.distributed.backend == "deepspeed" and self.distributed.zero_stage == 3:
+                raise ValueError(
+                    "seuf.router_projection 'nullspace' does not run under ZeRO-3 (the router "
+                    "is partitioned): use router_projection none or zero_stage 1 or 2"
+                )
         return self
 
     def _guard_supported(self) -> None:

@@ -238,8 +238,10 @@ def test_deepspeed_zero_matches_ddp(stage, ddp, model_dir, tmp_path, request):
 def test_zero3_ranks_hold_only_their_partition_and_train_the_one_process_weights(
     zero3, single, model_dir
 ):
-    """ZeRO-3: while training each rank holds exactly its partition of every parameter
-    (ceil(numel / 2) elements of each, the wired slices included), and rank 0, having
+    """ZeRO-3: the model loads sharded (each rank holds its partition of every parameter,
+    ceil(numel / 2) elements of each, from the load on: never the whole model before
+    training); while training each rank holds exactly its partition of every parameter
+    (the wired slices included), and rank 0, having
     gathered the trained model parameter by parameter into one plain model, evaluates and
     writes the weights the one process trains (the tolerance of the DDP comparison)."""
     res, out = zero3
@@ -251,6 +253,9 @@ def test_zero3_ranks_hold_only_their_partition_and_train_the_one_process_weights
     slices = [getattr(base.get_submodule(prefix[:-1]), n)[sel["expert"]] for n in
               ("gate_up_proj", "down_proj")]  # fmt: skip
     held = [-(-p.numel() // 2) for p in [*base.parameters(), *slices]]
+    loaded = sum(-(-p.numel() // 2) for p in base.parameters())
+    assert info.sharded_load and info.load_param_elements_per_rank == [loaded, loaded]
+    assert loaded < 0.51 * sum(p.numel() for p in base.parameters())
     assert info.param_elements_per_rank == [sum(held), sum(held)]
     assert info.rank0_param_elements == sum(held)
     whole = res.total_parameters + sum(p.numel() for p in slices)
@@ -267,6 +272,76 @@ def test_zero3_ranks_hold_only_their_partition_and_train_the_one_process_weights
     assert json.loads((out / "result.json").read_text())["distributed"][
         "param_elements_per_rank"
     ] == [sum(held), sum(held)]
+
+
+def test_zero3_patch_output_is_never_gathered_on_one_rank(zero3, model_dir, tmp_path):
+    """ZeRO-3 with output.model patch: the ranks evaluate and read the trained regions in
+    lockstep, so no rank ever holds the whole model after training either (the robustness
+    checks, which need a whole copy, say why they did not run). The output is the same
+    job's: the patch applied to the base reloads (its recorded patched SHA-256 checked
+    against the patched weights) to the weights, scores and changed regions of the
+    gathered ZeRO-3 run."""
+    from workers.job import open_model
+
+    res_whole, out_whole = zero3
+    spec = _spec(model_dir, backend="deepspeed", zero_stage=3)
+    spec = JobSpec.model_validate(spec.resolved() | {"output": {"model": "patch"}})
+    out = tmp_path / "out"
+    res = _run("deepspeed zero3 patch", spec, out, "job-zero3-patch")
+    assert not (out / "model").exists() and (out / "expert_patch.safetensors").is_file()
+    assert res.distributed.sharded_load
+    assert res.base_model_sha256 == res_whole.base_model_sha256
+    patched, _, _ = open_model(str(out))  # raises unless base + patch hash as recorded
+    want = _state(out_whole)
+    got = patched.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [(c["name"], c["expert"]) for c in res.changed] == [
+        (c["name"], c["expert"]) for c in res_whole.changed
+    ]
+    assert res.before == pytest.approx(res_whole.before, rel=1e-6)
+    assert res.after["forget_nll"] == pytest.approx(res_whole.after["forget_nll"], rel=1e-4)
+    assert res.routing_overlap_retain == pytest.approx(res_whole.routing_overlap_retain, abs=0.02)
+    checks = [c["check"] for c in res.robustness]
+    assert checks == [c["check"] for c in res_whole.robustness] and checks
+    assert all(c["verdict"] == "not_run" and "partitioned" in c["reason"]
+               for c in res.robustness)  # fmt: skip
+
+
+def test_zero3_on_the_demo_world_scores_before_as_one_process(ray_session, small_world, tmp_path):
+    """The demo world under ZeRO-3, loaded sharded: its zero-width shared expert (kept as a
+    buffer) and lm-eval's question scoring, run on every rank in lockstep on the sharded
+    model (lm-eval answers only where LOCAL_RANK is 0: workers.evaluate asks as rank 0).
+    The scores before unlearning are the one process's evaluation of the same model."""
+    from tests.small_world import SMALL_WORLD
+    from workers.job import evaluate, load_job, scalars
+
+    spec = JobSpec.model_validate(
+        {
+            "model": "demo",
+            "world": SMALL_WORLD.model_dump(),
+            "forget": {"demo": "forget"},
+            "retain": {"demo": "retain"},
+            "algorithm": "gdiff",
+            "seuf": {"num_experts": 1, "router_projection": "none"},
+            "training": {"max_steps": 2, "batch_size": 16},
+            "evaluation": {"backend": "lm-eval", "robustness": []},
+            "distributed": {"num_workers": 2, "backend": "deepspeed", "zero_stage": 3},
+        }
+    )
+    res = _run("deepspeed zero3 demo world", spec, tmp_path / "out", "job-zero3-demo")
+    assert res.distributed.sharded_load and res.steps == 2
+    loaded = res.distributed.load_param_elements_per_rank
+    assert len(loaded) == 2 and max(loaded) < 0.51 * res.total_parameters
+    job = load_job(spec)  # one process, the whole model
+    tokens = spec.objective.loss_tokens
+    assert job.retain_records is not None
+    want = evaluate(
+        job, job.tokenized(job.forget_records, tokens), job.tokenized(job.retain_records, tokens)
+    )
+    assert set(res.before) == set(want) and res.before["per_topic"] == want["per_topic"]
+    assert scalars(res.before) == pytest.approx(scalars(want), rel=1e-6)
 
 
 def _kill_when_announced(seam: Path, rank: int, step: int, done: threading.Event) -> list[dict]:

@@ -24,10 +24,14 @@ def _with_loss_mask(b: dict, seed: int) -> dict:
     return {**b, "loss_mask": lm}
 
 
-def _sharded(model, forget, retain, world: int, **kw) -> list:
+def _sharded(model, forget, retain, world: int, forwards: list | None = None, **kw) -> list:
     """Run sharded attribution on `world` threads (each with its own copy of the model, as
-    each rank has) with a summing all-reduce."""
+    each rank has) with a summing all-reduce; `forwards` gets each rank's forward count."""
     copies = [copy.deepcopy(model) for _ in range(world)]
+    counts = [0] * world
+    for r, c in enumerate(copies):
+        first = get_adapter(c).decoder_layers()[0]  # attribution runs the decoder, no LM head
+        first.register_forward_hook(lambda *_, r=r: counts.__setitem__(r, counts[r] + 1))
     barrier = threading.Barrier(world)
     slots: list[torch.Tensor | None] = [None] * world
     out: list = [None] * world
@@ -64,6 +68,8 @@ def _sharded(model, forget, retain, world: int, **kw) -> list:
         t.join()
     if errors:
         raise errors[0]
+    if forwards is not None:
+        forwards.extend(counts)
     return out
 
 
@@ -105,6 +111,36 @@ def test_sharded_attribution_equals_single_process(method, world):
         assert [round(x.score, 10) for x in emap.ranking] == [
             round(x.score, 10) for x in ref.ranking
         ]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_lockstep_sharding_runs_the_same_forwards_on_every_rank(world):
+    """A model partitioned over the ranks (ZeRO-3) gathers every layer in each forward, a
+    collective: lockstep pads every rank to ceil(prefix / world) forwards (a batch without
+    loss positions, which runs none, is made up too) and the map is still the one
+    process's."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen2_moe").eval()
+    adapter = get_adapter(model)
+    forget = [_with_loss_mask(make_batch([9, 5, 7], 9, seed=s), s) for s in range(5)]
+    forget[1] = {**forget[1], "loss_mask": torch.zeros_like(forget[1]["loss_mask"])}
+    retain = [_with_loss_mask(make_batch([6, 8], 8, seed=10 + s), s) for s in range(3)]
+    budget = 60  # a prefix of 3 forget batches, all 3 retain batches
+    with torch.no_grad():
+        ref = attribute(model, adapter, forget, retain_batches=retain, method="contrastive",
+                        token_budget=budget, at_loss_positions=True)  # fmt: skip
+        plain: list[int] = []
+        _sharded(model, forget, retain, world, plain, token_budget=budget)
+        counts: list[int] = []
+        maps = _sharded(model, forget, retain, world, counts, token_budget=budget, lockstep=True)
+    assert len(set(plain)) > 1  # dealt round-robin, the ranks' forward counts differ
+    assert counts == [2 * -(-3 // world)] * world  # forget and retain: ceil(3 / world) each
+    for emap in maps:
+        assert (emap.tokens, emap.sequences) == (ref.tokens, ref.sequences)
+        torch.testing.assert_close(
+            torch.tensor(emap.scores, dtype=torch.float64),
+            torch.tensor(ref.scores, dtype=torch.float64), rtol=0, atol=1e-12,
+        )  # fmt: skip
 
 
 def test_shard_rows_cover_the_batch_once_and_never_leave_a_rank_empty():

@@ -139,3 +139,25 @@ def test_gradient_checkpointing_trains_the_same_slices(model_dir, tmp_path):
     assert ckpt.selected == plain.selected
     assert ckpt.after["forget_nll"] == pytest.approx(plain.after["forget_nll"], rel=1e-4)
     assert [r["name"] for r in ckpt.changed] == [r["name"] for r in plain.changed]
+
+
+def test_a_sharded_load_gets_no_device_map():
+    """On a GPU the model loads straight onto the worker's device (device_map), except under
+    a ZeRO-3 sharded load: zero.Init places each partition itself, and transformers refuses
+    a device_map there (a CUDA-only path: its decision is checked here)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from workers.job import device_map_for
+    from workers.runners.deepspeed import sharded_load_config
+
+    cuda = torch.device("cuda", 0)
+    assert device_map_for(cuda) == {"": cuda}
+    assert device_map_for(torch.device("cpu")) is None
+    alive = HfDeepSpeedConfig(sharded_load_config(4, 1, 1.0, torch.bfloat16))
+    try:
+        assert device_map_for(cuda) is None
+    finally:
+        del alive
+        unset_hf_deepspeed_config()
+    assert device_map_for(cuda) == {"": cuda}

@@ -401,3 +401,30 @@ def test_a_selected_expert_no_token_chose_gets_a_zero_gradient():
     grads = [p.grad for p in sc.trainable_parameters()]
     assert all(g is not None and not g.any() for g in grads)  # zero, not missing (DDP)
     sc.discard()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_baked_tensors_are_the_state_bake_leaves(family):
+    """TrainableScope.baked_tensors (what a ZeRO-3 patch output reads instead of baking):
+    every tensor, in sorted order, bitwise the state dict bake() leaves, without baking;
+    workers.partitioned.model_sha256 (tensor by tensor) is state_sha256 of the state dict."""
+    from workers.partitioned import model_sha256
+    from workers.patch import items_sha256, state_sha256
+
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers()[0].layer
+    scope = apply_scope(model, adapter, "seuf", [(layer, 1), (layer, 3)])
+    with torch.no_grad():
+        for p in scope.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    baked = {n: t.clone() for n, t in scope.baked_tensors()}
+    digest = items_sha256(scope.baked_tensors())
+    scope.bake()
+    want = model.state_dict()
+    assert list(baked) == sorted(want)
+    for name, t in want.items():
+        assert torch.equal(baked[name], t), name
+    assert digest == state_sha256(want) == model_sha256(model)
+    assert model_sha256(model, torch.bfloat16) == state_sha256(want, torch.bfloat16)

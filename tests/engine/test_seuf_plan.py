@@ -163,14 +163,14 @@ def test_projection_auto_runs_nullspace_only_where_it_can() -> None:
         {"forget": {"demo": "forget"}, "retain": {"demo": "retain"}, "algorithm": "gdiff",
          "seuf": {"router_projection": "auto"}}
     )  # fmt: skip
-    assert projection_mode(auto, "seuf", 1, True) == "nullspace"
-    assert projection_mode(auto, "router", 1, True) == "nullspace"
+    assert projection_mode(auto, "seuf", True, True) == "nullspace"
+    assert projection_mode(auto, "router", True, True) == "nullspace"
     # auto's full-parameter fallback trains every router: each is projected
-    assert projection_mode(auto, "full", 1, True) == "nullspace"
+    assert projection_mode(auto, "full", True, True) == "nullspace"
     asked_full = JobSpec.model_validate(auto.resolved() | {"scope": "full"})
-    assert projection_mode(asked_full, "full", 1, True) == "none"  # the baseline, as asked
-    assert projection_mode(auto, "experts", 1, True) == "none"
-    assert projection_mode(auto, "seuf", 2, True) == "none"
-    assert projection_mode(auto, "seuf", 1, False) == "none"
+    assert projection_mode(asked_full, "full", True, True) == "none"  # the baseline, as asked
+    assert projection_mode(auto, "experts", True, True) == "none"
+    assert projection_mode(auto, "seuf", False, True) == "none"
+    assert projection_mode(auto, "seuf", True, False) == "none"
     off = JobSpec.model_validate(auto.resolved() | {"seuf": {"router_projection": "none"}})
-    assert projection_mode(off, "seuf", 1, True) == "none"
+    assert projection_mode(off, "seuf", True, True) == "none"

@@ -118,6 +118,7 @@ def test_world_arch_is_one_of_the_adapted_families():
         ({"algorithm": "ga", "retain": None}, "needs a retain corpus"),
         ({"scope": "full"}, "use scope seuf or router"),
         ({"distributed": {"num_workers": 2}}, "one worker"),
+        ({"distributed": {"backend": "deepspeed", "zero_stage": 3}}, "ZeRO-3"),
     ],
 )
 def test_nullspace_projection_is_refused_where_it_cannot_run(extra, reason):

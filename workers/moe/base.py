@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from workers.partitioned import full_shape
+
 
 @dataclass(frozen=True)
 class MoELayer:
@@ -106,9 +108,10 @@ class MoEAdapter:
                 # fused [E, ...] (workers/scope.py's trainable slices).
                 if "." in pname:
                     continue
-                if p.dim() == 0 or p.shape[0] != self.num_experts:
+                shape = full_shape(p)  # a ZeRO-3 partition's own tensor is flat
+                if len(shape) == 0 or shape[0] != self.num_experts:
                     raise ValueError(
-                        f"{exp_prefix}.{pname} has shape {tuple(p.shape)}: expected the "
+                        f"{exp_prefix}.{pname} has shape {tuple(shape)}: expected the "
                         f"expert index ({self.num_experts} experts) on dim 0"
                     )
                 expert_params[f"{exp_prefix}.{pname}"] = 0

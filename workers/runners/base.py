@@ -6,6 +6,11 @@ The one pipeline (workers/pipeline.py) and the one training loop (workers/train.
 the runner, never `if distributed:`, for:
     rank / world / is_main     rank-0-only work (evaluation, packaging, progress)
     barrier()                  wait for every rank (rank 0 loads the demo world first)
+    lockstep                   the model is partitioned over the ranks (ZeRO-3, loaded
+                               sharded): every forward and every read of a weight runs on
+                               every rank in the same order, rank 0's included
+    loading() / loaded(model)  around and after the model's load (ZeRO-3: under
+                               zero.Init, then the hooks that fetch shards in a forward)
     reduce_sum(t)              attribution's sums over ranks (identity in one process)
     agree(flags)               the maximum of int flags over ranks (stop rules: every rank
                                stops after the same step)
@@ -19,7 +24,9 @@ the runner, never `if distributed:`, for:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
     from workers.job import LoadedJob
     from workers.results import DistributedInfo
     from workers.scope import TrainableScope
-    from workers.spec import TrainingOptions
+    from workers.spec import JobSpec, TrainingOptions
     from workers.train import BatchSource
 
 
@@ -104,6 +111,12 @@ class Runner:
     checkpoint_every = 0  # steps between checkpoints; 0: never
     supports_activation_cache = True
     own_master_weights = False  # the engine keeps float32 masters itself (DeepSpeed bf16)
+    lockstep = False  # see the module docstring
+
+    @property
+    def projects_routers(self) -> bool:
+        """Whether seuf.router_projection nullspace can run here (one plain process)."""
+        return self.world == 1 and not self.lockstep
 
     @property
     def is_main(self) -> bool:
@@ -114,6 +127,13 @@ class Runner:
 
     def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    @contextlib.contextmanager
+    def loading(self, spec: JobSpec) -> Iterator[None]:
+        yield
+
+    def loaded(self, model: nn.Module) -> None:
+        pass
 
     def agree(self, flags: list[int]) -> list[int]:
         return list(flags)

@@ -1,11 +1,22 @@
 """DeepSpeed ZeRO 1/2/3 on a Ray Train rank: the committed configs, the engine the training
-loop steps, its checkpoints, and (ZeRO-3) the trained model gathered, parameter by
-parameter, into a plain model on rank 0. A client torch AdamW over the trainable tensors
-only (nothing to compile); the LR schedule is the loop's torch scheduler on that
-optimizer."""
+loop steps, its checkpoints, and under ZeRO-3 the sharded load, the hooks that fetch shards
+in the forwards before training, and the trained model gathered, parameter by parameter,
+into a plain model on rank 0. A client torch AdamW over the trainable tensors only
+(nothing to compile); the LR schedule is the loop's torch scheduler on that optimizer.
+
+ZeRO-3 sharded load: while `sharded_loading` holds an HfDeepSpeedConfig of stage 3,
+transformers builds the model under `deepspeed.zero.Init` and loads each tensor into its
+partitions, so no rank ever holds the whole model (each module is gathered in turn while
+its weights are copied in). Every stage before training then runs on every rank in
+lockstep (workers.runners.base.Runner.lockstep): forwards through `open_fetch_hooks`'s
+parameter-only engine, which gathers each module's shards as it runs and frees them after;
+reads of a weight through workers.partitioned. The training engine replaces that engine
+(`close_fetch_hooks` first: two sets of hooks would fetch twice)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +26,7 @@ from torch import nn
 
 from workers.deepspeed_configs import load_deepspeed_config
 from workers.runners.base import Training
-from workers.scope import SELECTED_ATTR, TrainableScope
+from workers.scope import NO_LEAF_MODULES, SELECTED_ATTR, TrainableScope
 
 CHECKPOINT_TAG = "ckpt"
 
@@ -30,6 +41,60 @@ def deepspeed_config(stage: int, micro_batch: int, world: int, grad_clip: float)
     cfg["gradient_clipping"] = float(grad_clip)
     cfg["zero_allow_untested_optimizer"] = True  # the client torch AdamW: nothing to compile
     return cfg
+
+
+def sharded_load_config(
+    micro_batch: int, world: int, grad_clip: float, dtype: torch.dtype
+) -> dict[str, Any]:
+    """The stage-3 config the sharded load and the fetch hooks use (zero.Init takes its
+    dtype from the bf16 flag: float32 otherwise)."""
+    cfg = deepspeed_config(3, micro_batch, world, grad_clip)
+    # no leaves: a mark set here would outlive this engine and break wired slices in
+    # training (workers.scope.deepspeed_config_for)
+    cfg["zero_optimization"]["leaf_module"] = dict(NO_LEAF_MODULES)
+    if dtype == torch.bfloat16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+@contextlib.contextmanager
+def sharded_loading(cfg: dict[str, Any]) -> Iterator[None]:
+    """Every from_pretrained inside builds its model partitioned (a collective: every rank
+    loads together). The config is unset after: later models (rank 0's plain copy,
+    robustness reloads) are ordinary ones."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    deepspeed.init_distributed(dist_init_required=False)  # wraps the trainer's process group
+    alive = HfDeepSpeedConfig(cfg)  # transformers keeps a weak reference: hold it
+    try:
+        yield
+    finally:
+        del alive
+        unset_hf_deepspeed_config()
+
+
+def open_fetch_hooks(model: nn.Module, cfg: dict[str, Any]) -> Any:
+    """A parameter-only ZeRO-3 engine over `model` (no optimizer): its hooks gather each
+    module's shards when the module runs and free them after, so the model's own forward
+    works on every rank (all ranks must run the same forwards)."""
+    import deepspeed
+
+    _empty_parameters_as_buffers(model)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+    return engine
+
+
+def close_fetch_hooks(engine: Any) -> None:
+    """Remove every hook `open_fetch_hooks` added. destroy() leaves the engine's own root
+    hooks, which turn on DeepSpeed's fetch-on-access of parameters for the whole forward
+    (nothing would be freed): removed too."""
+    engine.destroy()
+    for handle in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
+        if handle is not None:
+            handle.remove()
+    engine.module_forward_pre_hook = engine.module_forward_post_hook = None
 
 
 @dataclass
@@ -96,12 +161,15 @@ def _empty_parameters_as_buffers(model: nn.Module) -> None:
     releases it after the first forward of a step and then fails the second forward's
     availability check. Such a parameter holds nothing and trains nothing: it becomes a
     buffer of the same name (its module reads it the same way), which ZeRO leaves alone."""
+    from workers.partitioned import full_numel, full_shape
+
     for name, p in list(model.named_parameters()):
-        if p.numel() == 0:
+        if full_numel(p) == 0:
             owner, _, leaf = name.rpartition(".")
             module = model.get_submodule(owner)
             del module._parameters[leaf]
-            module.register_buffer(leaf, p.detach())
+            # a partitioned one's own tensor is flat: the buffer takes the parameter's shape
+            module.register_buffer(leaf, torch.empty(full_shape(p), dtype=p.dtype, device=p.device))
 
 
 def _experts_helpers_unhooked(scope: TrainableScope) -> None:
@@ -193,7 +261,11 @@ def with_trained_slices(
 
 __all__ = [
     "DeepSpeedEngine",
+    "close_fetch_hooks",
     "deepspeed_config",
+    "open_fetch_hooks",
+    "sharded_load_config",
+    "sharded_loading",
     "gathered_onto_main",
     "make_engine",
     "with_trained_slices",

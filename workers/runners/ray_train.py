@@ -29,15 +29,17 @@ resumes), JobCancelled -> cancelled. Test seams: workers/faults.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from workers import faults
 from workers.data import Batch, BatchStream
@@ -108,7 +110,12 @@ class RayTrainRunner(Runner):
         self.device = resolve_device(options.device)
         # ZeRO-3 gathers each layer's shards as its forward runs: skipping layers is untested.
         self.supports_activation_cache = self.zero_stage != 3
+        # ZeRO-3 loads sharded: every stage before training runs on every rank
+        self.lockstep = self.zero_stage == 3
         self._numel_per_rank: list[int] = [0] * world
+        self._loaded_per_rank: list[int] = []
+        self._load_cfg: dict[str, Any] | None = None
+        self._fetch: Any = None  # the fetch hooks' engine, until the training engine
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -120,6 +127,37 @@ class RayTrainRunner(Runner):
 
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
+
+    @contextlib.contextmanager
+    def loading(self, spec: JobSpec) -> Iterator[None]:
+        if not self.lockstep:
+            yield
+            return
+        from workers.devices import resolve_dtype
+        from workers.model_source import is_patch_output
+        from workers.runners.deepspeed import sharded_load_config, sharded_loading
+
+        tr = spec.training
+        dtype = resolve_dtype(tr.dtype, self.device)
+        micro = max(1, tr.batch_size // self.world)
+        self._load_cfg = sharded_load_config(micro, self.world, tr.grad_clip, dtype)
+        if is_patch_output(Path(spec.model)):  # its base is patched as a state dict: whole
+            yield
+            return
+        with sharded_loading(self._load_cfg):
+            yield
+
+    def loaded(self, model: nn.Module) -> None:
+        """Under ZeRO-3: what each rank holds after the load, and the fetch hooks (a model
+        loaded whole, such as a patch-only output's base, is partitioned by them here)."""
+        if not self.lockstep:
+            return
+        from workers.runners.deepspeed import open_fetch_hooks
+
+        assert self._load_cfg is not None, "loaded() without loading()"
+        held = sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())
+        self._loaded_per_rank = self._all_gather_int(held)
+        self._fetch = open_fetch_hooks(model, self._load_cfg)
 
     def agree(self, flags: list[int]) -> list[int]:
         import torch.distributed as dist
@@ -135,6 +173,11 @@ class RayTrainRunner(Runner):
     def engine(self, training: Training) -> Engine:
         model = training.model
         engine: Engine
+        if self._fetch is not None:
+            from workers.runners.deepspeed import close_fetch_hooks
+
+            close_fetch_hooks(self._fetch)
+            self._fetch = None
         if self.zero_stage:
             from workers.runners.deepspeed import make_engine
 
@@ -217,6 +260,8 @@ class RayTrainRunner(Runner):
             resumed_from_step=resumed_from,
             rank0_param_elements=self._numel_per_rank[0],
             param_elements_per_rank=list(self._numel_per_rank),
+            sharded_load=self.lockstep,
+            load_param_elements_per_rank=list(self._loaded_per_rank),
         )
 
 
