@@ -3,6 +3,7 @@
     python -m bench.zero3_rss --model demo          # the demo world (8.6M parameters)
     python -m bench.zero3_rss --model large         # LARGE below: random weights,
                                                     # 274M parameters, float32
+    python -m bench.zero3_rss --model large --output patch   # nothing gathered after training
 
 The ranks' PIDs come from their `rank_started` events; a thread here reads each rank's
 /proc/<pid>/status (VmRSS, and VmHWM: the kernel's high-water mark, so a peak between
@@ -82,7 +83,7 @@ def large_model_dir() -> Path:
     return out
 
 
-def spec_for(model: str, steps: int, workers: int) -> JobSpec:
+def spec_for(model: str, steps: int, workers: int, output: str = "full") -> JobSpec:
     dist = {"num_workers": workers, "backend": "deepspeed", "zero_stage": 3}
     training = {"max_steps": steps, "batch_size": 4, "max_length": 64}
     if model == "demo":
@@ -95,6 +96,7 @@ def spec_for(model: str, steps: int, workers: int) -> JobSpec:
                 "seuf": {"num_experts": 1},
                 "training": training,
                 "distributed": dist,
+                "output": {"model": output},
             }
         )
     d = large_model_dir()
@@ -107,6 +109,7 @@ def spec_for(model: str, steps: int, workers: int) -> JobSpec:
             "training": training,
             "seuf": {"token_budget": 1024, "num_experts": 1},  # random weights: see real_shape
             "distributed": dist,
+            "output": {"model": output},
         }
     )
 
@@ -153,9 +156,11 @@ def main() -> None:
     ap.add_argument("--model", choices=("demo", "large"), default="demo")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--output", choices=("full", "patch"), default="full",
+                    help="output.model: full gathers the trained model on rank 0, patch not")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    spec = spec_for(args.model, args.steps, args.workers)
+    spec = spec_for(args.model, args.steps, args.workers, args.output)
     w = Watcher()
     tmp = Path(tempfile.mkdtemp(prefix="moeu-z3-"))
     ray.init(address="local", num_cpus=args.workers, _temp_dir=str(tmp / "ray"),
@@ -170,7 +175,9 @@ def main() -> None:
     gib = 2**30
     row = {
         "model": args.model,
+        "output": args.output,
         "workers": args.workers,
+        "sharded_load": res.distributed.sharded_load if res.distributed else None,
         "total_parameters": res.total_parameters,
         "seconds": round(time.perf_counter() - t0, 1),
         "after": res.after.get("forget_nll"),
