@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -192,26 +191,15 @@ def _hflm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
-LOCAL_RANK_ENV = "LOCAL_RANK"
+def _answers_elsewhere() -> bool:
+    """lm-eval builds its results only where LOCAL_RANK is 0 (its rule for tensor-parallel
+    launchers). Under ZeRO-3 every rank of a job runs the same evaluation in lockstep
+    (workers.runners.base.Runner.lockstep): the forwards run everywhere, and a rank other
+    than the job's rank 0 gets no results, which it does not need (rank 0 reports). The
+    environment is left alone: DeepSpeed reads LOCAL_RANK for its device in a forward."""
+    import torch.distributed as dist
 
-
-def _simple_evaluate(**kwargs: Any) -> Any:
-    """lm_eval.simple_evaluate where this process's results come back on every rank.
-    lm-eval builds results only where LOCAL_RANK is 0 (its rule for tensor-parallel
-    launchers); an in-memory model is one process to it, and under ZeRO-3 every rank runs
-    the same evaluation in lockstep (workers.runners.base.Runner.lockstep), so each asks
-    as rank 0."""
-    from lm_eval import simple_evaluate
-
-    saved = os.environ.get(LOCAL_RANK_ENV)
-    os.environ[LOCAL_RANK_ENV] = "0"
-    try:
-        return simple_evaluate(**kwargs)
-    finally:
-        if saved is None:
-            os.environ.pop(LOCAL_RANK_ENV, None)
-        else:
-            os.environ[LOCAL_RANK_ENV] = saved
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
 
 
 def lm_eval_question_accuracy(
@@ -219,9 +207,11 @@ def lm_eval_question_accuracy(
     tokenizer: PreTrainedTokenizerBase,
     questions: Sequence[Question],
     batch_size: int = 64,
-) -> tuple[list[bool], float]:
+) -> tuple[list[bool], float] | None:
     """Score questions with lm_eval.simple_evaluate; returns (per-question acc in input
-    order, lm-eval's aggregated acc)."""
+    order, lm-eval's aggregated acc), or None on a rank lm-eval gives no results
+    (`_answers_elsewhere`)."""
+    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     if not questions:
@@ -232,7 +222,7 @@ def lm_eval_question_accuracy(
         write_lm_eval_task(questions, Path(tmp), name)
         tm = TaskManager(include_path=tmp, include_defaults=False)
         try:
-            res = _simple_evaluate(
+            res = simple_evaluate(
                 model=_hflm(model, tokenizer, batch_size),
                 tasks=[name],
                 task_manager=tm,
@@ -242,7 +232,9 @@ def lm_eval_question_accuracy(
             )
         finally:
             model.train(was_training)
-    if res is None:  # pragma: no cover - lm-eval's own non-zero ranks (_simple_evaluate)
+    if res is None:
+        if _answers_elsewhere():
+            return None
         raise RuntimeError("lm-eval returned no results")
     hits: list[bool | None] = [None] * len(questions)
     for s in res["samples"][name]:
@@ -318,7 +310,10 @@ def evaluate_world(
         raise ValueError(f"forget_topic {ft} out of range: the world has {world.num_topics} topics")
     questions = world.questions()
     if backend == "lm-eval":
-        hits, _ = lm_eval_question_accuracy(model, tokenizer, questions, batch_size)
+        scored = lm_eval_question_accuracy(model, tokenizer, questions, batch_size)
+        if scored is None:
+            return {}  # a lockstep rank: rank 0 has the scores
+        hits = scored[0]
     elif backend == "direct":
         hits = score_questions(model, tokenizer, questions, batch_size)
     else:
@@ -338,8 +333,11 @@ def evaluate_tasks(
     batch_size: int = 32,
 ) -> dict[str, float]:
     """Accuracy on real lm-eval tasks by name (e.g. mmlu, wmdp_bio), same code path as the
-    world questions. Needs the datasets locally (HF cache; nothing downloads here):
-    an unknown task or a dataset that cannot be loaded raises ValueError naming it."""
+    world questions ({} on a rank lm-eval gives no results: `_answers_elsewhere`). Needs the
+    datasets locally (HF cache; nothing downloads here): an unknown task or a dataset that
+    cannot be loaded raises ValueError naming it."""
+    from lm_eval import simple_evaluate
+
     if not task_names:
         return {}
     tm = _default_task_manager()
@@ -348,7 +346,7 @@ def evaluate_tasks(
         raise ValueError(f"unknown lm-eval task(s): {', '.join(unknown)}")
     was_training = model.training
     try:
-        res = _simple_evaluate(
+        res = simple_evaluate(
             model=_hflm(model, tokenizer, batch_size),
             tasks=list(task_names),
             task_manager=tm,
@@ -364,7 +362,9 @@ def evaluate_tasks(
         ) from e
     finally:
         model.train(was_training)
-    if res is None:  # pragma: no cover
+    if res is None:
+        if _answers_elsewhere():
+            return {}  # a lockstep rank: rank 0 has the scores
         raise RuntimeError("lm-eval returned no results")
     out: dict[str, float] = {}
     for name, metrics in res["results"].items():

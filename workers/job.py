@@ -353,6 +353,8 @@ def evaluate(
         names = list(dict.fromkeys([*ev.forget_tasks, *ev.tasks]))
         scores = evaluate_tasks(job.model, job.tokenizer, names, ev.limit, ev.batch_size)
         out["tasks"] = scores
+        if not scores:  # a lockstep rank: rank 0 has the scores (workers.evaluate)
+            return out
         if ev.forget_tasks and "forget_accuracy" not in out:
             out["forget_accuracy"] = sum(scores[t] for t in ev.forget_tasks) / len(ev.forget_tasks)
         if ev.tasks and "utility_accuracy" not in out:

@@ -146,12 +146,17 @@ def run_pipeline(
     lock = runner.lockstep
     reads = main or lock  # the ranks that run rank 0's evaluation and reads of weights
     job: LoadedJob | None = None
-    if main:  # rank 0 first: a demo world is built (and cached) once
-        if not lock:
-            job = load_job(spec, corpus_resolver)
-        elif spec.model == "demo":
-            from workers.world import build_world
+    if main and not lock:  # rank 0 first: a demo world is built (and cached) once
+        job = load_job(spec, corpus_resolver)
+    if lock and spec.model == "demo":
+        from workers.world import build_world
 
+        # Before the sharded load, never under zero.Init (its pretraining model would be
+        # partitioned by one rank alone): rank 0 first, the others then find it cached.
+        if main:
+            build_world(spec.world)
+        runner.barrier()
+        if not main:
             build_world(spec.world)
     runner.barrier()
     if job is None:

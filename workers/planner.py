@@ -19,6 +19,9 @@ The estimate is the sum of the parts a worker holds at its peak:
 - the activation cache (its in-memory cap) and RMU's reference activations;
 - evaluation: the forward of one evaluation batch with its float32 logits (it runs on the
   trained model, never a second copy, and not at the same time as training);
+- rank 0's copies of the regions unlearning may change, taken before training (and after
+  it under ZeRO-3 with output.model patch): the trainable parameters, every one under
+  scope full;
 - a fixed overhead (allocator and runtime: CUDA context on a GPU).
 The constants are per-token byte factors measured on the real-shape models of
 bench/real_shape.py; `planner_over_measured` in bench/results/real_shape.json says how close
@@ -296,8 +299,14 @@ def estimate(shape: ModelShape, spec: JobSpec, capacity: Capacity | None = None)
         eval_tokens = spec.training.batch_size * spec.training.max_length
     evaluation = eval_tokens * (shape.vocab_size * 4 * 2 + per_token_layer)
 
+    # Rank 0's copies of the regions unlearning may change (workers.job.snapshot_regions),
+    # in the load dtype: before training, and under ZeRO-3 with output.model patch after it
+    # too (read from the partitions as baking would leave them). Scope full: every weight.
+    snapshots = train * b * (2 if zero == 3 and spec.output.model == "patch" else 1)
+
     parts = {
         "weights": weights,
+        "region_snapshots": snapshots,
         "trainable_state": master + grads + moments + buckets,
         # Training, evaluation and the robustness checks do not overlap: the largest.
         "activations": max(activations + logits, evaluation + robustness_extra(spec)),

@@ -67,7 +67,17 @@ def test_zero_stages_shard_what_they_say():
     assert z3p.parts["weights"] == n * 2 // 4 + shape.largest_layer_params * 2
     assert z3.parts["weights"] == n * 2
     assert ddp.per_worker_bytes > z1.per_worker_bytes > z2.per_worker_bytes
-    assert z2.per_worker_bytes >= z3.per_worker_bytes > z3p.per_worker_bytes
+    assert z2.per_worker_bytes >= z3.per_worker_bytes
+    # Rank 0 keeps the regions before training (scope full: every weight), and with patch
+    # output after it too: for full parameters that outweighs the gather it saves...
+    assert z3.parts["region_snapshots"] == n * 2 and z3p.parts["region_snapshots"] == 2 * n * 2
+    assert z3p.per_worker_bytes > z3.per_worker_bytes
+    # ...for SEUF it does not.
+    seuf = {**base, "scope": "seuf", "seuf__num_experts": 1}
+    s3 = estimate(shape, spec(**seuf, distributed__backend="deepspeed", distributed__zero_stage=3))
+    s3p = estimate(shape, spec(**seuf, distributed__backend="deepspeed", distributed__zero_stage=3,
+                               output__model="patch"))  # fmt: skip
+    assert s3p.per_worker_bytes < s3.per_worker_bytes
 
 
 def test_seuf_in_bfloat16_fits_24_gib_where_full_float32_does_not():

@@ -16,7 +16,7 @@ reads of a weight through workers.partitioned. The training engine replaces that
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from workers.deepspeed_configs import load_deepspeed_config
+from workers.moe.base import MoELayer
 from workers.runners.base import Training
 from workers.scope import NO_LEAF_MODULES, SELECTED_ATTR, TrainableScope
 
@@ -81,7 +82,10 @@ def open_fetch_hooks(model: nn.Module, cfg: dict[str, Any]) -> Any:
     works on every rank (all ranks must run the same forwards)."""
     import deepspeed
 
+    from workers.moe import get_adapter
+
     _empty_parameters_as_buffers(model)
+    _experts_helpers_unhooked(get_adapter(model).moe_layers())
     engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
     return engine
 
@@ -148,7 +152,7 @@ def make_engine(t: Training, stage: int, world: int) -> DeepSpeedEngine:
         cfg["bf16"] = {"enabled": True}  # its optimizer keeps float32 masters and moments
     if stage == 3:
         _empty_parameters_as_buffers(t.model)
-        _experts_helpers_unhooked(t.scope)
+        _experts_helpers_unhooked(t.scope.layers)
     engine, _, _, _ = deepspeed.initialize(
         model=t.model, optimizer=t.opt, config=cfg, dist_init_required=False
     )
@@ -172,7 +176,7 @@ def _empty_parameters_as_buffers(model: nn.Module) -> None:
             module.register_buffer(leaf, torch.empty(full_shape(p), dtype=p.dtype, device=p.device))
 
 
-def _experts_helpers_unhooked(scope: TrainableScope) -> None:
+def _experts_helpers_unhooked(layers: Sequence[MoELayer]) -> None:
     """ZeRO-3 checks, when it records its trace, that every rank ran the same submodules
     in the same order. The experts' activation module is called once per pass through the
     family's experts forward, and how many passes run depends on the rows: the selected
@@ -180,8 +184,9 @@ def _experts_helpers_unhooked(scope: TrainableScope) -> None:
     also loop over the experts that got tokens). A 60-expert model with a few rows per
     rank stopped on "disagreement on list length". A parameter-free child of an experts
     module has nothing to gather: it is called as a plain function (its own forward), out
-    of ZeRO's sight. The plain model rank 0 evaluates is rebuilt from the config."""
-    for layer in scope.layers:
+    of ZeRO's sight. The plain model rank 0 evaluates is rebuilt from the config. Done
+    before the fetch hooks too: attribution's forwards differ per rank."""
+    for layer in layers:
         experts = layer.experts
         for name, child in list(experts.named_children()):
             holds = any(True for _ in child.parameters()) or any(True for _ in child.buffers())

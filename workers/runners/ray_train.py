@@ -116,6 +116,7 @@ class RayTrainRunner(Runner):
         self._loaded_per_rank: list[int] = []
         self._load_cfg: dict[str, Any] | None = None
         self._fetch: Any = None  # the fetch hooks' engine, until the training engine
+        self._sharded_load = False  # loaded under zero.Init (not a patch output's base)
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -144,6 +145,7 @@ class RayTrainRunner(Runner):
         if is_patch_output(Path(spec.model)):  # its base is patched as a state dict: whole
             yield
             return
+        self._sharded_load = True
         with sharded_loading(self._load_cfg):
             yield
 
@@ -260,7 +262,7 @@ class RayTrainRunner(Runner):
             resumed_from_step=resumed_from,
             rank0_param_elements=self._numel_per_rank[0],
             param_elements_per_rank=list(self._numel_per_rank),
-            sharded_load=self.lockstep,
+            sharded_load=self._sharded_load,
             load_param_elements_per_rank=list(self._loaded_per_rank),
         )
 
