@@ -34,10 +34,13 @@ from workers.selection import (
 )
 from workers.spec import JobSpec, TrainingOptions
 
-# A fallback to full parameters trains at the full-parameter examples' step size and budget
-# (METHOD.md: ~1e-4 for all parameters; a SEUF step size of 3e-3 would wreck them).
+# A fallback to full parameters trains at the full-parameter examples' step size (METHOD.md:
+# ~1e-4 for all parameters; a SEUF step size of 3e-3 would wreck them). Its budget when a
+# forget target ends the job: the sweep's worlds met the target at 1e-4 in 42-213 steps, a
+# small 2-layer world built on another machine needed 489 (GDiff) and 573 (GA) and was at
+# 0.78 after 300: the budget is a bound on time, the target still ends the job.
 FULL_FALLBACK_LR = 1e-4
-FULL_FALLBACK_STEPS = 300
+FULL_FALLBACK_STEPS = 1000
 # RMU's fallback steers activations, not the NLL: at 1e-4 it missed the forget target on 3
 # of 6 sweep worlds in 300 steps, at 1e-3 (the full RMU example's step size) it reached it on
 # 5 of 6 keeping >= 0.99 of unseen utility (README "Worlds nobody tuned it on").
