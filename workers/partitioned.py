@@ -67,10 +67,15 @@ def model_sha256(model: nn.Module, dtype: torch.dtype | None = None, here: bool 
     from workers.patch import items_sha256
 
     if not here:
-        for _ in state_tensors(model):
-            pass
-        return ""
+        return take_part(state_tensors(model))
     return items_sha256(state_tensors(model), dtype)
+
+
+def take_part(items: Iterable[object]) -> str:
+    """Run a lockstep read to its end (its gathers) without keeping anything; returns ""."""
+    for _ in items:
+        pass
+    return ""
 
 
 __all__ = [
@@ -81,4 +86,5 @@ __all__ = [
     "is_partitioned",
     "model_sha256",
     "state_tensors",
+    "take_part",
 ]

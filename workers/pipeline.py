@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from workers.job import (
 )
 from workers.model_source import write_base_ref
 from workers.objectives import Objective, objective_from_spec
-from workers.partitioned import model_sha256
+from workers.partitioned import model_sha256, take_part
 from workers.patch import items_sha256, state_sha256, write_region_patch
 from workers.reference import prepare_reference
 from workers.results import JobResult, overlap_from_target, target_layer
@@ -345,7 +345,7 @@ def run_pipeline(
         )
         after_state = {k: v.to(job.base_dtype) for k, v in after_state.items()}
         baked = final_scope.baked_tensors()
-        patched_sha = items_sha256(baked, job.base_dtype) if main else _drain(baked)
+        patched_sha = items_sha256(baked, job.base_dtype) if main else take_part(baked)
         if not main:
             return None  # its part is done
     else:
@@ -421,13 +421,6 @@ def run_pipeline(
     )
     res.write(out_dir)
     return res
-
-
-def _drain(items: Iterator[Any]) -> str:
-    """Take part in a lockstep read (its gathers) without keeping anything."""
-    for _ in items:
-        pass
-    return ""
 
 
 def _retain_routing_reference(objective: Objective) -> dict[str, int]:
