@@ -74,7 +74,15 @@ def _job(session: Session, job_id: str, principal: Any, request: Request | None 
         raise
 
 
-@router.post("", status_code=202, response_model=JobOut, responses={**_ERRORS, **_LIMITED})
+_CLOSED_REQUEST = {
+    409: {"model": ErrorBody, "description": "`request_id` names a closed deletion request."}
+}
+
+
+@router.post(
+    "", status_code=202, response_model=JobOut,
+    responses={**_ERRORS, **_LIMITED, **_CLOSED_REQUEST},
+)
 def submit_job(
     spec: JobSpec,
     request: Request,
@@ -125,13 +133,18 @@ def submit_job(
 
 def _join_request(session: Session, request_id: str, principal: Any, job_id: str) -> None:
     from service import requests
-    from service.errors import NotFound
+    from service.errors import IllegalTransition, NotFound
 
     try:
         requests.attach_job(session, request_id, principal.tenant, job_id,
                             actor=f"key:{principal.key_id}")
     except NotFound:
         raise ApiError(422, "request_id", "no such deletion request", location="query") from None
+    except IllegalTransition:
+        # The job is not queued either: the caller's transaction rolls back.
+        raise ApiError(
+            409, "request_id", "the deletion request is closed", location="query"
+        ) from None
 
 
 @router.get("", response_model=JobList, responses=_ERRORS)

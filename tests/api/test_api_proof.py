@@ -108,6 +108,13 @@ def test_requests_have_due_dates_and_group_jobs(client, api_keys, driver):
                                         "due_at": req["due_at"]}
     r = client.post(f"/v1/requests/{req['id']}/close", json={}, headers=H(api_keys.requester))
     assert r.status_code == 200 and r.json()["status"] == "done"
+    # A closed request takes no more jobs, and the refused job is not queued.
+    before = client.get("/v1/jobs", headers=H(api_keys.requester)).json()["items"]
+    r = client.post("/v1/jobs", params={"request_id": req["id"]},
+                    json=spec(upload(client, api_keys.requester, FORGET)),
+                    headers=H(api_keys.requester))
+    assert r.status_code == 409 and r.json()["errors"][0]["field"] == "request_id", r.text
+    assert client.get("/v1/jobs", headers=H(api_keys.requester)).json()["items"] == before
     actions = [(e["action"], e["payload"].get("request_id")) for e in
                _audit_actions(client, api_keys.auditor)]
     for a in ("request_received", "request_job_added", "request_closed"):
