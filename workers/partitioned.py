@@ -46,6 +46,27 @@ def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
         yield
 
 
+@torch.no_grad()
+def write_whole(p: torch.Tensor, whole: torch.Tensor) -> None:
+    """Set `p` to the value `whole` (its whole shape). A partitioned parameter takes only
+    this rank's shard of it, laid out as DeepSpeed partitions (contiguous, rank-major, the
+    last shard zero-padded): no collective, so each rank may do it alone (every rank holds
+    the same `whole`, e.g. a copy taken while gathered)."""
+    if not is_partitioned(p):
+        p.copy_(whole)
+        return
+    import torch.distributed as dist
+
+    shard = p.ds_tensor
+    size = int(shard.ds_numel)
+    rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+    start = rank * size
+    flat = whole.reshape(-1)
+    n = max(0, min(size, flat.numel() - start))
+    if n:
+        shard.narrow(0, 0, n).copy_(flat.narrow(0, start, n))
+
+
 def state_tensors(
     model: nn.Module, names: Sequence[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from workers.moe.base import MoEAdapter, MoELayer
-from workers.partitioned import full_numel, full_shape, gathered
+from workers.partitioned import full_numel, full_shape, gathered, write_whole
 
 SCOPES: tuple[str, ...] = ("seuf", "full", "experts", "router")
 SELECTED_ATTR = "selected_experts"  # the child of a wired experts module
@@ -227,7 +227,7 @@ class TrainableScope:
         if not keep and self.scope != "full":
             with torch.no_grad():
                 for p, saved in zip(self._direct, self._backup, strict=True):
-                    p.copy_(saved)
+                    write_whole(p, saved)  # ZeRO-3: the shard; the copy was taken gathered
         for p, flag in self._saved_flags:
             p.requires_grad_(flag)
         self._wired.clear()

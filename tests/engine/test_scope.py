@@ -249,7 +249,26 @@ with deepspeed.zero.GatheredParameters(list(model.parameters())):
     sc.bake()
     after = {k: v.clone() for k, v in model.state_dict().items()}
 up = "model.layers.1.mlp.experts.gate_up_proj"
+
+
+def whole_state():
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# discard() on the partitioned model (the error path): the router comes back from its copy.
+gate = "model.layers.1.mlp.gate.weight"
+s0 = whole_state()
+sc2 = apply_scope(model, adapter, "seuf", [(1, 3)])
+router = dict(model.named_parameters())[gate]
+with deepspeed.zero.GatheredParameters([router], modifier_rank=0):
+    router.data.add_(1.0)
+moved = not torch.equal(whole_state()[gate], s0[gate])
+sc2.discard()
+s1 = whole_state()
 print("RESULT " + json.dumps({
+    "discard": {"moved": moved, "restored": sorted(k for k in s0 if torch.equal(s0[k], s1[k]))
+                == sorted(s0)},
     "losses": losses,
     "changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
     "experts": [e for e in range(8) if not torch.equal(before[up][e], after[up][e])],
@@ -260,7 +279,8 @@ print("RESULT " + json.dumps({
 @pytest.mark.slow
 def test_seuf_scope_under_deepspeed_zero3(tmp_path):
     """ZeRO-3 (single CPU process, in a subprocess: it initialises torch.distributed) trains
-    the same slices with the same losses as the plain loop."""
+    the same slices with the same losses as the plain loop, and a scope discarded on the
+    partitioned model leaves it bitwise as it was."""
     import json
     import socket
     import subprocess
@@ -293,6 +313,8 @@ def test_seuf_scope_under_deepspeed_zero3(tmp_path):
     got = json.loads(lines[-1][len("RESULT ") :])
     assert got["changed"] == sorted([UP, DOWN, ROUTER])  # LAYER is 1
     assert got["experts"] == [2]
+    # A scope discarded on the partitioned model restores its router shard from the copy.
+    assert got["discard"] == {"moved": True, "restored": True}
     # The same three steps without DeepSpeed.
     model, adapter = model_and_adapter(seed=0)
     sel = [(1, 2)]
