@@ -201,6 +201,9 @@ def run_one(
         "tunable_ratio": res["tunable_ratio"],
         "steps": res["steps"],
         "stopped_by": res["stopped_by"],
+        # Which build of the world ran: the same world key builds to other weights on
+        # another CPU (floating-point order), and only runs of one build compare.
+        "base_model_sha256": res.get("base_model_sha256"),
         "wall_s": round(wall, 2),
         "timings_s": res["timings_s"],
     }
@@ -462,11 +465,24 @@ def retain_overlap_from_target(r: dict[str, Any]) -> float | None:
     return overlap_from_target(per, target_layer(r.get("scope_run") or "", r.get("selected") or []))
 
 
+def _build(r: dict[str, Any]) -> str | None:
+    """The first 12 hex digits of the world build's weights (None: a run from before the
+    bench recorded them)."""
+    sha = r.get("base_model_sha256")
+    return sha[:12] if sha else None
+
+
+def _same_build(a: str | None, b: str | None) -> bool:
+    return a is None or b is None or a == b
+
+
 def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per world and per (algorithm, variant): forget after, unseen utility kept, retain
     overlap from the target layer; min / mean over worlds; the issue's acceptance checks
     (forget <= 0.30 with >= 95% kept and retain overlap >= 0.95 on >= 5 of 6 worlds; SEUF
-    keeps >= full - 0.01 on every world)."""
+    keeps >= full - 0.01 on every world). A world whose full-parameter run was made on
+    another build of it (another machine) is left out of the comparison and listed in
+    `full_on_another_build`."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for key, r in runs.items():
         if not key.startswith("sweep/"):
@@ -483,6 +499,7 @@ def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "retain_overlap": ov,
             "steps": r["steps"],
             "stopped_by": r["stopped_by"],
+            "build": _build(r),
             "selection_warning": r.get("selection_warning"),
             "meets": bool(ku is not None and fa is not None and fa <= FORGET_TARGET and ku >= 0.95),
             "meets_with_overlap": bool(
@@ -512,6 +529,13 @@ def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
         full = cells.get(f"{alg}/full")
         if variant != "full" and full:
+            differ = sorted(
+                world for world, w in per_world.items()
+                if world in full and not _same_build(w["build"], full[world]["build"])
+            )  # fmt: skip
+            if differ:  # not compared: another build of the world ran full
+                entry["full_on_another_build"] = differ
+            full = {world: w for world, w in full.items() if world not in differ}
             covered = {  # retain_topics worlds: uncovered utility kept, minus full's
                 world: w["kept_uncovered"] - full[world]["kept_uncovered"]
                 for world, w in per_world.items()

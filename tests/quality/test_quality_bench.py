@@ -195,6 +195,25 @@ def test_sweep_summary_min_mean_and_acceptance(tmp_path, monkeypatch) -> None:
     assert "gdiff/seuf | 3 | 2 | 0.900 / 0.953" in (tmp_path / "quality.md").read_text()
 
 
+def test_sweep_compares_with_full_only_on_the_same_build(tmp_path, monkeypatch) -> None:
+    """A world builds to other weights on another CPU: SEUF against full is compared only
+    where both ran on one build (runs without a recorded build count as the same)."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    runs = {}
+    for world, full_sha, seuf_sha in (("w0", "a" * 64, "a" * 64), ("w1", "b" * 64, "c" * 64),
+                                      ("w2", None, "d" * 64)):
+        full = _sweep_run("gdiff", "full", 0.29, 0.99, 0.85)
+        seuf = _sweep_run("gdiff", "seuf", 0.28, 0.90, 0.97)
+        full["base_model_sha256"], seuf["base_model_sha256"] = full_sha, seuf_sha
+        runs[f"sweep/{world}/gdiff/full"], runs[f"sweep/{world}/gdiff/seuf"] = full, seuf
+    quality.merge_save(runs)
+    s = json.loads((tmp_path / "quality.json").read_text())["sweep"]["gdiff/seuf"]
+    assert s["worlds"]["w1"]["build"] == "c" * 12 and s["worlds"]["w2"]["build"] == "d" * 12
+    assert s["full_on_another_build"] == ["w1"]
+    assert set(s["kept_minus_full"]) == {"w0", "w2"}
+    assert s["kept_minus_full"]["w0"] == pytest.approx(-0.09)
+
+
 def test_retain_topics_worlds_and_the_uncovered_comparison(tmp_path, monkeypatch) -> None:
     world = quality.draw_worlds()[0]
     half = quality.with_retain_topics(world, "half")
