@@ -81,6 +81,8 @@ def parse_checkpoint(raw: str | bytes) -> dict[str, Any]:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidArgument("against", f"not JSON: {e}") from None
+    except RecursionError:  # `[[[[...`: within the size bound, deeper than the parser goes
+        raise InvalidArgument("against", "not a checkpoint: nested too deep") from None
     if not isinstance(doc, dict) or doc.get("schema") != audit.CHECKPOINT_SCHEMA:
         raise InvalidArgument("against", f"not an audit checkpoint ({audit.CHECKPOINT_SCHEMA})")
     seq, h = doc.get("seq"), doc.get("entry_hash")

@@ -28,7 +28,7 @@ import base64
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import Text, and_, cast, or_, select
@@ -292,8 +292,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         when = datetime.fromisoformat(ts)
         if when.tzinfo is None or not isinstance(job_id, str):
             raise ValueError
-        return when, job_id
-    except (ValueError, TypeError, json.JSONDecodeError):
+        # In UTC here, where a time near datetime's ends fails as a bad cursor, not later
+        # in the database bind (year 1 at +14:00 is before year 1 in UTC).
+        return when.astimezone(UTC), job_id
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise InvalidCursor("cursor", "not a cursor returned by this API") from None
 
 

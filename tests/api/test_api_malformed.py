@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,6 +284,14 @@ CASES = [
     # -- query and path parameters
     Case("bad cursor", "GET", "/v1/jobs?cursor=garbage", 422, "cursor"),
     Case("base64 but not a cursor", "GET", "/v1/jobs?cursor=WyJ4Il0", 422, "cursor"),
+    Case(  # year 1 at +14:00 is before year 1 in UTC: no datetime holds it
+        "cursor at datetime's end",
+        "GET",
+        "/v1/jobs?cursor="
+        + base64.urlsafe_b64encode(b'["0001-01-01T00:00:00+14:00","x"]').decode().rstrip("="),
+        422,
+        "cursor",
+    ),
     Case("unknown state filter", "GET", "/v1/jobs?state=DONE", 422, "state"),
     Case("limit zero", "GET", "/v1/jobs?limit=0", 422, "limit"),
     Case("limit not a number", "GET", "/v1/jobs?limit=ten", 422, "limit"),
@@ -293,6 +302,14 @@ CASES = [
     Case("unknown job", "GET", "/v1/jobs/no-such-job", 404, "job_id"),
     Case(
         "audit limit too big", "GET", "/v1/audit/events?limit=100000", 422, "limit", key="auditor"
+    ),
+    Case(  # within the size bound, deeper than the JSON parser recurses
+        "checkpoint nested too deep",
+        "GET",
+        "/v1/audit/verify?against=" + "%5B" * 3000,
+        422,
+        "against",
+        key="auditor",
     ),
     # -- keys (admin)
     Case(
