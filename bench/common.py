@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from workers.data import Sample, TokenizedCorpus
+from workers.devices import cpu_facts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -176,6 +177,7 @@ def machine() -> dict[str, Any]:
         "loadavg": list(os.getloadavg()),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        **cpu_facts(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -24,6 +24,20 @@ if TYPE_CHECKING:
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def cpu_facts() -> dict[str, str]:
+    """The CPU's model and the kernels torch picked for it (e.g. AVX512 or AVX2). Training
+    on another kind of CPU sums in another order, so the same seed builds other weights:
+    recorded beside a world build and a bench result to tell which builds can compare."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
+                         "")  # fmt: skip
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def resolve_device(requested: str) -> torch.device:
     """The worker's device: `cuda` needs CUDA (a clear error otherwise); `auto` takes it
     when present. On CUDA, the worker's own GPU (Ray sets CUDA_VISIBLE_DEVICES per worker)."""

@@ -304,6 +304,7 @@ def _build_into(
     import torch
     import transformers
 
+    from workers.devices import cpu_facts
     from workers.evaluate import score_questions
     from workers.world.pretrain import pretrain_world_model
     from workers.world.tokenizer import build_tokenizer, save_tokenizer
@@ -388,6 +389,7 @@ def _build_into(
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
+            **cpu_facts(),  # another kind of CPU builds other weights from the same key
         },
         "files": tree_hashes(tmp),
     }
