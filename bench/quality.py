@@ -70,8 +70,13 @@ SWEEP_VARIANTS = (
 RR_VARIANTS = ("rr0", "rr1", "rr3", "rr10", "rr30", "rr100", "rr300", "rr1000", "rr10_noproj")
 # auto with the full fallback's step size named (flr<m>e<x> = m*10^-x, [_rr<w>]): RMU.
 FLR_VARIANTS = ("flr1e3", "flr1e3_rr0", "flr3e4", "flr3e4_rr10", "flr3e4_rr0")
+# One expert pinned (num_experts 1, the rest of the example untouched) with the retain
+# routing loss at weight w: the weight for jobs that train selected experts.
+ONE_VARIANTS = ("one_rr100", "one_rr1000")
 ALL_VARIANTS = tuple(
-    dict.fromkeys(VARIANTS + SWEEP_VARIANTS + RR_VARIANTS + FLR_VARIANTS + ("defaults",))
+    dict.fromkeys(
+        VARIANTS + SWEEP_VARIANTS + RR_VARIANTS + FLR_VARIANTS + ONE_VARIANTS + ("defaults",)
+    )
 )
 SWEEP_FAMILIES = ("qwen2_moe", "olmoe", "mixtral")
 SWEEP_SEEDS = (1000, 10_000)  # the bench's own range: no example or test uses these seeds
@@ -140,6 +145,9 @@ def variant_spec(
         seuf["num_experts"] = "auto"
         seuf["router_projection"] = "nullspace"
         seuf["retain_routing_weight"] = 0.0  # the previous defaults (before the loss)
+    elif variant in ONE_VARIANTS:
+        seuf["num_experts"] = 1
+        seuf["retain_routing_weight"] = float(variant.removeprefix("one_rr"))
     elif variant in RR_VARIANTS:  # the example with the retain routing loss at weight w
         w, _, rest = variant.removeprefix("rr").partition("_")
         seuf["retain_routing_weight"] = float(w)

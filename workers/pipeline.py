@@ -231,7 +231,7 @@ def run_pipeline(
     scope = apply_scope(model, adapter, sel_plan.scope, pairs)
     before_state = snapshot_regions(model, scope.regions, keep=main) if reads else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
-    rr_weight = spec.retain_routing_weight() if retain_train is not None else 0.0
+    rr_weight = spec.retain_routing_weight(sel_plan.scope) if retain_train is not None else 0.0
     objective = objective_from_spec(
         spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight
     )

@@ -78,10 +78,14 @@ class WorldOptions(Strict):
         return self
 
 
-# seuf.retain_routing_weight auto: chosen on the quality sweep (README "Worlds nobody tuned
-# it on"): 1000 held retain routing overlap >= 0.95 on 5-6 of 6 worlds where 100 held 4,
-# with unseen utility as kept, at 1.6x the steps on average.
-RETAIN_ROUTING_WEIGHT = 1000.0
+# seuf.retain_routing_weight auto, chosen on the quality sweep (README "Worlds nobody tuned
+# it on"). Training selected experts: 100 (one expert, 3 worlds: overlap 0.965-0.975; 1000
+# added <= 0.02 at 1.4-2.4x the steps, 120 of the examples' 150 on the demo world). Under
+# auto's full fallback, where every parameter below a router moves what it reads: 1000
+# held overlap >= 0.95 on 5-6 of 6 sweep worlds where 100 held 4, utility as kept, at 1.6x
+# the steps.
+RETAIN_ROUTING_WEIGHT = 100.0
+RETAIN_ROUTING_WEIGHT_FALLBACK = 1000.0
 
 
 class SeufOptions(Strict):
@@ -172,8 +176,9 @@ class SeufOptions(Strict):
         description="w_rr of the retain routing loss: KL of every retain token's routing "
         "(its original top-K experts' gate probabilities and the rest of the mass) from the "
         "original model's, at every MoE layer from the lowest trained one up "
-        "(workers/retain_routing.py); 0 = off. auto: 1000 with a retain corpus when the job "
-        "asked for SEUF (scope seuf or router, and auto's full fallback); off for a job "
+        "(workers/retain_routing.py); 0 = off. auto, with a retain corpus when the job asked "
+        "for SEUF (scope seuf or router): 100, and 1000 when auto falls back to full "
+        "parameters; off for a job "
         "that asked for scope full or experts (the baselines) and for RMU (it fought RMU's "
         "steering).",
     )
@@ -486,11 +491,12 @@ class JobSpec(Strict):
                 refs.append((f"evaluation.robustness[{i}].holdout", check.holdout))
         return refs
 
-    def retain_routing_weight(self) -> float:
+    def retain_routing_weight(self, scope_run: str | None = None) -> float:
         """The retain routing loss's weight that runs (torch-free: the planner reads it):
-        the spec's, or for `auto` RETAIN_ROUTING_WEIGHT when the job asked for SEUF (scope
-        seuf or router, whatever scope auto's plan ends on); 0 without a retain corpus and,
-        under auto, for the full and experts baselines."""
+        the spec's, or for `auto` when the job asked for SEUF (scope seuf or router)
+        RETAIN_ROUTING_WEIGHT, and RETAIN_ROUTING_WEIGHT_FALLBACK when auto's plan ended on
+        full parameters (`scope_run` "full"); 0 without a retain corpus and, under auto,
+        for the full and experts baselines."""
         w = self.seuf.retain_routing_weight
         if self.retain is None:
             return 0.0
@@ -500,7 +506,9 @@ class JobSpec(Strict):
             # RMU moves forget hidden states far on purpose; the loss held them back (with
             # it RMU's fallback missed the forget target on a sweep world it met without).
             return 0.0
-        return RETAIN_ROUTING_WEIGHT if self.scope in ("seuf", "router") else 0.0
+        if self.scope not in ("seuf", "router"):
+            return 0.0
+        return RETAIN_ROUTING_WEIGHT_FALLBACK if scope_run == "full" else RETAIN_ROUTING_WEIGHT
 
     def resolved(self) -> dict[str, Any]:
         """The fully resolved spec (every default filled in) as plain JSON data."""

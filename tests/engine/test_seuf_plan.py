@@ -81,9 +81,13 @@ def test_a_full_fallback_trains_at_a_capped_lr_and_widens_only_a_targeted_budget
 
 
 def test_retain_routing_weight_auto_is_on_for_seuf_jobs_with_retain_data_only() -> None:
-    from workers.spec import RETAIN_ROUTING_WEIGHT
+    from workers.spec import RETAIN_ROUTING_WEIGHT, RETAIN_ROUTING_WEIGHT_FALLBACK
 
     assert spec().retain_routing_weight() == RETAIN_ROUTING_WEIGHT > 0
+    assert spec().retain_routing_weight("seuf") == RETAIN_ROUTING_WEIGHT
+    # auto's full fallback moves every parameter below the routers: the heavier weight
+    assert spec().retain_routing_weight("full") == RETAIN_ROUTING_WEIGHT_FALLBACK
+    assert RETAIN_ROUTING_WEIGHT_FALLBACK > RETAIN_ROUTING_WEIGHT
     assert spec("router").retain_routing_weight() == RETAIN_ROUTING_WEIGHT
     assert spec("full").retain_routing_weight() == 0.0  # the baseline stays plain
     assert spec("experts").retain_routing_weight() == 0.0

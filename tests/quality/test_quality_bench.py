@@ -147,6 +147,10 @@ def test_sweep_shards_pick_by_index_or_key() -> None:
         ("rr10_noproj", lambda d: d["seuf"]["router_projection"] == "none"),
         ("flr3e4", lambda d: d["seuf"]["fallback_lr"] == 3e-4),
         ("flr1e3_rr0", lambda d: d["seuf"]["retain_routing_weight"] == 0.0),
+        (
+            "one_rr1000",
+            lambda d: (d["seuf"]["num_experts"], d["seuf"]["retain_routing_weight"]) == (1, 1e3),
+        ),
     ],
 )
 def test_sweep_variants_change_only_their_field(variant: str, check) -> None:

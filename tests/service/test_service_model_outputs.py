@@ -20,7 +20,7 @@ from workers.job import open_model
 from workers.patch import state_sha256
 from workers.run import run_job
 from workers.seuf_plan import FULL_FALLBACK_LR
-from workers.spec import RETAIN_ROUTING_WEIGHT, JobSpec
+from workers.spec import RETAIN_ROUTING_WEIGHT_FALLBACK, JobSpec
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_patch_only_job_after_auto_fallback(db, tmp_path, finished) -> None:
     assert ran["precision"]["dtype"] == "float32" and ran["selection_warning"]
     # the fallback's retain-routing guards (the defaults: every router projected, the loss on)
     assert ran["router_projection"] == "nullspace"
-    assert ran["retain_routing_weight"] == RETAIN_ROUTING_WEIGHT
+    assert ran["retain_routing_weight"] == RETAIN_ROUTING_WEIGHT_FALLBACK
     assert "the spec asked for seuf" in page and "reference only" in page
     assert "Retain routing loss weight" in page
     # job:<id> loads as the base with the patch applied, hash-checked.
