@@ -142,9 +142,15 @@ def test_worker_killed_from_outside_resumes_to_the_same_weights(
     first = [e.step for e in evs if e.kind == "step" and e.attempt == 1]
     killed_at = max(first)
     assert killed_at >= kill_step and first == list(range(1, killed_at + 1))
-    (resumed,) = [e for e in evs if e.kind == "resumed"]
-    from_step = resumed.payload["from_step"]
-    assert resumed.attempt == 2 and from_step % CKPT_EVERY == 0
+    resumes = [e for e in evs if e.kind == "resumed"]
+    assert len(resumes) <= 1 and all(e.attempt == 2 for e in resumes), resumes
+    # No resume: the kill came before the first checkpoint was committed (a random step
+    # from 3 can be under checkpoint_every), so attempt 2 started over from step 0.
+    from_step = resumes[0].payload["from_step"] if resumes else 0
+    assert resumes or when == "random_step", "a checkpoint kill always has one to resume"
+    # ...and no later than the second checkpoint's step: by then the first one committed.
+    assert resumes or killed_at < 2 * CKPT_EVERY, (killed_at, "no resume")
+    assert from_step % CKPT_EVERY == 0
     if when == "checkpoint":
         # The checkpoint being written when its rank died never counted; the one before
         # did (the seam announces a checkpoint once every earlier one is committed).
