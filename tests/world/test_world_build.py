@@ -45,8 +45,6 @@ def test_small_world_memorises_every_topic(small_world, small_model, small_token
     assert SMALL_SETTINGS.min_epochs <= stats["epochs"] <= SMALL_SETTINGS.max_epochs
     assert "max_seconds" not in small_world.manifest["settings"]["pretrain"]
     # which kind of CPU built it: another kind builds other weights from the same key
-    import torch
-
     versions = small_world.manifest["versions"]
     assert versions["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert "cpu_model" in versions
