@@ -73,9 +73,20 @@ FLR_VARIANTS = ("flr1e3", "flr1e3_rr0", "flr3e4", "flr3e4_rr10", "flr3e4_rr0")
 # One expert pinned (num_experts 1, the rest of the example untouched) with the retain
 # routing loss at weight w: the weight for jobs that train selected experts.
 ONE_VARIANTS = ("one_rr100", "one_rr1000")
+# The step-size policy and the utility guard on the defaults ([flr1e3_]decay|guard): at the
+# shipped step size and at 10x it (GDiff's fallback lr 1e-3), whether decay or the guard
+# keeps utility where a constant step does not. GUARD_TOLERANCE is the guard's drop.
+POLICY_VARIANTS = ("decay", "guard", "flr1e3_decay", "flr1e3_guard")
+GUARD_TOLERANCE = 0.02
 ALL_VARIANTS = tuple(
     dict.fromkeys(
-        VARIANTS + SWEEP_VARIANTS + RR_VARIANTS + FLR_VARIANTS + ONE_VARIANTS + ("defaults",)
+        VARIANTS
+        + SWEEP_VARIANTS
+        + RR_VARIANTS
+        + FLR_VARIANTS
+        + ONE_VARIANTS
+        + POLICY_VARIANTS
+        + ("defaults",)
     )
 )
 SWEEP_FAMILIES = ("qwen2_moe", "olmoe", "mixtral")
@@ -158,6 +169,15 @@ def variant_spec(
         seuf["fallback_lr"] = float(lr.replace("e", "e-"))  # flr3e4: 3e-4
         if rr:
             seuf["retain_routing_weight"] = float(rr)
+    elif variant in POLICY_VARIANTS:
+        lr, _, policy = variant.rpartition("_")
+        if lr:
+            seuf["fallback_lr"] = float(lr.removeprefix("flr").replace("e", "e-"))
+        tr = d.setdefault("training", {})
+        if policy == "decay":
+            tr["lr_policy"] = "decay"
+        else:
+            tr.setdefault("stop", {})["utility_drop_tolerance"] = GUARD_TOLERANCE
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":
@@ -590,6 +610,16 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_size(world: dict[str, Any], size: str) -> dict[str, Any]:
+    """The world at `size` (the spec's world.size). A small world has one expert per topic
+    of a 6-topic world (workers/world/pretrain.py SMALL_SETTINGS), so its knowledge is far
+    more localised than the full size's: the sweep's localised case. Its key says so
+    (small-<key>); the full size keeps its key."""
+    if size == "full":
+        return world
+    return {**world, "size": size, "key": f"{size}-{world['key']}"}
+
+
 def with_retain_topics(world: dict[str, Any], value: str | None) -> dict[str, Any]:
     """The world with `retain_topics` set (the spec's world.retain_topics: the retain corpus
     covers the first k non-forget topics); 'half' = topics // 2. Its key says so (-r<k>), so
@@ -642,6 +672,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worlds", nargs="+", default=None, help="sweep shard: indices or keys")
     ap.add_argument("--facts", type=int, default=SWEEP_FACTS, help="sweep facts per topic")
     ap.add_argument("--list-worlds", action="store_true", help="print the sweep's worlds")
+    ap.add_argument(
+        "--size",
+        default="full",
+        choices=("full", "small"),
+        help="sweep: world.size of every world (small: localised knowledge)",
+    )
     ap.add_argument("--skip-done", action="store_true", help="sweep: keep runs already stored")
     ap.add_argument(
         "--retain-topics",
@@ -652,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.sweep:
         worlds = [
-            with_retain_topics(w, args.retain_topics)
+            with_retain_topics(with_size(w, args.size), args.retain_topics)
             for w in pick_worlds(draw_worlds(facts=args.facts), args.worlds)
         ]
         if args.list_worlds:

@@ -151,6 +151,11 @@ def test_sweep_shards_pick_by_index_or_key() -> None:
             "one_rr1000",
             lambda d: (d["seuf"]["num_experts"], d["seuf"]["retain_routing_weight"]) == (1, 1e3),
         ),
+        ("decay", lambda d: d["training"]["lr_policy"] == "decay"),
+        (
+            "guard",
+            lambda d: d["training"]["stop"]["utility_drop_tolerance"] == quality.GUARD_TOLERANCE,
+        ),
     ],
 )
 def test_sweep_variants_change_only_their_field(variant: str, check) -> None:
@@ -159,6 +164,24 @@ def test_sweep_variants_change_only_their_field(variant: str, check) -> None:
     assert check(var)
     assert {k for k in base if base[k] != var[k]} <= {"seuf", "scope", "training"}
     assert sum(base[k] != var[k] for k in base) == 1
+
+
+@pytest.mark.parametrize("policy", ["decay", "guard"])
+def test_policy_variants_at_ten_times_the_fallback_step(policy: str) -> None:
+    base = JobSpec.model_validate(quality.variant_spec("gdiff", policy, 1)).resolved()
+    var = JobSpec.model_validate(quality.variant_spec("gdiff", f"flr1e3_{policy}", 1)).resolved()
+    assert var["seuf"]["fallback_lr"] == 1e-3 and base["seuf"]["fallback_lr"] == "auto"
+    assert var["training"] == base["training"]
+
+
+def test_small_size_worlds_are_keyed_apart() -> None:
+    world = quality.draw_worlds()[0]
+    small = quality.with_size(world, "small")
+    assert small["key"] == f"small-{world['key']}" and small["size"] == "small"
+    assert quality.with_size(world, "full") is world
+    block = {k: v for k, v in small.items() if k != "key"}
+    spec = JobSpec.model_validate(quality.variant_spec("gdiff", "defaults", 0, world=block))
+    assert spec.world.size == "small" and spec.world.seed == world["seed"]
 
 
 def test_defaults_variant_is_the_example_untouched() -> None:
