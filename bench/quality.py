@@ -620,6 +620,17 @@ def with_size(world: dict[str, Any], size: str) -> dict[str, Any]:
     return {**world, "size": size, "key": f"{size}-{world['key']}"}
 
 
+def with_topics(world: dict[str, Any], topics: int | None) -> dict[str, Any]:
+    """The world with `topics` topics (its forget topic taken modulo), keyed by them: a small
+    world is localised only while it has an expert per topic (8 experts), which the draw's
+    6-12 topics mostly do not give."""
+    if topics is None:
+        return world
+    forget = world["forget_topic"] % topics
+    key = world["key"].rsplit("-t", 1)[0] + f"-t{topics}-f{forget}"
+    return {**world, "topics": topics, "forget_topic": forget, "key": key}
+
+
 def with_retain_topics(world: dict[str, Any], value: str | None) -> dict[str, Any]:
     """The world with `retain_topics` set (the spec's world.retain_topics: the retain corpus
     covers the first k non-forget topics); 'half' = topics // 2. Its key says so (-r<k>), so
@@ -680,6 +691,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--skip-done", action="store_true", help="sweep: keep runs already stored")
     ap.add_argument(
+        "--world-topics", type=int, default=None, help="sweep: every world with this many topics"
+    )
+    ap.add_argument(
         "--retain-topics",
         default=None,
         help="sweep: world.retain_topics of every world ('half' = topics // 2, or a number)",
@@ -687,14 +701,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     if args.sweep:
-        worlds = [
-            with_retain_topics(with_size(w, args.size), args.retain_topics)
-            for w in pick_worlds(draw_worlds(facts=args.facts), args.worlds)
+        drawn = [
+            with_retain_topics(
+                with_size(with_topics(w, args.world_topics), args.size), args.retain_topics
+            )
+            for w in draw_worlds(facts=args.facts)
         ]
         if args.list_worlds:
-            for i, w in enumerate(draw_worlds(facts=args.facts)):
+            for i, w in enumerate(drawn):
                 print(i, w["key"], json.dumps({k: v for k, v in w.items() if k != "key"}))
             return
+        worlds = pick_worlds(drawn, args.worlds)
     import torch
 
     torch.set_num_threads(1)  # shared machine: one thread, one job at a time

@@ -184,6 +184,16 @@ def test_small_size_worlds_are_keyed_apart() -> None:
     assert spec.world.size == "small" and spec.world.seed == world["seed"]
 
 
+def test_fixed_topic_count_keeps_the_forget_topic_in_range() -> None:
+    for world in quality.draw_worlds():
+        six = quality.with_topics(world, 6)
+        assert six["topics"] == 6 and six["forget_topic"] == world["forget_topic"] % 6
+        assert six["key"] == f"{world['arch']}-s{world['seed']}-t6-f{six['forget_topic']}"
+        block = {k: v for k, v in six.items() if k != "key"}
+        JobSpec.model_validate(quality.variant_spec("gdiff", "defaults", 0, world=block))
+    assert quality.with_topics(world, None) is world
+
+
 def test_defaults_variant_is_the_example_untouched() -> None:
     base = JobSpec.model_validate(quality.variant_spec("npo", "seuf", 1)).resolved()
     assert JobSpec.model_validate(quality.variant_spec("npo", "defaults", 1)).resolved() == base
