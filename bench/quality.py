@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -504,13 +505,25 @@ def _same_build(a: str | None, b: str | None) -> bool:
     return a is None or b is None or a == b
 
 
+def world_set(world: str) -> str:
+    """The cell suffix of a sweep world's kind, so that one summary cell holds one kind of
+    world and its acceptance counts mean what they say: '' for the drawn worlds as drawn,
+    '@retain_topics' (key -r<k>), '@small' (key small-...), '@small+retain_topics'."""
+    parts = []
+    if world.startswith("small-"):
+        parts.append("small")
+    if re.search(r"-r\d+$", world):
+        parts.append("retain_topics")
+    return "@" + "+".join(parts) if parts else ""
+
+
 def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Per world and per (algorithm, variant): forget after, unseen utility kept, retain
-    overlap from the target layer; min / mean over worlds; the issue's acceptance checks
-    (forget <= 0.30 with >= 95% kept and retain overlap >= 0.95 on >= 5 of 6 worlds; SEUF
-    keeps >= full - 0.01 on every world). A world whose full-parameter run was made on
-    another build of it (another machine) is left out of the comparison and listed in
-    `full_on_another_build`."""
+    """Per world kind (world_set), world and (algorithm, variant): forget after, unseen
+    utility kept, retain overlap from the target layer; min / mean over worlds; the issue's
+    acceptance checks (forget <= 0.30 with >= 95% kept and retain overlap >= 0.95 on >= 5 of
+    6 worlds; SEUF keeps >= full - 0.01 on every world; against the full run of the same
+    kind of world). A world whose full-parameter run was made on another build of it
+    (another machine) is left out of the comparison and listed in `full_on_another_build`."""
     cells: dict[str, dict[str, dict[str, Any]]] = {}
     for key, r in runs.items():
         if not key.startswith("sweep/"):
@@ -520,7 +533,8 @@ def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         kc = _kept(r, "utility_accuracy_uncovered_topics")
         fa = r["after"]["forget_accuracy"]
         ov = retain_overlap_from_target(r)
-        cells.setdefault(f"{r['algorithm']}/{r['variant']}", {})[world] = {
+        cell = f"{r['algorithm']}/{r['variant']}{world_set(world)}"
+        cells.setdefault(cell, {})[world] = {
             "forget_after": fa,
             "kept_unseen": ku,
             "kept_uncovered": kc,
@@ -541,7 +555,8 @@ def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         }
     summary: dict[str, Any] = {}
     for cell, per_world in sorted(cells.items()):
-        alg, variant = cell.split("/")
+        base, at, label = cell.partition("@")
+        alg, variant = base.split("/")
         kept = [w["kept_unseen"] for w in per_world.values() if w["kept_unseen"] is not None]
         ovs = [w["retain_overlap"] for w in per_world.values() if w["retain_overlap"] is not None]
         entry: dict[str, Any] = {
@@ -555,7 +570,7 @@ def sweep_summary(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "worlds_meeting": sum(w["meets"] for w in per_world.values()),
             "worlds_meeting_with_overlap": sum(w["meets_with_overlap"] for w in per_world.values()),
         }
-        full = cells.get(f"{alg}/full")
+        full = cells.get(f"{alg}/full{at}{label}")
         if variant != "full" and full:
             differ = sorted(
                 world for world, w in per_world.items()

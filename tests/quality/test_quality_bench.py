@@ -270,5 +270,24 @@ def test_retain_topics_worlds_and_the_uncovered_comparison(tmp_path, monkeypatch
         runs[f"sweep/w0-r3/gdiff/{variant}"] = r
     quality.merge_save(runs)
     s = json.loads((tmp_path / "quality.json").read_text())["sweep"]
-    assert s["gdiff/seuf"]["kept_uncovered_minus_full"]["w0-r3"] == pytest.approx(0.05)
-    assert s["gdiff/seuf"]["worlds"]["w0-r3"]["retain_overlap"] == pytest.approx(0.98)
+    cell = s["gdiff/seuf@retain_topics"]  # its own kind of world: apart from the drawn ones
+    assert cell["kept_uncovered_minus_full"]["w0-r3"] == pytest.approx(0.05)
+    assert cell["worlds"]["w0-r3"]["retain_overlap"] == pytest.approx(0.98)
+    assert "gdiff/seuf" not in s
+
+
+def test_summary_cells_hold_one_kind_of_world(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    runs = {}
+    for world in ("w0", "w0-r3", "small-w0", "small-w0-r3"):
+        for variant, kept in (("full", 0.99), ("seuf", 0.90)):
+            runs[f"sweep/{world}/gdiff/{variant}"] = _sweep_run("gdiff", variant, 0.28, kept, 0.97)
+    runs["sweep/small-w0/gdiff/seuf"]["after"]["utility_accuracy_unseen"] = 1.0
+    quality.merge_save(runs)
+    s = json.loads((tmp_path / "quality.json").read_text())["sweep"]
+    suffixes = ("", "@retain_topics", "@small", "@small+retain_topics")
+    assert sorted(s) == sorted(f"gdiff/{v}{x}" for v in ("full", "seuf") for x in suffixes)
+    assert all(e["n_worlds"] == 1 for e in s.values())
+    # Each kind is compared with the full run of its own kind.
+    assert s["gdiff/seuf@small"]["kept_minus_full"] == {"small-w0": pytest.approx(0.01)}
+    assert s["gdiff/seuf"]["kept_minus_full"] == {"w0": pytest.approx(-0.09)}
