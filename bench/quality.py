@@ -626,10 +626,10 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
 
 
 def with_size(world: dict[str, Any], size: str) -> dict[str, Any]:
-    """The world at `size` (the spec's world.size). A small world has one expert per topic
-    of a 6-topic world (workers/world/pretrain.py SMALL_SETTINGS), so its knowledge is far
-    more localised than the full size's: the sweep's localised case. Its key says so
-    (small-<key>); the full size keeps its key."""
+    """The world at `size` (the spec's world.size). A small world (workers/world/pretrain.py
+    SMALL_SETTINGS: 2 layers, 8 experts, one per topic of a 6-topic world) was meant as the
+    localised case; on the sweep's draws its best expert still fell short of auto's bar
+    (README "Small worlds"). Its key says so (small-<key>); the full size keeps its key."""
     if size == "full":
         return world
     return {**world, "size": size, "key": f"{size}-{world['key']}"}
@@ -637,8 +637,7 @@ def with_size(world: dict[str, Any], size: str) -> dict[str, Any]:
 
 def with_topics(world: dict[str, Any], topics: int | None) -> dict[str, Any]:
     """The world with `topics` topics (its forget topic taken modulo), keyed by them: a small
-    world is localised only while it has an expert per topic (8 experts), which the draw's
-    6-12 topics mostly do not give."""
+    world has an expert per topic only up to 8 topics, which the draw's 6-12 mostly exceed."""
     if topics is None:
         return world
     forget = world["forget_topic"] % topics
@@ -702,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         "--size",
         default="full",
         choices=("full", "small"),
-        help="sweep: world.size of every world (small: localised knowledge)",
+        help="sweep: world.size of every world (small: 2 layers, 8 experts)",
     )
     ap.add_argument("--skip-done", action="store_true", help="sweep: keep runs already stored")
     ap.add_argument(
