@@ -112,6 +112,11 @@ def base_spec(algorithm: str, variant: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def _flr(name: str) -> float:
+    """The fallback step size a variant names: flr<m>e<x> = m * 10^-x (flr3e4: 3e-4)."""
+    return float(name.removeprefix("flr").replace("e", "e-"))
+
+
 def variant_spec(
     algorithm: str,
     variant: str,
@@ -165,15 +170,15 @@ def variant_spec(
         seuf["retain_routing_weight"] = float(w)
         seuf["router_projection"] = "none" if rest == "noproj" else "nullspace"
     elif variant in FLR_VARIANTS:  # auto whose full fallback steps at lr [with weight w]
-        lr, _, rr = variant.removeprefix("flr").partition("_rr")
+        lr, _, rr = variant.partition("_rr")
         seuf["num_experts"] = "auto"
-        seuf["fallback_lr"] = float(lr.replace("e", "e-"))  # flr3e4: 3e-4
+        seuf["fallback_lr"] = _flr(lr)
         if rr:
             seuf["retain_routing_weight"] = float(rr)
     elif variant in POLICY_VARIANTS:
         lr, _, policy = variant.rpartition("_")
         if lr:
-            seuf["fallback_lr"] = float(lr.removeprefix("flr").replace("e", "e-"))
+            seuf["fallback_lr"] = _flr(lr)
         tr = d.setdefault("training", {})
         if policy == "decay":
             tr["lr_policy"] = "decay"
