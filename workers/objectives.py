@@ -25,7 +25,8 @@ Conventions (batch fields: see workers/data.py):
           hidden units (the scale the RMU code's mse_loss uses, for which c and alpha_r were
           tuned); u a fixed seeded random unit vector; h_ref precomputed once. Options:
           the forget MSE only at answer-predicting positions (rmu_positions "answer"), and
-          c relative to the block's mean reference output norm (rmu_coeff_relative).
+          c relative to the block's mean reference output norm (rmu_coeff_relative), and
+          u_i one Gaussian unit vector per forget sample i (rmu_directions "per_sample").
 - Anchor  L_anchor = mean over real forget tokens t of sum_e (p_t,e - a_e)^2 (reduction
           "sum", the paper) or mean_e (reduction "mean", the authors' code: divided by E);
           p_t = adapter.gate_probs(router logits) from the router's own forward (router_tap);
@@ -87,6 +88,7 @@ class Reference:
     retain_activations: list[torch.Tensor] | None = None  # per retain sample [L_i, H]
     rmu_direction: torch.Tensor | None = None  # [H] unit vector u
     rmu_block_norm: float | None = None  # mean per-token norm of h_ref (rmu_coeff_relative)
+    rmu_seed: int = 0  # seeds the per-sample directions (rmu_directions "per_sample")
     retain_routing: RoutingTargets | None = None  # the retain routing loss's targets
 
 
@@ -201,6 +203,19 @@ def simnpo_loss(
     return (lf if r is None else lf + r), parts
 
 
+def rmu_sample_directions(hidden_size: int, seed: int, indices: torch.Tensor) -> torch.Tensor:
+    """[B, H] unit vectors, one per forget sample index, each a function of (seed, index)
+    only, so a sample steers to the same target in every batch, epoch and worker. Gaussian,
+    not RMU's uniform entries: uniform vectors all lie in the positive orthant (cosine ~0.75
+    to each other), so per-sample targets would be nearly one direction."""
+    rows = []
+    for idx in indices.tolist():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(idx))
+        u = torch.randn(hidden_size, generator=g)
+        rows.append(u / u.norm())
+    return torch.stack(rows)
+
+
 def rmu_loss(
     outputs: Outputs, reference: Reference | None, batch: Batches, opts: ObjectiveOptions
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -215,7 +230,12 @@ def rmu_loss(
         if reference.rmu_block_norm is None:
             raise ValueError("rmu_coeff_relative needs the reference block norm")
         c *= reference.rmu_block_norm
-    steer = (c * reference.rmu_direction.to(hf.device)).expand_as(hf)
+    if opts.rmu_directions == "per_sample":
+        dims = hf.shape[-1]
+        u = rmu_sample_directions(dims, reference.rmu_seed, batch.forget["index"])
+        steer = (c * u.to(hf.device)).unsqueeze(1).expand_as(hf)
+    else:
+        steer = (c * reference.rmu_direction.to(hf.device)).expand_as(hf)
     steered = batch.forget["attention_mask"]
     if opts.rmu_positions == "answer":
         # Positions whose output predicts an answer token (loss_mask's convention).

@@ -95,6 +95,7 @@ def prepare_reference(
         module = model.get_submodule(names[id(objective.capture)])
         ref.retain_activations = reference_activations(model, module, retain, batch_size)
         ref.rmu_direction = rmu_direction(int(model.config.hidden_size), seed)
+        ref.rmu_seed = seed
         norms = torch.cat([a.norm(dim=-1) for a in ref.retain_activations])
         ref.rmu_block_norm = float(norms.mean())
     objective.reference = ref

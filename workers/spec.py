@@ -254,6 +254,12 @@ class ObjectiveOptions(Strict):
         "mean output norm on the retain reference (comparable across models); False: "
         "rmu_steering_coeff itself.",
     )
+    rmu_directions: Literal["shared", "per_sample"] = Field(
+        "shared",
+        description="RMU's steering target: one random direction for every forget sample (the "
+        "RMU paper's), or a random direction per forget sample (seeded by the sample), so the "
+        "steered output is no question-independent bias that leaves the answers' ranking.",
+    )
 
 
 class StopRule(Strict):
@@ -427,7 +433,10 @@ class JobSpec(Strict):
                 "that selects experts and no explicit rmu_layer"
             )
         if self.algorithm != "rmu" and (
-            o.rmu_layer_offset or o.rmu_positions != "all" or o.rmu_coeff_relative
+            o.rmu_layer_offset
+            or o.rmu_positions != "all"
+            or o.rmu_coeff_relative
+            or o.rmu_directions != "shared"
         ):
             raise ValueError("objective.rmu_* settings apply to algorithm 'rmu' only")
         if self.seuf.attribution == "contrastive" and self.retain is None:

@@ -15,6 +15,7 @@ from workers.objectives import (
     Reference,
     loss_positions,
     make_objective,
+    rmu_sample_directions,
     run_forward,
     sequence_nll,
 )
@@ -203,6 +204,36 @@ def test_rmu_seuf_options_steer_the_layer_above_at_answer_positions_relative_nor
     # no selection (scope full): the middle layer, as before
     full = make_objective("rmu", ObjectiveOptions(), adapter)
     assert full.capture is model.model.layers[len(model.model.layers) // 2].mlp
+
+
+def test_rmu_per_sample_directions_steer_each_sample_to_its_own_target(setup):
+    """rmu_directions "per_sample": sample i's target is c * u_i, u_i a Gaussian unit vector
+    that depends on (seed, i) only (the same in any batch), distinct across samples."""
+    model, adapter, other, fc, rc, batches = setup
+    opts = ObjectiveOptions(rmu_steering_coeff=6.0, rmu_alpha=3.0, rmu_directions="per_sample")
+    obj = make_objective("rmu", opts, adapter, selected=[(LAYER, 2)])
+    prepare_reference(obj, other, fc, rc, seed=7)
+    loss, parts = obj(obj.forward(model, batches), batches)
+    idx = batches.forget["index"]  # [3, 0, 4]
+    u = rmu_sample_directions(32, 7, idx).double()
+    assert torch.allclose(u.norm(dim=-1), torch.ones(3, dtype=torch.float64))
+    # one sample's direction does not depend on its batch
+    assert torch.equal(u[1].float(), rmu_sample_directions(32, 7, torch.tensor([0]))[0])
+    cos = u @ u.T
+    assert float((cos - torch.eye(3, dtype=cos.dtype)).abs().max()) < 0.8  # not one direction
+    hf = _block_out(model, LAYER, batches.forget)
+    lf = _masked_mean_sq(hf - 6.0 * u[:, None, :], batches.forget["attention_mask"])
+    lr = _masked_mean_sq(
+        _block_out(model, LAYER, batches.retain) - _block_out(other, LAYER, batches.retain),
+        batches.retain["attention_mask"],
+    )
+    assert parts["forget"] == pytest.approx(lf, rel=1e-5)
+    assert loss.item() == pytest.approx(lf + 3.0 * lr, rel=1e-5)
+    shared = make_objective(
+        "rmu", ObjectiveOptions(rmu_steering_coeff=6.0), adapter, selected=[(LAYER, 2)]
+    )
+    prepare_reference(shared, other, fc, rc, seed=7)
+    assert shared(shared.forward(model, batches), batches)[1]["forget"] != pytest.approx(lf)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])

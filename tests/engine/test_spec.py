@@ -163,6 +163,7 @@ def test_guard_and_decay_are_refused_where_they_cannot_act(training, extra, reas
     [
         ({"algorithm": "gdiff", "objective": {"rmu_positions": "answer"}}, "'rmu' only"),
         ({"algorithm": "npo", "objective": {"rmu_coeff_relative": True}}, "'rmu' only"),
+        ({"algorithm": "ga", "objective": {"rmu_directions": "per_sample"}}, "'rmu' only"),
         ({"algorithm": "rmu", "scope": "full", "objective": {"rmu_layer_offset": 1}}, "target"),
         ({"algorithm": "rmu", "objective": {"rmu_layer_offset": 1, "rmu_layer": 2}}, "target"),
     ],
