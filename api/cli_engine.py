@@ -209,6 +209,12 @@ def world_build(
     size: Annotated[
         Literal["full", "small"], typer.Option(help="small: the fast test-size model.")
     ] = "full",
+    topic_router_margin: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=64.0, help="Seed one expert per topic this strongly (24: localised)."
+        ),
+    ] = None,
 ) -> None:
     """Build (or reuse from the cache) the demo world and print its directory."""
     from workers.spec import WorldOptions
@@ -216,7 +222,12 @@ def world_build(
 
     con = _console()
     opts = WorldOptions(
-        seed=seed, topics=topics, facts_per_topic=facts_per_topic, arch=arch, size=size
+        seed=seed,
+        topics=topics,
+        facts_per_topic=facts_per_topic,
+        arch=arch,
+        size=size,
+        topic_router_margin=topic_router_margin,
     )
     with _stdout_to_stderr():
         world = build_world(opts, progress=lambda kind, info: con.print(_progress_line(kind, info)))

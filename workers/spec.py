@@ -56,6 +56,15 @@ class WorldOptions(Strict):
         "topics it never covers (utility_accuracy_uncovered_topics). Needs retain: "
         "{demo: retain}; at most topics - 1.",
     )
+    topic_router_margin: Annotated[float, Field(ge=0.0, le=64.0)] | None = Field(
+        None,
+        description="How strongly pretraining seeds one expert per topic: the router rows of "
+        "expert (topic mod E) start aligned with the topic's embedding direction, adding "
+        "about this much to its logit on the topic's words (null: the size preset's, 8). "
+        "Larger values build worlds whose knowledge sits in one expert per topic "
+        "(localised, the case SEUF is for: at 24 most topics' best expert carries >= 0.7 "
+        "of the topic's gate mass); 0 seeds nothing.",
+    )
     size: WorldSize = Field(
         "full",
         description="full: the demo model (hidden 256, 4 layers, 8 experts); small: a hidden-64, "

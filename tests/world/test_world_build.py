@@ -22,6 +22,7 @@ from workers.world import (
     build_world,
     load_world,
     load_world_dir,
+    pretrain_settings,
     world_settings,
 )
 from workers.world.cache import build_once, settings_hash, tree_hashes
@@ -86,6 +87,21 @@ def test_cached_second_call_same_hash_other_seed_other_hash(small_world, worlds_
         load_world(full, cache_dir=worlds_dir)
     with pytest.raises(FileNotFoundError, match="moe-unlearn world build"):
         load_world(SMALL.model_copy(update={"seed": 7}), cache_dir=worlds_dir)
+
+
+def test_topic_router_margin_overrides_the_preset_and_keys_the_world(worlds_dir):
+    assert pretrain_settings(SMALL) == SMALL_SETTINGS
+    same = SMALL.model_copy(update={"topic_router_margin": SMALL_SETTINGS.topic_router_margin})
+    h = settings_hash(world_settings(SMALL, pretrain_settings(SMALL)))
+    assert settings_hash(world_settings(same, pretrain_settings(same))) == h  # the same world
+    strong = SMALL.model_copy(update={"topic_router_margin": 24.0})
+    assert pretrain_settings(strong).topic_router_margin == 24.0
+    assert pretrain_settings(strong, TINY_SETTINGS).hidden_size == TINY_SETTINGS.hidden_size
+    assert settings_hash(world_settings(strong, pretrain_settings(strong))) != h
+    with pytest.raises(FileNotFoundError, match="topic_router_margin=24.0"):
+        load_world(strong, cache_dir=worlds_dir)
+    with pytest.raises(ValueError, match="topic_router_margin"):
+        WorldOptions(topic_router_margin=65.0)
 
 
 def test_manifest_file_hashes_and_layout(small_world):

@@ -21,6 +21,7 @@ separately (`utility_accuracy_uncovered_topics`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -227,10 +228,17 @@ def _retain_pool(path: Path, topics: list[int]) -> list[dict[str, Any]]:
     ]
 
 
-def _pretrain_settings(
-    options: WorldOptions, pretrain: PretrainSettings | None
+def pretrain_settings(
+    options: WorldOptions, pretrain: PretrainSettings | None = None
 ) -> PretrainSettings:
-    return pretrain if pretrain is not None else PRESETS[options.size]
+    """The settings a world is pretrained with: `pretrain`, else the preset of
+    `options.size`, with the world's own `topic_router_margin` when it sets one."""
+    settings = pretrain if pretrain is not None else PRESETS[options.size]
+    if options.topic_router_margin is not None:
+        # The option overrides the preset: at the preset's own value the settings, and so
+        # the world's cache key and weights, are the preset's.
+        settings = dataclasses.replace(settings, topic_router_margin=options.topic_router_margin)
+    return settings
 
 
 def build_world(
@@ -244,7 +252,7 @@ def build_world(
     world directories (default: $MOE_UNLEARN_CACHE/worlds or ~/.cache/moe-unlearn/worlds);
     `pretrain` overrides the preset `options.size` picks (world unit tests use
     TINY_SETTINGS)."""
-    settings = _pretrain_settings(options, pretrain)
+    settings = pretrain_settings(options, pretrain)
     cfg = world_settings(options, settings)
     key = settings_hash(cfg)
     worlds_dir = Path(cache_dir) if cache_dir is not None else default_worlds_dir()
@@ -265,15 +273,15 @@ def load_world(
     pretrain: PretrainSettings | None = None,
 ) -> World:
     """An already built world; FileNotFoundError (telling how to build it) otherwise."""
-    key = settings_hash(world_settings(options, _pretrain_settings(options, pretrain)))
+    key = settings_hash(world_settings(options, pretrain_settings(options, pretrain)))
     worlds_dir = Path(cache_dir) if cache_dir is not None else default_worlds_dir()
     path = worlds_dir / key[:16]
     if not (path / MANIFEST).is_file():
         raise FileNotFoundError(
             f"demo world (seed={options.seed}, topics={options.topics}, "
             f"facts_per_topic={options.facts_per_topic}, arch={options.arch}, "
-            f"size={options.size}) is not built "
-            f"in {worlds_dir}: run `moe-unlearn world build` first"
+            f"size={options.size}, topic_router_margin={options.topic_router_margin}) is not "
+            f"built in {worlds_dir}: run `moe-unlearn world build` first"
         )
     return load_world_dir(path, options.forget_topic, options.retain_topics)
 
@@ -409,5 +417,6 @@ __all__ = [
     "covered_topics",
     "load_world",
     "load_world_dir",
+    "pretrain_settings",
     "world_settings",
 ]
