@@ -210,10 +210,8 @@ def world_build(
         Literal["full", "small"], typer.Option(help="small: the fast test-size model.")
     ] = "full",
     topic_router_margin: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0, max=64.0, help="Seed one expert per topic this strongly (24: localised)."
-        ),
+        int | None,
+        typer.Option(min=0, max=64, help="Seed one expert per topic this hard (24: localised)."),
     ] = None,
 ) -> None:
     """Build (or reuse from the cache) the demo world and print its directory."""

@@ -56,7 +56,8 @@ class WorldOptions(Strict):
         "topics it never covers (utility_accuracy_uncovered_topics). Needs retain: "
         "{demo: retain}; at most topics - 1.",
     )
-    topic_router_margin: Annotated[float, Field(ge=0.0, le=64.0)] | None = Field(
+    # An integer: a client picks from 65 worlds per (seed, topics, ...), not unboundedly many.
+    topic_router_margin: Annotated[int, Field(ge=0, le=64)] | None = Field(
         None,
         description="How strongly pretraining seeds one expert per topic: the router rows of "
         "expert (topic mod E) start aligned with the topic's embedding direction, adding "

@@ -91,17 +91,20 @@ def test_cached_second_call_same_hash_other_seed_other_hash(small_world, worlds_
 
 def test_topic_router_margin_overrides_the_preset_and_keys_the_world(worlds_dir):
     assert pretrain_settings(SMALL) == SMALL_SETTINGS
-    same = SMALL.model_copy(update={"topic_router_margin": SMALL_SETTINGS.topic_router_margin})
+    same = SMALL.model_copy(update={"topic_router_margin": 8})
+    assert SMALL_SETTINGS.topic_router_margin == 8.0
     h = settings_hash(world_settings(SMALL, pretrain_settings(SMALL)))
     assert settings_hash(world_settings(same, pretrain_settings(same))) == h  # the same world
-    strong = SMALL.model_copy(update={"topic_router_margin": 24.0})
+    strong = SMALL.model_copy(update={"topic_router_margin": 24})
     assert pretrain_settings(strong).topic_router_margin == 24.0
     assert pretrain_settings(strong, TINY_SETTINGS).hidden_size == TINY_SETTINGS.hidden_size
     assert settings_hash(world_settings(strong, pretrain_settings(strong))) != h
-    with pytest.raises(FileNotFoundError, match="topic_router_margin=24.0"):
+    with pytest.raises(FileNotFoundError, match="topic_router_margin=24"):
         load_world(strong, cache_dir=worlds_dir)
     with pytest.raises(ValueError, match="topic_router_margin"):
-        WorldOptions(topic_router_margin=65.0)
+        WorldOptions(topic_router_margin=65)
+    with pytest.raises(ValueError, match="topic_router_margin"):
+        WorldOptions(topic_router_margin=8.5)  # whole numbers: a bounded set of worlds
 
 
 def test_manifest_file_hashes_and_layout(small_world):

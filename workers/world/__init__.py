@@ -237,7 +237,8 @@ def pretrain_settings(
     if options.topic_router_margin is not None:
         # The option overrides the preset: at the preset's own value the settings, and so
         # the world's cache key and weights, are the preset's.
-        settings = dataclasses.replace(settings, topic_router_margin=options.topic_router_margin)
+        margin = float(options.topic_router_margin)  # the preset's type: 8 keys as 8.0 does
+        settings = dataclasses.replace(settings, topic_router_margin=margin)
     return settings
 
 
