@@ -20,13 +20,16 @@ The sweep (issue 13: defaults must hold on worlds nobody tuned them on):
     python -m bench.quality --sweep --list-worlds
     python -m bench.quality --sweep [--worlds 0 3 | olmoe-s1234-t8-f3] [--algorithms ...]
         [--variants full seuf ...] [--facts 40] [--retain-topics half]
+        [--size small] [--world-topics 6] [--topic-router-margin 24]
 
 draws its own worlds (3 MoE families x 2 seeds from a seed range no example uses, 6-12
 topics, forget topic varied; `draw_worlds`), runs every algorithm x SWEEP_VARIANTS on each,
 and adds `sweep` to quality.json: per world and per (algorithm, variant) the forget reached,
 unseen utility kept, retain routing overlap, and min / mean over worlds, with the issue's
 acceptance checks (with `--retain-topics half`, worlds keyed <world>-r<k> whose retain
-corpus covers half the topics, and `kept_uncovered_minus_full`). Shards (`--worlds`, in
+corpus covers half the topics, and `kept_uncovered_minus_full`; with
+`--topic-router-margin 24`, worlds keyed m24-<world> whose experts are seeded per topic
+hard enough that knowledge is localised on most draws). Shards (`--worlds`, in
 separate processes or at separate times) merge by key under a file lock:
 sweep/<world>/<algorithm>/<variant>.
 """
@@ -70,7 +73,19 @@ SWEEP_VARIANTS = (
 # projection); "defaults" is the shipped example untouched.
 RR_VARIANTS = ("rr0", "rr1", "rr3", "rr10", "rr30", "rr100", "rr300", "rr1000", "rr10_noproj")
 # auto with the full fallback's step size named (flr<m>e<x> = m*10^-x, [_rr<w>]): RMU.
-FLR_VARIANTS = ("flr1e3", "flr1e3_rr0", "flr3e4", "flr3e4_rr10", "flr3e4_rr0")
+FLR_VARIANTS = (
+    "flr1e3",
+    "flr1e3_rr0",
+    "flr1e3_rr100",
+    "flr1e3_rr1000",
+    "flr3e4",
+    "flr3e4_rr10",
+    "flr3e4_rr0",
+    "flr3e4_rr1000",
+    "flr1e4_rr1000",
+)
+# RMU's full fallback steering layer k instead of the middle one (flr..._rr<w>_l<k>).
+RMU_LAYER_VARIANTS = ("flr1e4_rr1000_l1", "flr3e4_rr1000_l1")
 # One expert pinned (num_experts 1, the rest of the example untouched) with the retain
 # routing loss at weight w: the weight for jobs that train selected experts.
 ONE_VARIANTS = ("one_rr100", "one_rr1000")
@@ -79,6 +94,9 @@ ONE_VARIANTS = ("one_rr100", "one_rr1000")
 # keeps utility where a constant step does not. GUARD_TOLERANCE is the guard's drop.
 POLICY_VARIANTS = ("decay", "guard", "flr1e3_decay", "flr1e3_guard")
 GUARD_TOLERANCE = 0.02
+# RMU's steering target per forget sample (objective.rmu_directions per_sample) on the RMU
+# example as shipped [with the retain routing loss at weight w on its one expert].
+PER_SAMPLE_VARIANTS = ("per_sample", "per_sample_rr100", "per_sample_rr1000")
 ALL_VARIANTS = tuple(
     dict.fromkeys(
         VARIANTS
@@ -87,6 +105,8 @@ ALL_VARIANTS = tuple(
         + FLR_VARIANTS
         + ONE_VARIANTS
         + POLICY_VARIANTS
+        + PER_SAMPLE_VARIANTS
+        + RMU_LAYER_VARIANTS
         + ("defaults",)
     )
 )
@@ -169,8 +189,13 @@ def variant_spec(
         w, _, rest = variant.removeprefix("rr").partition("_")
         seuf["retain_routing_weight"] = float(w)
         seuf["router_projection"] = "none" if rest == "noproj" else "nullspace"
-    elif variant in FLR_VARIANTS:  # auto whose full fallback steps at lr [with weight w]
-        lr, _, rr = variant.partition("_rr")
+    elif variant in FLR_VARIANTS or variant in RMU_LAYER_VARIANTS:
+        # auto whose full fallback steps at lr [with weight w] [steering layer k]
+        name, _, layer = variant.partition("_l")
+        if layer:
+            obj = d.setdefault("objective", {})
+            obj["rmu_layer"], obj["rmu_layer_offset"] = int(layer), 0
+        lr, _, rr = name.partition("_rr")
         seuf["num_experts"] = "auto"
         seuf["fallback_lr"] = _flr(lr)
         if rr:
@@ -184,6 +209,11 @@ def variant_spec(
             tr["lr_policy"] = "decay"
         else:
             tr.setdefault("stop", {})["utility_drop_tolerance"] = GUARD_TOLERANCE
+    elif variant in PER_SAMPLE_VARIANTS:
+        d.setdefault("objective", {})["rmu_directions"] = "per_sample"
+        _, _, rr = variant.partition("_rr")
+        if rr:
+            seuf["retain_routing_weight"] = float(rr)
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":
@@ -513,10 +543,14 @@ def _same_build(a: str | None, b: str | None) -> bool:
 def world_set(world: str) -> str:
     """The cell suffix of a sweep world's kind, so that one summary cell holds one kind of
     world and its acceptance counts mean what they say: '' for the drawn worlds as drawn,
-    '@retain_topics' (key -r<k>), '@small' (key small-...), '@small+retain_topics'."""
+    '@retain_topics' (key -r<k>), '@small' (key small-...), '@m<margin>' (key m<margin>-...,
+    with_margin), joined by '+' when a world is of several (e.g. '@m24+retain_topics')."""
     parts = []
     if world.startswith("small-"):
         parts.append("small")
+    margin = re.match(r"(?:small-)?m(\d+)-", world)
+    if margin:
+        parts.append(f"m{margin.group(1)}")
     if re.search(r"-r\d+$", world):
         parts.append("retain_topics")
     return "@" + "+".join(parts) if parts else ""
@@ -640,6 +674,15 @@ def with_size(world: dict[str, Any], size: str) -> dict[str, Any]:
     return {**world, "size": size, "key": f"{size}-{world['key']}"}
 
 
+def with_margin(world: dict[str, Any], margin: int | None) -> dict[str, Any]:
+    """The world pretrained with `topic_router_margin` (the spec's world option: how strongly
+    one expert per topic is seeded; 24 builds worlds whose knowledge is localised, the case
+    SEUF is for). Its key says so (m<margin>-<key>); without one the key is the drawn one."""
+    if margin is None:
+        return world
+    return {**world, "topic_router_margin": margin, "key": f"m{margin}-{world['key']}"}
+
+
 def with_topics(world: dict[str, Any], topics: int | None) -> dict[str, Any]:
     """The world with `topics` topics (its forget topic taken modulo), keyed by them: a small
     world has an expert per topic only up to 8 topics, which the draw's 6-12 mostly exceed."""
@@ -713,6 +756,12 @@ def main(argv: list[str] | None = None) -> None:
         "--world-topics", type=int, default=None, help="sweep: every world with this many topics"
     )
     ap.add_argument(
+        "--topic-router-margin",
+        type=int,
+        default=None,
+        help="sweep: world.topic_router_margin of every world (24: localised worlds)",
+    )
+    ap.add_argument(
         "--retain-topics",
         default=None,
         help="sweep: world.retain_topics of every world ('half' = topics // 2, or a number)",
@@ -722,7 +771,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         drawn = [
             with_retain_topics(
-                with_size(with_topics(w, args.world_topics), args.size), args.retain_topics
+                with_size(
+                    with_margin(with_topics(w, args.world_topics), args.topic_router_margin),
+                    args.size,
+                ),
+                args.retain_topics,
             )
             for w in draw_worlds(facts=args.facts)
         ]

@@ -153,6 +153,10 @@ def test_sweep_shards_pick_by_index_or_key() -> None:
         ),
         ("decay", lambda d: d["training"]["lr_policy"] == "decay"),
         (
+            "flr1e4_rr1000",
+            lambda d: (d["seuf"]["fallback_lr"], d["seuf"]["retain_routing_weight"]) == (1e-4, 1e3),
+        ),
+        (
             "guard",
             lambda d: d["training"]["stop"]["utility_drop_tolerance"] == quality.GUARD_TOLERANCE,
         ),
@@ -182,6 +186,29 @@ def test_small_size_worlds_are_keyed_apart() -> None:
     block = {k: v for k, v in small.items() if k != "key"}
     spec = JobSpec.model_validate(quality.variant_spec("gdiff", "defaults", 0, world=block))
     assert spec.world.size == "small" and spec.world.seed == world["seed"]
+
+
+def test_per_sample_variants_change_only_rmu_directions_and_the_weight() -> None:
+    base = JobSpec.model_validate(quality.variant_spec("rmu", "seuf", 1)).resolved()
+    var = JobSpec.model_validate(quality.variant_spec("rmu", "per_sample", 1)).resolved()
+    assert var["objective"]["rmu_directions"] == "per_sample"
+    assert {k for k in base if base[k] != var[k]} == {"objective"}
+    rr = JobSpec.model_validate(quality.variant_spec("rmu", "per_sample_rr1000", 1)).resolved()
+    assert rr["seuf"]["retain_routing_weight"] == 1000.0
+    assert rr["objective"] == var["objective"]
+
+
+def test_margin_worlds_are_keyed_apart_and_summarised_as_their_own_kind() -> None:
+    world = quality.draw_worlds()[0]
+    m24 = quality.with_retain_topics(quality.with_margin(world, 24), "half")
+    assert m24["key"].startswith(f"m24-{world['key']}-r") and m24["topic_router_margin"] == 24
+    assert quality.with_margin(world, None) is world
+    block = {k: v for k, v in m24.items() if k != "key"}
+    spec = JobSpec.model_validate(quality.variant_spec("gdiff", "defaults", 0, world=block))
+    assert spec.world.topic_router_margin == 24
+    assert quality.world_set(m24["key"]) == "@m24+retain_topics"
+    assert quality.world_set(f"small-m8-{world['key']}") == "@small+m8"
+    assert quality.world_set(world["key"]) == ""  # mixtral-s..: an "m" inside is no margin
 
 
 def test_fixed_topic_count_keeps_the_forget_topic_in_range() -> None:
