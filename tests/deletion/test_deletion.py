@@ -74,10 +74,11 @@ def _assert_stopped_at_first_check_under(
 def test_seuf_example_forgets_the_topic_and_keeps_unseen_utility(
     algorithm: str, small_world, tmp_path: Path
 ) -> None:
-    """The shipped examples with their defaults (num_experts auto: on this world the
-    diagnostics find no small expert set and the job falls back to full parameters, saying
-    so), the RMU example's one expert, and GDiff pinned to one expert (the paper's SEUF, so
-    the one-expert path stays guarded whatever auto decides here)."""
+    """The shipped examples with their defaults (num_experts auto: on the latest build of
+    this world the diagnostics name L0E0 for every algorithm; on other builds no small
+    expert set qualified and the job fell back to full parameters, saying so; both paths
+    are checked below), and GDiff pinned to one expert (the paper's SEUF, so the one-expert
+    path stays guarded whatever auto decides here)."""
     name, _, variant = algorithm.partition("-")
     data = example_on_small_world(f"demo-{name}-seuf.yaml")
     if variant == "one-expert":
@@ -93,7 +94,7 @@ def test_seuf_example_forgets_the_topic_and_keeps_unseen_utility(
     kept = after["utility_accuracy_unseen"] / before["utility_accuracy_unseen"]
     assert kept >= UTILITY_KEPT, (before, after)
     if name == "rmu":
-        # RMU with one expert met the target on some builds of this world (0.30 in 72
+        # RMU with one expert met the target on some builds of this world (0.30 in 69-72
         # steps) and stops short on others (0.36 after 150, 0.32 after 600 steps; its
         # fallback 0.50 after 1000): RMU that forgets everywhere is issue 13's, still open.
         # Guarded here: it removes most of the topic (the old recipe left it at 1.00).
