@@ -95,7 +95,8 @@ ONE_VARIANTS = ("one_rr100", "one_rr1000")
 POLICY_VARIANTS = ("decay", "guard", "flr1e3_decay", "flr1e3_guard")
 GUARD_TOLERANCE = 0.02
 # RMU's steering target per forget sample (objective.rmu_directions per_sample) on the RMU
-# example as shipped [with the retain routing loss at weight w on its one expert].
+# example with one expert pinned (as it shipped when these ran) [with the retain routing
+# loss at weight w on that expert].
 PER_SAMPLE_VARIANTS = ("per_sample", "per_sample_rr100", "per_sample_rr1000")
 ALL_VARIANTS = tuple(
     dict.fromkeys(
@@ -148,6 +149,8 @@ def variant_spec(
     a whole `world` block, for the sweep), and direct scoring."""
     if variant not in ALL_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(ALL_VARIANTS)}")
+    if algorithm != "rmu" and variant in PER_SAMPLE_VARIANTS + RMU_LAYER_VARIANTS:
+        raise ValueError(f"variant {variant!r} changes RMU settings: algorithm rmu only")
     d = copy.deepcopy(base_spec(algorithm, variant))
     if world is not None:
         d["world"] = dict(world)
@@ -210,6 +213,7 @@ def variant_spec(
         else:
             tr.setdefault("stop", {})["utility_drop_tolerance"] = GUARD_TOLERANCE
     elif variant in PER_SAMPLE_VARIANTS:
+        seuf["num_experts"] = 1
         d.setdefault("objective", {})["rmu_directions"] = "per_sample"
         _, _, rr = variant.partition("_rr")
         if rr:
@@ -759,6 +763,8 @@ def main(argv: list[str] | None = None) -> None:
         "--topic-router-margin",
         type=int,
         default=None,
+        choices=range(65),
+        metavar="0-64",
         help="sweep: world.topic_router_margin of every world (24: localised worlds)",
     )
     ap.add_argument(

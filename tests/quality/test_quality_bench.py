@@ -188,14 +188,28 @@ def test_small_size_worlds_are_keyed_apart() -> None:
     assert spec.world.size == "small" and spec.world.seed == world["seed"]
 
 
-def test_per_sample_variants_change_only_rmu_directions_and_the_weight() -> None:
+def test_per_sample_variants_pin_one_expert_and_steer_per_sample() -> None:
     base = JobSpec.model_validate(quality.variant_spec("rmu", "seuf", 1)).resolved()
     var = JobSpec.model_validate(quality.variant_spec("rmu", "per_sample", 1)).resolved()
     assert var["objective"]["rmu_directions"] == "per_sample"
-    assert {k for k in base if base[k] != var[k]} == {"objective"}
+    assert var["seuf"]["num_experts"] == 1  # the example as it shipped when these ran
+    assert {k for k in base if base[k] != var[k]} == {"objective", "seuf"}
     rr = JobSpec.model_validate(quality.variant_spec("rmu", "per_sample_rr1000", 1)).resolved()
     assert rr["seuf"]["retain_routing_weight"] == 1000.0
     assert rr["objective"] == var["objective"]
+
+
+def test_rmu_layer_variants_steer_layer_k_under_the_fallback() -> None:
+    base = JobSpec.model_validate(quality.variant_spec("rmu", "flr3e4_rr1000", 1)).resolved()
+    var = JobSpec.model_validate(quality.variant_spec("rmu", "flr3e4_rr1000_l1", 1)).resolved()
+    assert (var["objective"]["rmu_layer"], var["objective"]["rmu_layer_offset"]) == (1, 0)
+    assert var["seuf"] == base["seuf"] and var["seuf"]["fallback_lr"] == 3e-4
+
+
+@pytest.mark.parametrize("variant", ["per_sample", "flr1e4_rr1000_l1"])
+def test_rmu_only_variants_refuse_other_algorithms(variant: str) -> None:
+    with pytest.raises(ValueError, match="algorithm rmu only"):
+        quality.variant_spec("gdiff", variant, 1)
 
 
 def test_margin_worlds_are_keyed_apart_and_summarised_as_their_own_kind() -> None:
