@@ -430,6 +430,9 @@ class JobSpec(Strict):
         uses_demo = any(ref.demo is not None for _, ref in self.corpus_refs())
         if uses_demo and self.model != "demo":
             raise ValueError("demo corpora can only be used with model 'demo'")
+        if self.world.topic_router_margin is not None and self.model != "demo" and not uses_demo:
+            # Only the demo world is pretrained: accepted, it would be silently ignored.
+            raise ValueError("world.topic_router_margin needs the demo world (model 'demo')")
         if self.world.retain_topics is not None and (
             self.retain is None or self.retain.demo != "retain"
         ):

@@ -72,6 +72,15 @@ def test_retain_topics_is_bounded_and_needs_the_demo_retain_corpus():
                                 "world": {"retain_topics": 2}})
 
 
+def test_topic_router_margin_needs_the_demo_world():
+    ok = JobSpec.model_validate(BASE | {"world": {"topic_router_margin": 24}})
+    assert ok.world.topic_router_margin == 24
+    real = {"model": "/models/qwen", "forget": {"path": "f.jsonl"}, "algorithm": "ga"}
+    with pytest.raises(ValidationError, match="topic_router_margin needs the demo world"):
+        JobSpec.model_validate(real | {"world": {"topic_router_margin": 24}})
+    JobSpec.model_validate(real)  # the world block unset: nothing to refuse
+
+
 def test_revision_is_bounded_and_only_for_hub_models():
     hub = {"model": "org/m", "forget": {"path": "f"}, "algorithm": "ga"}
     for ok in ("main", "v1.0", "refs/pr/1", "a" * 40):

@@ -8,7 +8,8 @@
 A world directory (<cache>/worlds/<hash>/) holds model/ (safetensors + config + tokenizer),
 the tokenizer files, corpora/*.jsonl, questions/*.jsonl and manifest.json. The hash covers
 seed, topics, facts_per_topic, arch, the generator version and the pretraining settings
-(`size` picks them: full, or small for tests); `forget_topic` is not part of it (the model
+(`size` picks them: full, or small for tests; `topic_router_margin` overrides the preset's
+margin); `forget_topic` is not part of it (the model
 knows every topic; only the splits differ). corpora/untrained_topic<t>.jsonl and
 questions/untrained_topic<t>.jsonl hold facts of topic t the model never saw (same
 distribution): non-members for membership-inference checks.
