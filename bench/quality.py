@@ -138,6 +138,13 @@ def _flr(name: str) -> float:
     return float(name.removeprefix("flr").replace("e", "e-"))
 
 
+def _set_rr(seuf: dict[str, Any], name: str) -> None:
+    """The retain routing loss's weight a variant names with its _rr<w> suffix, if any."""
+    _, _, rr = name.partition("_rr")
+    if rr:
+        seuf["retain_routing_weight"] = float(rr)
+
+
 def variant_spec(
     algorithm: str,
     variant: str,
@@ -187,7 +194,7 @@ def variant_spec(
         seuf["retain_routing_weight"] = 0.0  # the previous defaults (before the loss)
     elif variant in ONE_VARIANTS:
         seuf["num_experts"] = 1
-        seuf["retain_routing_weight"] = float(variant.removeprefix("one_rr"))
+        _set_rr(seuf, variant)
     elif variant in RR_VARIANTS:  # the example with the retain routing loss at weight w
         w, _, rest = variant.removeprefix("rr").partition("_")
         seuf["retain_routing_weight"] = float(w)
@@ -198,11 +205,9 @@ def variant_spec(
         if layer:
             obj = d.setdefault("objective", {})
             obj["rmu_layer"], obj["rmu_layer_offset"] = int(layer), 0
-        lr, _, rr = name.partition("_rr")
         seuf["num_experts"] = "auto"
-        seuf["fallback_lr"] = _flr(lr)
-        if rr:
-            seuf["retain_routing_weight"] = float(rr)
+        seuf["fallback_lr"] = _flr(name.partition("_rr")[0])
+        _set_rr(seuf, name)
     elif variant in POLICY_VARIANTS:
         lr, _, policy = variant.rpartition("_")
         if lr:
@@ -215,9 +220,7 @@ def variant_spec(
     elif variant in PER_SAMPLE_VARIANTS:
         seuf["num_experts"] = 1
         d.setdefault("objective", {})["rmu_directions"] = "per_sample"
-        _, _, rr = variant.partition("_rr")
-        if rr:
-            seuf["retain_routing_weight"] = float(rr)
+        _set_rr(seuf, variant)
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":
@@ -732,6 +735,14 @@ def _print_run(r: dict[str, Any]) -> None:
     )
 
 
+def _margin(text: str) -> int:
+    """--topic-router-margin: the spec's bound (0-64), said in one line."""
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"{value} is not in 0-64 (world.topic_router_margin)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -761,10 +772,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--topic-router-margin",
-        type=int,
+        type=_margin,
         default=None,
-        choices=range(65),
-        metavar="0-64",
         help="sweep: world.topic_router_margin of every world (24: localised worlds)",
     )
     ap.add_argument(
