@@ -84,8 +84,10 @@ FLR_VARIANTS = (
     "flr3e4_rr1000",
     "flr1e4_rr1000",
 )
-# RMU's full fallback steering layer k instead of the middle one (flr..._rr<w>_l<k>).
-RMU_LAYER_VARIANTS = ("flr1e4_rr1000_l1", "flr3e4_rr1000_l1")
+# RMU's full fallback steering layer k instead of its default (flr..._rr<w>_l<k>):
+# the middle layer before the projected fallback, a quarter of the way up with it
+# (flr1e3_l2: the projected fallback at the middle layer, what it steered first).
+RMU_LAYER_VARIANTS = ("flr1e4_rr1000_l1", "flr3e4_rr1000_l1", "flr1e3_l2")
 # One expert pinned (num_experts 1, the rest of the example untouched) with the retain
 # routing loss at weight w: the weight for jobs that train selected experts.
 ONE_VARIANTS = ("one_rr100", "one_rr1000")
@@ -98,9 +100,14 @@ GUARD_TOLERANCE = 0.02
 # example with one expert pinned (as it shipped when these ran) [with the retain routing
 # loss at weight w on that expert].
 PER_SAMPLE_VARIANTS = ("per_sample", "per_sample_rr100", "per_sample_rr1000")
+# What auto's full fallback projects (seuf.fallback_projection): fp_routers = the routers
+# only (RMU's default before this round), fp_all = every reader of the residual stream
+# (workers/projected_fallback.py; RMU's default now).
+PROJECTION_VARIANTS = ("fp_routers", "fp_all")
 ALL_VARIANTS = tuple(
     dict.fromkeys(
         VARIANTS
+        + PROJECTION_VARIANTS
         + SWEEP_VARIANTS
         + RR_VARIANTS
         + FLR_VARIANTS
@@ -221,6 +228,8 @@ def variant_spec(
         seuf["num_experts"] = 1
         d.setdefault("objective", {})["rmu_directions"] = "per_sample"
         _set_rr(seuf, variant)
+    elif variant in PROJECTION_VARIANTS:
+        seuf["fallback_projection"] = variant.removeprefix("fp_")
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":

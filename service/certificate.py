@@ -76,6 +76,10 @@ def _ran(result: dict[str, Any]) -> dict[str, Any]:
         # What kept retain routing in place (issue 13); None: recorded before these existed.
         "router_projection": selection.get("router_projection_mode"),
         "retain_routing_weight": (selection.get("retain_routing") or {}).get("weight"),
+        # Under auto's full fallback: what was projected (all / routers) and, for RMU with
+        # all, the layer it steered; None: no fallback ran, or recorded before these.
+        "fallback_projection": selection.get("fallback_projection"),
+        "fallback_rmu_layer": selection.get("fallback_rmu_layer"),
     }
 
 

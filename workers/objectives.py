@@ -526,15 +526,20 @@ def objective_from_spec(
     selected: Sequence[tuple[int, int]],
     layers: Sequence[MoELayer] | None = None,
     retain_routing_weight: float = 0.0,
+    rmu_layer: int | None = None,
 ) -> Objective:
     """The objective a job spec asks for. The anchor is SEUF's: it is added when the
     router trains (scope "seuf" or "router") and seuf.anchor_weight > 0; "full" is the
     plain baseline and "experts" has no trainable router to anchor. The retain routing
-    loss's weight is resolved by the caller (JobSpec.retain_routing_weight)."""
+    loss's weight is resolved by the caller (JobSpec.retain_routing_weight), and so is
+    `rmu_layer` where the plan overrides the objective's rule (seuf_plan.fallback_rmu_layer)."""
     anchor = spec.seuf.anchor_weight if spec.scope in ("seuf", "router") else 0.0
+    options = spec.objective
+    if rmu_layer is not None:
+        options = options.model_copy(update={"rmu_layer": rmu_layer, "rmu_layer_offset": 0})
     return make_objective(
         spec.algorithm,
-        spec.objective,
+        options,
         adapter,
         selected,
         anchor_weight=anchor,

@@ -47,6 +47,7 @@ from workers.model_source import write_base_ref
 from workers.objectives import Objective, objective_from_spec
 from workers.partitioned import model_sha256, take_part
 from workers.patch import items_sha256, state_sha256, write_region_patch
+from workers.projected_fallback import FallbackProjection, attach_fallback_projection
 from workers.reference import prepare_reference
 from workers.results import JobResult, overlap_from_target, target_layer
 from workers.retain_routing import held_out
@@ -58,6 +59,8 @@ from workers.selection import SelectionCost
 from workers.seuf_plan import (
     attach_projection,
     close_all,
+    fallback_projection_mode,
+    fallback_rmu_layer,
     full_fallback_refusal,
     plan_selection,
     projection_mode,
@@ -223,18 +226,36 @@ def run_pipeline(
     )
     if projection == "nullspace" and not runner.projects_routers:
         raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
-    routers = attach_projection(
-        model, adapter, spec, pairs,
-        retain_train.in_order(tr.batch_size) if retain_train else None, scope=sel_plan.scope,
-        mode=projection,
-    )  # fmt: skip
+    fallback_mode = fallback_projection_mode(
+        spec, sel_plan.scope, runner.projects_routers, retain_train is not None
+    )
+    fallback_projection: FallbackProjection | None = None
+    if fallback_mode == "all":
+        if retain_train is None or not runner.projects_routers:
+            raise ValueError("seuf.fallback_projection 'all' needs retain data and one worker")
+        projection = "nullspace"  # the routers are projected with every other matrix
+        fallback_projection = attach_fallback_projection(
+            model, adapter, retain_train.in_order(tr.batch_size),
+            energy=spec.seuf.router_projection_energy,
+        )  # fmt: skip
+        routers = fallback_projection.routers
+    else:
+        routers = attach_projection(
+            model, adapter, spec, pairs,
+            retain_train.in_order(tr.batch_size) if retain_train else None,
+            scope=sel_plan.scope, mode=projection,
+        )  # fmt: skip
+    # What to step after every optimizer step and close at the end.
+    steppers = [fallback_projection] if fallback_projection is not None else routers
     scope = apply_scope(model, adapter, sel_plan.scope, pairs)
     before_state = snapshot_regions(model, scope.regions, keep=main) if reads else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
     rr_weight = spec.retain_routing_weight(sel_plan.scope) if retain_train is not None else 0.0
+    rmu_layer = fallback_rmu_layer(spec, fallback_mode, len(adapter.decoder_layers()))
     objective = objective_from_spec(
-        spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight
-    )
+        spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight,
+        rmu_layer=rmu_layer,
+    )  # fmt: skip
     probe_ids = [int(i) for b in probe_retain or [] for i in b["index"]]
     holdout = held_out(len(retain_train), probe_ids) if retain_train is not None else set()
     prepare_reference(
@@ -287,10 +308,10 @@ def run_pipeline(
             runner=runner,
             checkpoint_meta={"selected": [list(p) for p in pairs]},
             on_resume=lambda step: prog.event(RESUMED, step, {"from_step": step}),
-            after_step=(lambda: [r.after_step() for r in routers]) if routers else None,
+            after_step=(lambda: [r.after_step() for r in steppers]) if steppers else None,
         )
     finally:
-        close_all(routers)
+        close_all(steppers)
         if cache is not None:
             cache_info = {**(cache_info or {}), "hits": cache.stats.hits,
                           "misses": cache.stats.misses}  # fmt: skip
@@ -391,6 +412,11 @@ def run_pipeline(
             **sel_plan.to_json(),
             "router_projection_mode": projection,
             "router_projection": [r.projector.to_json() for r in routers],
+            "fallback_projection": fallback_mode,
+            "fallback_rmu_layer": rmu_layer,
+            "fallback_projected": (
+                fallback_projection.to_json() if fallback_projection is not None else None
+            ),
             "retain_routing": {
                 "weight": rr_weight,
                 "layers": [m.layer for m in objective.retain_routing_layers],

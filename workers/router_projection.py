@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from workers.moe.base import MoEAdapter
 from workers.routing import Batch, attention_mask_of
@@ -78,18 +79,35 @@ class RouterProjector:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
         h = hidden.detach().to("cpu", torch.float64)
         # Right singular vectors from the d x d Gram matrix: n may be 10^5, d is small.
-        gram = h.T @ h
-        evals, evecs = torch.linalg.eigh(gram)  # ascending
+        return cls.from_gram(h.T @ h, int(h.shape[0]), energy=energy, rel_tol=rel_tol)
+
+    @classmethod
+    def from_gram(
+        cls,
+        gram: torch.Tensor,
+        tokens: int,
+        *,
+        energy: float = DEFAULT_ENERGY,
+        rel_tol: float = DEFAULT_REL_TOL,
+    ) -> RouterProjector:
+        """Build from the Gram matrix H^T H [d, d] of `tokens` retain inputs (what
+        from_hidden_states computes; workers/projected_fallback.py sums it batch by batch)."""
+        if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
+            raise ValueError(f"a Gram matrix must be [d, d], got {tuple(gram.shape)}")
+        if not 0.0 < energy <= 1.0:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        g = gram.detach().to("cpu", torch.float64)
+        evals, evecs = torch.linalg.eigh((g + g.T) / 2)  # ascending
         evals = evals.flip(0).clamp(min=0.0)
         evecs = evecs.flip(1)
         total = float(evals.sum())
         if total <= 0.0:
-            return cls(torch.zeros(h.shape[1], 0), 1.0, int(h.shape[0]))
+            return cls(torch.zeros(g.shape[1], 0), 1.0, tokens)
         s = evals.sqrt()
         above = int((s > rel_tol * float(s[0])).sum())
         cum = torch.cumsum(evals, 0) / total
         k = above if energy >= 1.0 else min(above, int((cum < energy).sum()) + 1)
-        return cls(evecs[:, :k].to(torch.float32).contiguous(), float(cum[k - 1]), int(h.shape[0]))
+        return cls(evecs[:, :k].to(torch.float32).contiguous(), float(cum[k - 1]), tokens)
 
     @classmethod
     def for_layer(
@@ -106,12 +124,14 @@ class RouterProjector:
         hidden = router_inputs(model, adapter, layer, retain_batches, max_tokens=max_tokens)
         return cls.from_hidden_states(hidden, energy=energy)
 
-    def project(self, update: torch.Tensor) -> torch.Tensor:
-        """update P for an [E, d] weight gradient or change (a new tensor)."""
-        if update.shape[-1] != self.dim:
-            raise ValueError(f"last dimension {update.shape[-1]} != hidden size {self.dim}")
+    def project(self, update: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """update P along `dim` (the input dimension: last for an [E, d] weight, 1 for a
+        fused [E, d, out] expert tensor) for a gradient or change (a new tensor)."""
+        if update.shape[dim] != self.dim:
+            raise ValueError(f"dimension {dim} is {update.shape[dim]} != hidden size {self.dim}")
         u = self.basis.to(update.device, update.dtype)
-        return update - (update @ u) @ u.T
+        x = update.movedim(dim, -1)
+        return (x - (x @ u) @ u.T).movedim(-1, dim)
 
     def project_grad_(self, router: nn.Module) -> None:
         """In place on the router's gradients: weight -> grad P, bias -> 0."""
@@ -144,36 +164,64 @@ class RouterProjector:
         return {"dim": self.dim, "rank": self.rank, "energy": self.energy, "tokens": self.tokens}
 
 
+class ProjectedTensor:
+    """Keeps one parameter's updates in a projector's null space along `dim` (or, with no
+    projector, holds the parameter at its value) without touching the optimizer: a
+    gradient hook projects each backward's gradient, and `after_step()` projects the
+    change since the previous call (exact for any optimizer). The hook stays until
+    `close()`."""
+
+    def __init__(
+        self, param: torch.Tensor, projector: RouterProjector | None, dim: int = -1
+    ) -> None:
+        self.param, self.projector, self.dim = param, projector, dim
+        self.previous = param.detach().clone()
+        self.handle: RemovableHandle | None = param.register_hook(
+            self._project if projector else torch.zeros_like
+        )
+
+    def _project(self, update: torch.Tensor) -> torch.Tensor:
+        assert self.projector is not None
+        return self.projector.project(update, self.dim)
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            p, old = self.param, self.previous
+            p.copy_(old + self._project(p - old) if self.projector else old)
+            old.copy_(p)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
 class ProjectedRouter:
-    """Keeps one router's updates in its projector's null space without touching the
-    optimizer: gradient hooks project each backward's gradient (weight -> grad P, bias ->
-    0), and `after_step()` projects the change since the previous call (exact for any
-    optimizer). Hooks stay on a parameter until `close()` (or the with-block ends)."""
+    """One router (or any module with an [out, d] weight read from the projector's
+    inputs): its weight's updates in the projector's null space, every other parameter
+    (a bias) held, through one ProjectedTensor each. Hooks stay until `close()` (or the
+    with-block ends)."""
 
     def __init__(self, projector: RouterProjector, router: nn.Module) -> None:
         self.projector = projector
         self.params = [(n, p) for n, p in router.named_parameters() if p.requires_grad]
-        self.previous = [p.detach().clone() for _, p in self.params]
-        self.handles = []
-        for name, p in self.params:
-            if _is_weight(name, p, projector.dim):
-                self.handles.append(p.register_hook(projector.project))
-            else:
-                self.handles.append(p.register_hook(torch.zeros_like))
+        self.tensors = [
+            ProjectedTensor(p, projector if _is_weight(name, p, projector.dim) else None)
+            for name, p in self.params
+        ]
+
+    @property
+    def handles(self) -> list[RemovableHandle]:
+        """The gradient hooks still registered (none after close())."""
+        return [t.handle for t in self.tensors if t.handle is not None]
 
     def after_step(self) -> None:
-        with torch.no_grad():
-            for (name, p), old in zip(self.params, self.previous, strict=True):
-                if _is_weight(name, p, self.projector.dim):
-                    p.copy_(old + self.projector.project(p - old))
-                else:
-                    p.copy_(old)
-                old.copy_(p)
+        for t in self.tensors:
+            t.after_step()
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        for t in self.tensors:
+            t.close()
 
     def __enter__(self) -> ProjectedRouter:
         return self
@@ -209,20 +257,10 @@ def router_inputs(
     was_training = model.training
     model.eval()
     handle = router.register_forward_pre_hook(grab)
-    device = next(model.parameters()).device
-    base = getattr(model, "base_model", model)
     try:
         for batch in batches:
-            mask = attention_mask_of(batch)
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
             seen.clear()
-            with torch.no_grad():
-                base(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=mask.long().to(device),
-                    position_ids=pos.to(device),
-                    use_cache=False,
-                )
+            mask = base_forward(model, batch)
             if len(seen) != 1:
                 raise RuntimeError(f"router of layer {layer} ran {len(seen)} times in one pass")
             h = seen[0].reshape(mask.numel(), -1)[mask.reshape(-1).to(seen[0].device)]
@@ -236,3 +274,19 @@ def router_inputs(
     if not out:
         raise ValueError("the retain batches hold no tokens")
     return torch.cat(out)[:max_tokens]
+
+
+def base_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """One no-grad forward of the decoder (no LM head) on `batch`, for the hooks that read
+    its inputs; returns the batch's attention mask (the caller sets eval mode)."""
+    mask = attention_mask_of(batch)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        getattr(model, "base_model", model)(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=mask.long().to(device),
+            position_ids=pos.to(device),
+            use_cache=False,
+        )
+    return mask

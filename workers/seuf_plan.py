@@ -23,6 +23,7 @@ from torch import nn
 
 from workers.attribution import ExpertMap, ScoredExpert
 from workers.moe.base import MoEAdapter
+from workers.projected_fallback import FallbackProjection
 from workers.router_projection import ProjectedRouter, RouterProjector
 from workers.routing import Batch
 from workers.selection import (
@@ -132,6 +133,33 @@ def projection_mode(spec: JobSpec, scope: str, can_project: bool, has_retain: bo
     return "nullspace" if runs else "none"
 
 
+def fallback_projection_mode(
+    spec: JobSpec, scope: str, can_project: bool, has_retain: bool
+) -> str | None:
+    """What auto's full fallback projects (None when no fallback to full runs): all =
+    every matrix (workers/projected_fallback.py), routers = the routers only, as
+    projection_mode says. auto: all for RMU where it can run (retain data, one plain
+    worker), routers otherwise."""
+    if scope != "full" or spec.scope == "full":
+        return None
+    mode = spec.seuf.fallback_projection
+    if mode == "auto":
+        can = has_retain and can_project and spec.seuf.router_projection != "none"
+        mode = "all" if spec.algorithm == "rmu" and can else "routers"
+    return mode
+
+
+def fallback_rmu_layer(spec: JobSpec, fallback_mode: str | None, num_layers: int) -> int | None:
+    """The layer RMU steers under auto's full fallback with every matrix projected (None:
+    the objective's own rule). A quarter of the way up, the RMU paper's depth (layer 7 of
+    32): with every reader of the stream held on retain inputs, the forget tokens' states
+    must leave through the layers below the steered one, and the middle layer (2 of 4)
+    left two sweep worlds at 0.40-0.43 after 1000 steps where layer 1 forgot in 126-153."""
+    if spec.algorithm != "rmu" or fallback_mode != "all" or spec.objective.rmu_layer is not None:
+        return None
+    return num_layers // 4
+
+
 def attach_projection(
     model: nn.Module,
     adapter: MoEAdapter,
@@ -174,7 +202,7 @@ def attach_projection(
     return out
 
 
-def close_all(routers: Iterable[ProjectedRouter]) -> None:
+def close_all(routers: Iterable[ProjectedRouter | FallbackProjection]) -> None:
     for r in routers:
         r.close()
 

@@ -155,6 +155,19 @@ class SeufOptions(Strict):
         description="nullspace: share of the retain hidden states' energy (squared singular "
         "values) whose directions the router may not change.",
     )
+    fallback_projection: Literal["auto", "routers", "all"] = Field(
+        "auto",
+        description="auto's full fallback: routers = only the routers' updates are "
+        "projected (router_projection decides); all = every matrix's update is projected "
+        "onto the null space of the retain inputs it reads, and what no projector covers "
+        "(embeddings, norms, the experts' down projections, biases) is held "
+        "(workers/projected_fallback.py), so retain activations and routing hold at every "
+        "layer; auto = all for RMU (on the sweep its fallback kept retain routing at "
+        "0.97-0.99 where routers alone kept 0.71-0.83), routers otherwise (their fallback "
+        "holds routing with the retain routing loss). all runs where router_projection "
+        "nullspace can (a retain corpus, one worker, not ZeRO-3); auto falls back to "
+        "routers elsewhere.",
+    )
     selection: SelectionMode = Field(
         "top_m",
         description="top_m: global top-M; in_layer: top-M within `layer`; per_layer: top-1 "
@@ -244,8 +257,9 @@ class ObjectiveOptions(Strict):
     )
     rmu_layer: Annotated[int, Field(ge=0, le=MAX_LAYER)] | None = Field(
         None,
-        description="RMU layer (default: the SEUF target layer plus rmu_layer_offset, or the "
-        "middle layer when no expert is selected).",
+        description="RMU layer (default: the SEUF target layer plus rmu_layer_offset; the "
+        "middle layer for scope full; a quarter of the way up under auto's full fallback "
+        "with fallback_projection all, the RMU paper's depth: layer 7 of 32).",
     )
     rmu_layer_offset: Annotated[int, Field(ge=0, le=MAX_LAYER)] = Field(
         0,
@@ -470,6 +484,27 @@ class JobSpec(Strict):
                 raise ValueError(
                     "seuf.router_projection 'nullspace' does not run under ZeRO-3 (the router "
                     "is partitioned): use router_projection none or zero_stage 1 or 2"
+                )
+        if self.seuf.fallback_projection == "all":
+            s = self.seuf
+            if s.num_experts != "auto" or s.fallback != "full" or self.scope == "full":
+                raise ValueError(
+                    "seuf.fallback_projection 'all' acts on num_experts auto's full fallback "
+                    "only: it needs num_experts auto, fallback full and a SEUF scope"
+                )
+            if s.router_projection == "none":
+                raise ValueError(
+                    "seuf.fallback_projection 'all' projects the routers too: it cannot run "
+                    "with router_projection none"
+                )
+            if self.retain is None:
+                raise ValueError("seuf.fallback_projection 'all' needs a retain corpus")
+            if self.distributed.num_workers > 1 or (
+                self.distributed.backend == "deepspeed" and self.distributed.zero_stage == 3
+            ):
+                raise ValueError(
+                    "seuf.fallback_projection 'all' runs on one worker, not under ZeRO-3 "
+                    "(it projects whole weights): use fallback_projection auto or routers"
                 )
         return self
 

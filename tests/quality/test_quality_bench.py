@@ -152,6 +152,8 @@ def test_sweep_shards_pick_by_index_or_key() -> None:
             lambda d: (d["seuf"]["num_experts"], d["seuf"]["retain_routing_weight"]) == (1, 1e3),
         ),
         ("decay", lambda d: d["training"]["lr_policy"] == "decay"),
+        ("fp_all", lambda d: d["seuf"]["fallback_projection"] == "all"),
+        ("fp_routers", lambda d: d["seuf"]["fallback_projection"] == "routers"),
         (
             "flr1e4_rr1000",
             lambda d: (d["seuf"]["fallback_lr"], d["seuf"]["retain_routing_weight"]) == (1e-4, 1e3),

@@ -72,6 +72,8 @@ def test_patch_only_job_after_auto_fallback(db, tmp_path, finished) -> None:
     # the fallback's retain-routing guards (the defaults: every router projected, the loss on)
     assert ran["router_projection"] == "nullspace"
     assert ran["retain_routing_weight"] == RETAIN_ROUTING_WEIGHT_FALLBACK
+    assert ran["fallback_projection"] == "routers" and ran["fallback_rmu_layer"] is None
+    assert "Fallback projection" in page
     assert "the spec asked for seuf" in page and "reference only" in page
     assert "Retain routing loss weight" in page
     # job:<id> loads as the base with the patch applied, hash-checked.

@@ -60,6 +60,9 @@ class MoEAdapter:
     shared_attrs: tuple[str, ...] = ()  # attributes of the block holding shared experts/gates
     num_experts_field: str = "num_experts"  # config field giving E (routed experts)
     top_k_field: str = "num_experts_per_tok"  # config field giving K
+    # The dimension of the fused gate_up_proj [E, ...] that reads the MoE input (hidden
+    # size): last where the experts apply it as F.linear, 1 where they compute x @ W.
+    expert_input_dim: int = -1
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -19,6 +19,7 @@ class GptOssAdapter(MoEAdapter):
     model_types = ("gpt_oss",)
     router_attr = "router"
     num_experts_field = "num_local_experts"
+    expert_input_dim = 1  # gate_up_proj is [E, H, 2I], applied as x @ W
 
     def used_gate_scores(self, out: RouterOutput) -> torch.Tensor:
         idx = out.topk_indices.long()
