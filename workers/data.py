@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -171,10 +171,11 @@ class TokenizedCorpus:
         }
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def in_order(self, batch_size: int) -> list[Batch]:
-        """All samples in corpus order (for reference values and evaluation)."""
-        n = len(self.samples)
-        return [self.collate(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    def in_order(self, batch_size: int, skip: Collection[int] = ()) -> list[Batch]:
+        """All samples in corpus order (for reference values and evaluation), less the
+        indices in `skip` (held-out probe samples)."""
+        keep = [i for i in range(len(self.samples)) if i not in set(skip)]
+        return [self.collate(keep[i : i + batch_size]) for i in range(0, len(keep), batch_size)]
 
 
 def _ids(tokenizer: Tokenizer, text: str, special: bool) -> list[int]:

@@ -229,13 +229,15 @@ def run_pipeline(
     fallback_mode = fallback_projection_mode(
         spec, sel_plan.scope, runner.projects_routers, retain_train is not None
     )
+    probe_ids = [int(i) for b in probe_retain or [] for i in b["index"]]
+    holdout = held_out(len(retain_train), probe_ids) if retain_train is not None else set()
     fallback_projection: FallbackProjection | None = None
     if fallback_mode == "all":
         if retain_train is None or not runner.projects_routers:
             raise ValueError("seuf.fallback_projection 'all' needs retain data and one worker")
         projection = "nullspace"  # the routers are projected with every other matrix
         fallback_projection = attach_fallback_projection(
-            model, adapter, retain_train.in_order(tr.batch_size),
+            model, adapter, retain_train.in_order(tr.batch_size, skip=holdout),
             energy=spec.seuf.router_projection_energy,
         )  # fmt: skip
         routers = fallback_projection.routers
@@ -248,6 +250,8 @@ def run_pipeline(
     # What to step after every optimizer step and close at the end.
     steppers = [fallback_projection] if fallback_projection is not None else routers
     scope = apply_scope(model, adapter, sel_plan.scope, pairs)
+    if fallback_projection is not None:
+        fallback_projection.hold()
     before_state = snapshot_regions(model, scope.regions, keep=main) if reads else {}
     counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
     rr_weight = spec.retain_routing_weight(sel_plan.scope) if retain_train is not None else 0.0
@@ -256,8 +260,6 @@ def run_pipeline(
         spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight,
         rmu_layer=rmu_layer,
     )  # fmt: skip
-    probe_ids = [int(i) for b in probe_retain or [] for i in b["index"]]
-    holdout = held_out(len(retain_train), probe_ids) if retain_train is not None else set()
     prepare_reference(
         objective, model, forget_train, retain_train, seed=tr.seed, routing_holdout=holdout
     )
@@ -287,6 +289,9 @@ def run_pipeline(
         prog.event("step", info.step, info.to_json())
         return bool(should_stop and should_stop())
 
+    checkpoint_meta: dict[str, Any] = {"selected": [list(p) for p in pairs]}
+    if fallback_mode == "all":  # a checkpoint of another fallback never resumes into this one
+        checkpoint_meta |= {"fallback_projection": fallback_mode, "rmu_layer": rmu_layer}
     if tr.gradient_checkpointing:  # recompute activations in the backward (not reentrant:
         # the frozen layers below give inputs that need no gradient)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -306,7 +311,7 @@ def run_pipeline(
             overlap_every=tr.stop.eval_every,
             activation_cache=cache,
             runner=runner,
-            checkpoint_meta={"selected": [list(p) for p in pairs]},
+            checkpoint_meta=checkpoint_meta,
             on_resume=lambda step: prog.event(RESUMED, step, {"from_step": step}),
             after_step=(lambda: [r.after_step() for r in steppers]) if steppers else None,
         )

@@ -58,8 +58,15 @@ class FallbackProjection:
     routers: list[ProjectedRouter]
     handles: list[ProjectedRouter | ProjectedTensor]
     projectors: list[RouterProjector] = field(default_factory=list)
+    held_tensors: list[nn.Parameter] = field(default_factory=list)  # frozen by hold()
     held: int = 0  # parameters held at their value (elements)
     projected: int = 0  # parameters whose update is projected (elements)
+
+    def hold(self) -> None:
+        """Freeze the held tensors (call AFTER apply_scope, which makes every parameter
+        trainable): no gradient, no optimizer state, no copy, and they cannot change."""
+        for p in self.held_tensors:
+            p.requires_grad_(False)
 
     def after_step(self) -> None:
         for h in (*self.routers, *self.handles):
@@ -163,7 +170,9 @@ def attach_fallback_projection(
     max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> FallbackProjection:
     """Projection handles for every parameter the full scope trains (call BEFORE training:
-    the retain inputs are the original model's)."""
+    the retain inputs are the original model's; then `hold()` after apply_scope). The
+    pipeline passes the retain batches less the overlap probe's samples, so the retain
+    overlap it reports is measured on tokens the projector never saw."""
     layers = list(adapter.decoder_layers())
     moe = {m.layer: m for m in adapter.moe_layers()}
     routers = [m.router for m in moe.values()]
@@ -210,18 +219,16 @@ def attach_fallback_projection(
             for name, p in m.experts.named_parameters():
                 if "." in name or id(p) in covered or not p.requires_grad:
                     continue
-                reads_input = name == EXPERT_INPUT_PARAM
-                out.handles.append(
-                    ProjectedTensor(p, proj if reads_input else None, adapter.expert_input_dim)
-                )
                 covered.add(id(p))
-                if reads_input:
+                if name == EXPERT_INPUT_PARAM:
+                    out.handles.append(ProjectedTensor(p, proj, adapter.expert_input_dim))
                     out.projected += p.numel()
                 else:
+                    out.held_tensors.append(p)
                     out.held += p.numel()
         for p in model.parameters():
-            if id(p) not in covered and p.requires_grad and p.numel() > 0:
-                out.handles.append(ProjectedTensor(p, None))
+            if id(p) not in covered and p.numel() > 0:
+                out.held_tensors.append(p)
                 covered.add(id(p))
                 out.held += p.numel()
     except Exception:

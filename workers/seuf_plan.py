@@ -137,8 +137,8 @@ def fallback_projection_mode(
     spec: JobSpec, scope: str, can_project: bool, has_retain: bool
 ) -> str | None:
     """What auto's full fallback projects (None when no fallback to full runs): all =
-    every matrix (workers/projected_fallback.py), routers = the routers only, as
-    projection_mode says. auto: all for RMU where it can run (retain data, one plain
+    every matrix (workers/projected_fallback.py), routers = the routers only, none = nothing
+    (projection_mode says none). auto: all for RMU where it can run (retain data, one plain
     worker), routers otherwise."""
     if scope != "full" or spec.scope == "full":
         return None
@@ -146,15 +146,18 @@ def fallback_projection_mode(
     if mode == "auto":
         can = has_retain and can_project and spec.seuf.router_projection != "none"
         mode = "all" if spec.algorithm == "rmu" and can else "routers"
+    if mode == "routers" and projection_mode(spec, scope, can_project, has_retain) == "none":
+        return "none"  # what the certificate shows: nothing was projected
     return mode
 
 
 def fallback_rmu_layer(spec: JobSpec, fallback_mode: str | None, num_layers: int) -> int | None:
     """The layer RMU steers under auto's full fallback with every matrix projected (None:
-    the objective's own rule). A quarter of the way up, the RMU paper's depth (layer 7 of
-    32): with every reader of the stream held on retain inputs, the forget tokens' states
-    must leave through the layers below the steered one, and the middle layer (2 of 4)
-    left two sweep worlds at 0.40-0.43 after 1000 steps where layer 1 forgot in 126-153."""
+    the objective's own rule): n // 4, about the RMU paper's depth (it steers layer 7 of
+    32). With every reader of the stream held on retain inputs, the forget states must
+    leave through the layers below the steered one; on the sweep's 4-layer worlds layer 1
+    met the forget target on 5 of 6, the middle layer (2) on 4 (README "RMU's projected
+    fallback")."""
     if spec.algorithm != "rmu" or fallback_mode != "all" or spec.objective.rmu_layer is not None:
         return None
     return num_layers // 4

@@ -259,7 +259,7 @@ class ObjectiveOptions(Strict):
         None,
         description="RMU layer (default: the SEUF target layer plus rmu_layer_offset; the "
         "middle layer for scope full; a quarter of the way up under auto's full fallback "
-        "with fallback_projection all, the RMU paper's depth: layer 7 of 32).",
+        "with fallback_projection all: n_layers // 4, about the RMU paper's depth, layer 7 of 32).",
     )
     rmu_layer_offset: Annotated[int, Field(ge=0, le=MAX_LAYER)] = Field(
         0,

@@ -270,6 +270,8 @@ def train(
             grad_norm = engine.step(loss)
         if after_step is not None:  # e.g. the router projection: before any check
             after_step()
+            if master is not None:  # the projection changed the model's tensors: a float32
+                master.sync_from_model()  # master kept apart would carry what it removed
         sched.step()
         step += 1
         done[0] = step
