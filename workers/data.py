@@ -174,7 +174,8 @@ class TokenizedCorpus:
     def in_order(self, batch_size: int, skip: Collection[int] = ()) -> list[Batch]:
         """All samples in corpus order (for reference values and evaluation), less the
         indices in `skip` (held-out probe samples)."""
-        keep = [i for i in range(len(self.samples)) if i not in set(skip)]
+        skipped = set(skip)
+        keep = [i for i in range(len(self.samples)) if i not in skipped]
         return [self.collate(keep[i : i + batch_size]) for i in range(0, len(keep), batch_size)]
 
 
