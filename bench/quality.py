@@ -103,7 +103,7 @@ PER_SAMPLE_VARIANTS = ("per_sample", "per_sample_rr100", "per_sample_rr1000")
 # What auto's full fallback projects (seuf.fallback_projection): fp_routers = the routers
 # only (RMU's default before this round), fp_all = every reader of the residual stream
 # (workers/projected_fallback.py; RMU's default now).
-PROJECTION_VARIANTS = ("fp_routers", "fp_all")
+PROJECTION_VARIANTS = ("fp_routers", "fp_all", "fp_all_e999")  # e999: energy 0.999
 ALL_VARIANTS = tuple(
     dict.fromkeys(
         VARIANTS
@@ -229,7 +229,10 @@ def variant_spec(
         d.setdefault("objective", {})["rmu_directions"] = "per_sample"
         _set_rr(seuf, variant)
     elif variant in PROJECTION_VARIANTS:
-        seuf["fallback_projection"] = variant.removeprefix("fp_")
+        mode, _, energy = variant.removeprefix("fp_").partition("_e")
+        seuf["fallback_projection"] = mode
+        if energy:
+            seuf["router_projection_energy"] = float(f"0.{energy}")
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":

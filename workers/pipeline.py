@@ -420,7 +420,11 @@ def run_pipeline(
             "fallback_projection": fallback_mode,
             "fallback_rmu_layer": rmu_layer,
             "fallback_projected": (
-                fallback_projection.to_json() if fallback_projection is not None else None
+                # probe_held_out: 0 where the retain corpus is under twice the overlap probe
+                # (workers/retain_routing.held_out): the probe's samples built the projector
+                {**fallback_projection.to_json(), "probe_held_out": len(holdout)}
+                if fallback_projection is not None
+                else None
             ),
             "retain_routing": {
                 "weight": rr_weight,

@@ -156,8 +156,8 @@ def fallback_rmu_layer(spec: JobSpec, fallback_mode: str | None, num_layers: int
     the objective's own rule): n // 4, about the RMU paper's depth (it steers layer 7 of
     32). With every reader of the stream held on retain inputs, the forget states must
     leave through the layers below the steered one; on the sweep's 4-layer worlds layer 1
-    met the forget target on 5 of 6, the middle layer (2) on 4 (README "RMU's projected
-    fallback")."""
+    met the forget target on 5 of 6, a prototype at the middle layer (2) on 4 (README
+    "RMU's projected fallback")."""
     if spec.algorithm != "rmu" or fallback_mode != "all" or spec.objective.rmu_layer is not None:
         return None
     return num_layers // 4

@@ -163,7 +163,7 @@ class SeufOptions(Strict):
         "(embeddings, norms, the experts' down projections, biases) is held "
         "(workers/projected_fallback.py), so retain activations and routing hold at every "
         "layer; auto = all for RMU (on the sweep its fallback kept retain routing at "
-        "0.97-0.99 where routers alone kept 0.71-0.83), routers otherwise (their fallback "
+        "0.93-0.99 where routers alone kept 0.71-0.83), routers otherwise (their fallback "
         "holds routing with the retain routing loss). all runs where router_projection "
         "nullspace can (a retain corpus, one worker, not ZeRO-3); auto falls back to "
         "routers elsewhere.",
