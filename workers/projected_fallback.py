@@ -25,8 +25,10 @@ What is projected, what is held:
   o_proj left free measured slower to forget (olmoe s2160: 402 steps vs 69 held).
 
 Linears that read the same tensor in a forward (q/k/v) share one projector. The retain
-inputs are summed into one d x d Gram matrix per group on the model's device (float32),
-so memory is one d x d matrix per group while collecting, and one d x k basis after.
+inputs are summed into one d x d Gram matrix per group on the model's device (float32:
+at energy 1.0 its rounding keeps a few extra directions, which only protects more), so
+memory is one d x d matrix per group while collecting, then one d x k basis per group
+and one copy of every projected tensor (its post-step projection needs the last value).
 """
 
 from __future__ import annotations
@@ -171,8 +173,9 @@ def attach_fallback_projection(
 ) -> FallbackProjection:
     """Projection handles for every parameter the full scope trains (call BEFORE training:
     the retain inputs are the original model's; then `hold()` after apply_scope). The
-    pipeline passes the retain batches less the overlap probe's samples, so the retain
-    overlap it reports is measured on tokens the projector never saw."""
+    pipeline passes the retain batches less the overlap probe's samples where the corpus
+    allows (workers/retain_routing.held_out), so the retain overlap it reports is then
+    measured on tokens the projector never saw."""
     layers = list(adapter.decoder_layers())
     moe = {m.layer: m for m in adapter.moe_layers()}
     routers = [m.router for m in moe.values()]
