@@ -80,6 +80,11 @@ def _ran(result: dict[str, Any]) -> dict[str, Any]:
         # all, the layer it steered; None: no fallback ran, or recorded before these.
         "fallback_projection": selection.get("fallback_projection"),
         "fallback_rmu_layer": selection.get("fallback_rmu_layer"),
+        # The layers it climbed to when forgetting stalled (workers/rmu_climb.py).
+        "fallback_rmu_climbs": [
+            {"step": c.get("step"), "to_layer": c.get("to_layer")}
+            for c in selection.get("fallback_rmu_climbs") or []
+        ],
     }
 
 

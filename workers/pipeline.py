@@ -51,6 +51,7 @@ from workers.projected_fallback import FallbackProjection, attach_fallback_proje
 from workers.reference import prepare_reference
 from workers.results import JobResult, overlap_from_target, target_layer
 from workers.retain_routing import held_out
+from workers.rmu_climb import RmuClimb
 from workers.robustness_stage import PARTITIONED_REASON, not_run_rows, robustness_stage
 from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
@@ -263,6 +264,13 @@ def run_pipeline(
     prepare_reference(
         objective, model, forget_train, retain_train, seed=tr.seed, routing_holdout=holdout
     )
+    climb: RmuClimb | None = None  # the fallback's layer moves up when forgetting stalls
+    if rmu_layer is not None and retain_train is not None and spec.seuf.fallback_rmu_patience:
+        climb = RmuClimb(
+            objective, model, adapter, retain_train, spec.seuf.fallback_rmu_patience,
+            rmu_layer, seed=tr.seed,
+            notify=lambda c: prog.event("rmu_layer_climbed", int(c["step"]), c),
+        )  # fmt: skip
 
     cache, cache_info = None, None
     if tr.activation_cache and runner.supports_activation_cache:
@@ -291,7 +299,11 @@ def run_pipeline(
 
     checkpoint_meta: dict[str, Any] = {"selected": [list(p) for p in pairs]}
     if fallback_mode == "all":  # a checkpoint of another fallback never resumes into this one
-        checkpoint_meta |= {"fallback_projection": fallback_mode, "rmu_layer": rmu_layer}
+        checkpoint_meta |= {
+            "fallback_projection": fallback_mode,
+            "rmu_layer": rmu_layer,
+            "rmu_patience": spec.seuf.fallback_rmu_patience,
+        }
     if tr.gradient_checkpointing:  # recompute activations in the backward (not reentrant:
         # the frozen layers below give inputs that need no gradient)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -314,6 +326,7 @@ def run_pipeline(
             checkpoint_meta=checkpoint_meta,
             on_resume=lambda step: prog.event(RESUMED, step, {"from_step": step}),
             after_step=(lambda: [r.after_step() for r in steppers]) if steppers else None,
+            observer=climb,
         )
     finally:
         close_all(steppers)
@@ -418,7 +431,9 @@ def run_pipeline(
             "router_projection_mode": projection,
             "router_projection": [r.projector.to_json() for r in routers],
             "fallback_projection": fallback_mode,
-            "fallback_rmu_layer": rmu_layer,
+            "fallback_rmu_layer": rmu_layer,  # where RMU started steering
+            # [{step, from_layer, to_layer, forget_accuracy, best_forget_accuracy}]
+            "fallback_rmu_climbs": climb.climbs if climb is not None else [],
             "fallback_projected": (
                 # probe_held_out: 0 where the retain corpus is under twice the overlap probe
                 # (workers/retain_routing.held_out): the probe's samples built the projector

@@ -93,10 +93,25 @@ def prepare_reference(
         owner = objective.adapter.model if objective.adapter is not None else model
         names = {id(m): n for n, m in owner.named_modules()}
         module = model.get_submodule(names[id(objective.capture)])
-        ref.retain_activations = reference_activations(model, module, retain, batch_size)
-        ref.rmu_direction = rmu_direction(int(model.config.hidden_size), seed)
-        ref.rmu_seed = seed
-        norms = torch.cat([a.norm(dim=-1) for a in ref.retain_activations])
-        ref.rmu_block_norm = float(norms.mean())
+        set_rmu_reference(ref, model, module, retain, seed, batch_size)
     objective.reference = ref
     return ref
+
+
+def set_rmu_reference(
+    ref: Reference,
+    model: nn.Module,
+    module: nn.Module,
+    retain: TokenizedCorpus,
+    seed: int,
+    batch_size: int = 16,
+) -> None:
+    """RMU's part of `ref` for the block `module` of `model`: the retain activations it
+    must keep, the steering direction and the block's mean output norm (the relative
+    coefficient's scale). Also used when RMU's fallback steers a higher block
+    (workers/rmu_climb.py)."""
+    ref.retain_activations = reference_activations(model, module, retain, batch_size)
+    ref.rmu_direction = rmu_direction(int(model.config.hidden_size), seed)
+    ref.rmu_seed = seed
+    norms = torch.cat([a.norm(dim=-1) for a in ref.retain_activations])
+    ref.rmu_block_norm = float(norms.mean())

@@ -96,6 +96,11 @@ class WorldOptions(Strict):
 # the steps.
 RETAIN_ROUTING_WEIGHT = 100.0
 RETAIN_ROUTING_WEIGHT_FALLBACK = 1000.0
+# seuf.fallback_rmu_patience: steps without a new low of forget accuracy before RMU's
+# projected fallback steers one layer higher (workers/rmu_climb.py). Well over the longest
+# plateau a logged run crossed on its way to the target (78 steps; the flat start: 60), so
+# it climbs only where forgetting has stopped (README "RMU climbs a layer").
+RMU_PATIENCE = 200
 
 
 class SeufOptions(Strict):
@@ -167,6 +172,12 @@ class SeufOptions(Strict):
         "holds routing with the retain routing loss). all runs where router_projection "
         "nullspace can (a retain corpus, one worker, not ZeRO-3); auto falls back to "
         "routers elsewhere.",
+    )
+    fallback_rmu_patience: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
+        RMU_PATIENCE,
+        description="RMU under fallback_projection all: after this many steps without a "
+        "new low of forget accuracy, steer the next layer up (workers/rmu_climb.py); "
+        "0: never. Only where the fallback chose the layer (no objective.rmu_layer).",
     )
     selection: SelectionMode = Field(
         "top_m",
@@ -485,6 +496,13 @@ class JobSpec(Strict):
                     "seuf.router_projection 'nullspace' does not run under ZeRO-3 (the router "
                     "is partitioned): use router_projection none or zero_stage 1 or 2"
                 )
+        if self.seuf.fallback_rmu_patience != RMU_PATIENCE and (
+            self.algorithm != "rmu" or o.rmu_layer is not None
+        ):
+            raise ValueError(
+                "seuf.fallback_rmu_patience moves the layer RMU's fallback chose: it needs "
+                "algorithm rmu and no objective.rmu_layer"
+            )
         if self.seuf.fallback_projection == "all":
             s = self.seuf
             if s.num_experts != "auto" or s.fallback != "full" or self.scope == "full":

@@ -49,6 +49,17 @@ class BatchSource(Protocol):
     def batch(self, step: int) -> Batch: ...
 
 
+class CheckObserver(Protocol):
+    """Something that acts on every forget check that did not stop training, with state a
+    checkpoint carries (workers/rmu_climb.py: RMU steers a higher layer when it stalls)."""
+
+    def observe(self, step: int, checked: dict[str, float]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 def _batch_at(source: BatchSource | Sequence[Batch], step: int) -> Batch:
     if hasattr(source, "batch"):
         return source.batch(step)  # type: ignore[union-attr]
@@ -147,6 +158,7 @@ def train(
     checkpoint_meta: dict[str, Any] | None = None,
     on_resume: Callable[[int], None] | None = None,
     after_step: Callable[[], None] | None = None,
+    observer: CheckObserver | None = None,
 ) -> TrainResult:
     """Train `scope.trainable_parameters()` on `objective_fn` until a stop rule fires.
 
@@ -166,6 +178,8 @@ def train(
     DDP or DeepSpeed; stop rules and the callback are rank 0's and every rank stops after
     the same step; every `runner.checkpoint_every` steps a checkpoint (with
     `checkpoint_meta`) is saved, and a run that has one restores it (then `on_resume`).
+    observer (one process only) sees every forget check that did not stop training; its
+    state travels in the checkpoints.
     """
     run = runner or LocalRunner()
     stop = options.stop
@@ -183,6 +197,8 @@ def train(
     params = [p for _, p in named]
     if not params:
         raise ValueError("the scope has no trainable parameter")
+    if observer is not None and run.world != 1:
+        raise ValueError("a check observer runs in one process only")
 
     torch.manual_seed(options.seed)
     # bfloat16 trainables: AdamW steps float32 masters (small updates are not rounded away).
@@ -208,6 +224,8 @@ def train(
             master.load_state_dict(restored["master"])
         else:
             master.sync_from_model()
+    if restored is not None and observer is not None and "observer" in restored:
+        observer.load_state_dict(restored["observer"])
     if restored is not None:
         start = int(restored["step"])
         if "scheduler" in restored:
@@ -232,6 +250,7 @@ def train(
                 "rng": torch.get_rng_state(),
                 **({"master": master.state_dict()} if master is not None else {}),
                 **({"guard": guarded.state_dict()} if guarded is not None else {}),
+                **({"observer": observer.state_dict()} if observer is not None else {}),
             }
 
         return state
@@ -304,6 +323,8 @@ def train(
         if code:
             stopped_by = STOP_CODES[code]
             break
+        if observer is not None and checked:
+            observer.observe(step, checked)
         every = run.checkpoint_every
         if every and step % every == 0 and step < options.max_steps:
             run.save(engine, {**state_at(step)(), "meta": checkpoint_meta or {}})

@@ -73,6 +73,7 @@ def test_patch_only_job_after_auto_fallback(db, tmp_path, finished) -> None:
     assert ran["router_projection"] == "nullspace"
     assert ran["retain_routing_weight"] == RETAIN_ROUTING_WEIGHT_FALLBACK
     assert ran["fallback_projection"] == "routers" and ran["fallback_rmu_layer"] is None
+    assert ran["fallback_rmu_climbs"] == []
     assert "Fallback projection" in page
     assert "the spec asked for seuf" in page and "reference only" in page
     assert "Retain routing loss weight" in page
@@ -81,3 +82,24 @@ def test_patch_only_job_after_auto_fallback(db, tmp_path, finished) -> None:
     model, _, _ = open_model(ref)
     assert state_sha256(model.state_dict()) == res.unlearned_model_sha256
     assert json.loads((out / "result.json").read_text())["training_used"]["lr"] == FULL_FALLBACK_LR
+
+
+def test_certificate_names_the_layers_rmu_climbed_to() -> None:
+    """RMU's fallback climbing when forgetting stalled (workers/rmu_climb.py): the
+    certificate's `ran` keeps each climb's step and layer, and its page says them."""
+    result = {
+        "scope": "full",
+        "selection": {
+            "fallback_projection": "all",
+            "fallback_rmu_layer": 1,
+            "fallback_rmu_climbs": [
+                {"step": 240, "from_layer": 1, "to_layer": 2, "forget_accuracy": 0.35,
+                 "best_forget_accuracy": 0.33},
+            ],
+        },
+    }  # fmt: skip
+    ran = certificate._ran(result)
+    assert ran["fallback_rmu_layer"] == 1
+    assert ran["fallback_rmu_climbs"] == [{"step": 240, "to_layer": 2}]
+    page = certificate.render_html({"ran": ran})
+    assert "RMU steered layer 1, then layer 2 from step 240" in page
