@@ -104,6 +104,9 @@ PER_SAMPLE_VARIANTS = ("per_sample", "per_sample_rr100", "per_sample_rr1000")
 # only (RMU's default before this round), fp_all = every reader of the residual stream
 # (workers/projected_fallback.py; RMU's default now).
 PROJECTION_VARIANTS = ("fp_routers", "fp_all", "fp_all_e999")  # e999: energy 0.999
+# RMU's projected fallback climbing a layer after this many steps without a new low of
+# forget accuracy (seuf.fallback_rmu_patience; workers/rmu_climb.py): p0 never climbs.
+CLIMB_VARIANTS = ("climb_p0", "climb_p30", "climb_p100")
 ALL_VARIANTS = tuple(
     dict.fromkeys(
         VARIANTS
@@ -115,6 +118,7 @@ ALL_VARIANTS = tuple(
         + POLICY_VARIANTS
         + PER_SAMPLE_VARIANTS
         + RMU_LAYER_VARIANTS
+        + CLIMB_VARIANTS
         + ("defaults",)
     )
 )
@@ -163,7 +167,7 @@ def variant_spec(
     a whole `world` block, for the sweep), and direct scoring."""
     if variant not in ALL_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: choose from {', '.join(ALL_VARIANTS)}")
-    if algorithm != "rmu" and variant in PER_SAMPLE_VARIANTS + RMU_LAYER_VARIANTS:
+    if algorithm != "rmu" and variant in PER_SAMPLE_VARIANTS + RMU_LAYER_VARIANTS + CLIMB_VARIANTS:
         raise ValueError(f"variant {variant!r} changes RMU settings: algorithm rmu only")
     d = copy.deepcopy(base_spec(algorithm, variant))
     if world is not None:
@@ -233,6 +237,8 @@ def variant_spec(
         seuf["fallback_projection"] = mode
         if energy:
             seuf["router_projection_energy"] = float(f"0.{energy}")
+    elif variant in CLIMB_VARIANTS:
+        seuf["fallback_rmu_patience"] = int(variant.removeprefix("climb_p"))
     elif variant == "lr1e3":
         d.setdefault("training", {})["lr"] = 1e-3
     if variant == "full":

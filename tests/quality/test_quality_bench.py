@@ -172,6 +172,17 @@ def test_sweep_variants_change_only_their_field(variant: str, check) -> None:
     assert sum(base[k] != var[k] for k in base) == 1
 
 
+def test_climb_variants_set_rmus_patience_only() -> None:
+    base = JobSpec.model_validate(quality.variant_spec("rmu", "defaults", 1)).resolved()
+    var = JobSpec.model_validate(quality.variant_spec("rmu", "climb_p30", 1)).resolved()
+    assert var["seuf"]["fallback_rmu_patience"] == 30
+    changed = {k for k, v in base["seuf"].items() if var["seuf"][k] != v}
+    assert changed == {"fallback_rmu_patience"}
+    assert {k for k in base if base[k] != var[k]} == {"seuf"}
+    with pytest.raises(ValueError, match="RMU settings"):
+        quality.variant_spec("npo", "climb_p30", 1)
+
+
 @pytest.mark.parametrize("policy", ["decay", "guard"])
 def test_policy_variants_at_ten_times_the_fallback_step(policy: str) -> None:
     base = JobSpec.model_validate(quality.variant_spec("gdiff", policy, 1)).resolved()
