@@ -51,7 +51,7 @@ from workers.projected_fallback import FallbackProjection, attach_fallback_proje
 from workers.reference import prepare_reference
 from workers.results import JobResult, overlap_from_target, target_layer
 from workers.retain_routing import held_out
-from workers.rmu_climb import RmuClimb
+from workers.rmu_climb import RmuClimb, kept_climbs
 from workers.robustness_stage import PARTITIONED_REASON, not_run_rows, robustness_stage
 from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
@@ -433,7 +433,7 @@ def run_pipeline(
             "fallback_projection": fallback_mode,
             "fallback_rmu_layer": rmu_layer,  # where RMU started steering
             # [{step, from_layer, to_layer, forget_accuracy, best_forget_accuracy}]
-            "fallback_rmu_climbs": climb.climbs if climb is not None else [],
+            "fallback_rmu_climbs": kept_climbs(climb, result.stopped_by, result.guard),
             "fallback_projected": (
                 # probe_held_out: 0 where the retain corpus is under twice the overlap probe
                 # (workers/retain_routing.held_out): the probe's samples built the projector

@@ -30,6 +30,7 @@ from workers.data import TokenizedCorpus
 from workers.moe.base import MoEAdapter
 from workers.objectives import Objective
 from workers.reference import set_rmu_reference
+from workers.train import RESTORING_STOPS
 
 Climb = dict[str, float]
 
@@ -57,18 +58,23 @@ class RmuClimb:
             raise ValueError("RmuClimb needs a patience of at least one step")
         if self.objective.name != "rmu" or self.objective.capture is None:
             raise ValueError("RmuClimb steers RMU's captured block: objective 'rmu' only")
+        if self.objective.capture is not self._block(self.layer):
+            raise ValueError(f"RMU does not steer layer {self.layer}'s MoE block")
 
     @property
     def top(self) -> int:
         return len(self.adapter.decoder_layers()) - 1
 
     def observe(self, step: int, checked: Mapping[str, float]) -> None:
-        """After a forget check that did not stop training."""
-        acc = checked.get("forget_accuracy")
-        if acc is None:
+        """After a forget check that did not stop training (not at the last step).
+        Progress is a new low of forget accuracy, or, where the check measures no accuracy
+        (a real model's job stops on forget_loss), a new high of the forget loss."""
+        acc, loss = checked.get("forget_accuracy"), checked.get("forget_loss")
+        if acc is None and loss is None:
             return
-        if acc < self.best:
-            self.best, self.since = float(acc), step
+        score = float(acc) if acc is not None else -float(loss)  # type: ignore[arg-type]
+        if score < self.best:
+            self.best, self.since = score, step
             return
         if self.layer >= self.top or step - self.since < self.patience:
             return
@@ -76,8 +82,9 @@ class RmuClimb:
             "step": step,
             "from_layer": self.layer,
             "to_layer": self.layer + 1,
-            "forget_accuracy": float(acc),
-            "best_forget_accuracy": self.best,
+            # forget accuracy, or minus the forget loss where no accuracy is measured
+            "forget_accuracy" if acc is not None else "minus_forget_loss": score,
+            "best_forget_accuracy" if acc is not None else "best_minus_forget_loss": self.best,
         }
         self.steer(self.layer + 1)
         self.since = step
@@ -90,12 +97,17 @@ class RmuClimb:
         as it is now."""
         if self.objective.reference is None:
             raise ValueError("RmuClimb needs the objective's reference (prepare_reference)")
-        module = self.adapter.decoder_layers()[layer].mlp
+        module = self._block(layer)
         set_rmu_reference(
             self.objective.reference, self.model, module, self.retain, self.seed, self.batch_size
         )
         self.objective.capture = module
         self.layer = layer
+
+    def _block(self, layer: int) -> nn.Module:
+        if not 0 <= layer <= self.top:
+            raise ValueError(f"layer {layer} out of range: the model has {self.top + 1} layers")
+        return self.adapter.decoder_layers()[layer].mlp
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -106,9 +118,23 @@ class RmuClimb:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """A resumed run steers where the checkpoint did (its reference is taken from the
-        restored model, as a climb would)."""
+        """A resumed run steers where the checkpoint did. Its reference is taken from the
+        restored model (the one at the climb's step is not kept: one layer's retain
+        activations can be gigabytes), so after a climb a resumed run is close to the
+        uninterrupted one, not bit-identical."""
         if int(state["layer"]) != self.layer:
             self.steer(int(state["layer"]))
         self.best, self.since = float(state["best"]), int(state["since"])
         self.climbs = [dict(c) for c in state["climbs"]]
+
+
+def kept_climbs(
+    climb: RmuClimb | None, stopped_by: str, guard: Mapping[str, Any] | None
+) -> list[Climb]:
+    """The climbs that shaped the weights the job keeps: where the utility guard put back
+    an earlier state (on its stop or the step budget: workers/train.py), those before
+    that state's step; else all."""
+    if climb is None:
+        return []
+    kept = (guard or {}).get("restored_step") if stopped_by in RESTORING_STOPS else None
+    return [c for c in climb.climbs if kept is None or c["step"] < kept]

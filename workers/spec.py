@@ -496,12 +496,12 @@ class JobSpec(Strict):
                     "seuf.router_projection 'nullspace' does not run under ZeRO-3 (the router "
                     "is partitioned): use router_projection none or zero_stage 1 or 2"
                 )
-        if self.seuf.fallback_rmu_patience != RMU_PATIENCE and (
-            self.algorithm != "rmu" or o.rmu_layer is not None
-        ):
+        if self.seuf.fallback_rmu_patience != RMU_PATIENCE and not self._rmu_climb_runs():
             raise ValueError(
-                "seuf.fallback_rmu_patience moves the layer RMU's fallback chose: it needs "
-                "algorithm rmu and no objective.rmu_layer"
+                "seuf.fallback_rmu_patience moves the layer RMU's projected fallback chose: "
+                "it needs algorithm rmu, no objective.rmu_layer, a SEUF scope with "
+                "num_experts auto and fallback full, fallback_projection auto or all, "
+                "router_projection not none, and one worker (not ZeRO-3)"
             )
         if self.seuf.fallback_projection == "all":
             s = self.seuf
@@ -525,6 +525,22 @@ class JobSpec(Strict):
                     "(it projects whole weights): use fallback_projection auto or routers"
                 )
         return self
+
+    def _rmu_climb_runs(self) -> bool:
+        """Whether RMU's projected fallback (fallback_projection all, where the layer
+        climb acts) can run for this spec; where not, a patience would be ignored."""
+        s, d = self.seuf, self.distributed
+        return (
+            self.algorithm == "rmu"
+            and self.objective.rmu_layer is None
+            and self.scope != "full"
+            and s.num_experts == "auto"
+            and s.fallback == "full"
+            and s.fallback_projection != "routers"
+            and s.router_projection != "none"
+            and d.num_workers == 1
+            and not (d.backend == "deepspeed" and d.zero_stage == 3)
+        )
 
     def _guard_supported(self) -> None:
         """The utility guard and lr_policy decay act at the forget check: refused where

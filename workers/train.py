@@ -40,6 +40,8 @@ from workers.spec import TrainingOptions
 
 # Why a run stopped, as the int a runner agrees on (max over ranks; 0 = keep going).
 STOP_CODES = ("", "forget_accuracy", "forget_loss", "callback", "utility_guard")
+# Stops on which the utility guard puts back the state it kept (workers/guard.py).
+RESTORING_STOPS = ("utility_guard", "max_steps")
 
 
 class BatchSource(Protocol):
@@ -178,8 +180,8 @@ def train(
     DDP or DeepSpeed; stop rules and the callback are rank 0's and every rank stops after
     the same step; every `runner.checkpoint_every` steps a checkpoint (with
     `checkpoint_meta`) is saved, and a run that has one restores it (then `on_resume`).
-    observer (one process only) sees every forget check that did not stop training; its
-    state travels in the checkpoints.
+    observer (one process only) sees every forget check that did not stop training,
+    before the last step; its state travels in the checkpoints.
     """
     run = runner or LocalRunner()
     stop = options.stop
@@ -323,12 +325,12 @@ def train(
         if code:
             stopped_by = STOP_CODES[code]
             break
-        if observer is not None and checked:
-            observer.observe(step, checked)
+        if observer is not None and checked and step < options.max_steps:
+            observer.observe(step, checked)  # not at the last step: nothing would follow
         every = run.checkpoint_every
         if every and step % every == 0 and step < options.max_steps:
             run.save(engine, {**state_at(step)(), "meta": checkpoint_meta or {}})
-    if guarded is not None and stopped_by in ("utility_guard", "max_steps"):
+    if guarded is not None and stopped_by in RESTORING_STOPS:
         (code,) = run.agree([guarded.restore_code() if run.is_main else 0])
         metrics = guarded.restore(code) or metrics
     model.eval()

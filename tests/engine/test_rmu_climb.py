@@ -15,7 +15,7 @@ from workers.moe import get_adapter
 from workers.moe.tiny import tiny_model
 from workers.objectives import make_objective
 from workers.reference import prepare_reference, reference_activations
-from workers.rmu_climb import RmuClimb
+from workers.rmu_climb import RmuClimb, kept_climbs
 from workers.scope import apply_scope
 from workers.spec import RMU_PATIENCE, JobSpec, ObjectiveOptions, TrainingOptions
 from workers.train import train
@@ -62,8 +62,40 @@ def test_climbs_after_its_patience_from_the_last_low_and_stops_at_the_top() -> N
     assert climb.layer == 2  # 6 steps after the low at 12
     climb.observe(99, {"forget_accuracy": 0.9})
     assert climb.layer == 2 == N_LAYERS - 1 and len(climb.climbs) == 2  # the top layer
-    climb.observe(120, {"forget_loss": 3.0})  # a check without accuracy changes nothing
+    climb.observe(120, {})  # a check that measured neither changes nothing
     assert climb.since == 18
+
+
+def test_without_accuracy_a_new_high_of_the_forget_loss_is_progress() -> None:
+    """A real model's job stops on forget_loss: its checks carry no accuracy."""
+    model, adapter, objective, _, retain = _setup()
+    climb = RmuClimb(objective, model, adapter, retain, 6, 0, batch_size=4)
+    climb.observe(3, {"forget_loss": 2.0})
+    climb.observe(6, {"forget_loss": 2.5})  # higher: progress
+    climb.observe(9, {"forget_loss": 2.4})
+    assert climb.layer == 0 and climb.since == 6
+    climb.observe(12, {"forget_loss": 2.5})  # not higher than the best: 6 steps since
+    assert climb.layer == 1
+    assert climb.climbs == [
+        {"step": 12, "from_layer": 0, "to_layer": 1, "minus_forget_loss": -2.5,
+         "best_minus_forget_loss": -2.5}
+    ]  # fmt: skip
+
+
+def test_the_record_keeps_the_climbs_before_the_state_the_guard_put_back() -> None:
+    model, adapter, objective, _, retain = _setup()
+    climb = RmuClimb(objective, model, adapter, retain, 3, 0, batch_size=4)
+    climb.observe(3, {"forget_accuracy": 0.5})
+    climb.observe(6, {"forget_accuracy": 0.5})  # climb to 1
+    climb.observe(9, {"forget_accuracy": 0.5})  # climb to 2
+    steps = lambda climbs: [c["step"] for c in climbs]  # noqa: E731
+    assert steps(kept_climbs(climb, "max_steps", {"restored_step": 9})) == [6]
+    assert steps(kept_climbs(climb, "utility_guard", {"restored_step": 7})) == [6]
+    assert steps(kept_climbs(climb, "max_steps", {"restored_step": 12})) == [6, 9]
+    assert steps(kept_climbs(climb, "max_steps", None)) == [6, 9]  # no guard: nothing put back
+    # stopped on the target: the guard puts nothing back
+    assert steps(kept_climbs(climb, "forget_accuracy", {"restored_step": 3})) == [6, 9]
+    assert kept_climbs(None, "max_steps", None) == []
 
 
 def test_a_resumed_climb_steers_where_the_checkpoint_did() -> None:
@@ -94,11 +126,17 @@ def test_climb_refuses_what_it_cannot_steer() -> None:
     ga = make_objective("ga", ObjectiveOptions(), adapter)
     with pytest.raises(ValueError, match="'rmu' only"):
         RmuClimb(ga, model, adapter, retain, 5, 0)
+    with pytest.raises(ValueError, match="does not steer layer 1"):
+        RmuClimb(objective, model, adapter, retain, 5, 1)
+    climb = RmuClimb(objective, model, adapter, retain, 5, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        climb.load_state_dict({"layer": -1, "best": 1.0, "since": 0, "climbs": []})
 
 
 def test_train_hands_every_check_to_the_observer_and_checkpoints_its_state() -> None:
-    """A forget target never reached: every check reaches the observer, whose climb
-    changes what the loss steers; the final state carries the observer's state."""
+    """A forget target never reached: every check before the last step reaches the
+    observer, whose climb changes what the loss steers; the final state carries the
+    observer's state."""
     model, adapter, objective, forget, retain = _setup()
     scope = apply_scope(model, adapter, "full", [])
     climb = RmuClimb(objective, model, adapter, retain, 4, 0, batch_size=4)
@@ -118,10 +156,11 @@ def test_train_hands_every_check_to_the_observer_and_checkpoints_its_state() -> 
         opts, stop_check=stop_check, observer=climb,
     )  # fmt: skip
     assert res.steps == 12 and len(checks) == 6
-    # Lows at 2 and 4; no new low for 4 steps at 8: climb to 1; again at 12: to 2.
-    assert [(c["step"], c["to_layer"]) for c in climb.climbs] == [(8, 1), (12, 2)]
+    # Lows at 2 and 4; no new low for 4 steps at 8: climb to 1. At 12 it would climb
+    # again, but 12 is the last step: a climb there would steer nothing.
+    assert [(c["step"], c["to_layer"]) for c in climb.climbs] == [(8, 1)]
     assert res.state["observer"] == climb.state_dict()
-    assert objective.capture is adapter.decoder_layers()[2].mlp
+    assert objective.capture is adapter.decoder_layers()[1].mlp
 
 
 def test_spec_refuses_a_patience_it_would_ignore() -> None:
@@ -138,3 +177,14 @@ def test_spec_refuses_a_patience_it_would_ignore() -> None:
     }
     with pytest.raises(ValueError, match="fallback_rmu_patience"):
         JobSpec.model_validate(chosen)
+    for ignored in (
+        {"num_experts": 2},
+        {"fallback": "widen"},
+        {"fallback_projection": "routers"},
+    ):
+        with pytest.raises(ValueError, match="fallback_rmu_patience"):
+            spec(fallback_rmu_patience=50, **ignored)
+    with pytest.raises(ValueError, match="fallback_rmu_patience"):
+        spec("rmu", "full", fallback_rmu_patience=50)
+    # The default is accepted everywhere (a resolved spec carries it).
+    assert spec("gdiff", fallback_rmu_patience=RMU_PATIENCE).seuf.fallback_rmu_patience == 200
