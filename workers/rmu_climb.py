@@ -38,7 +38,8 @@ Climb = dict[str, float]
 @dataclass
 class RmuClimb:
     """Watches the forget check (workers.train's `observer`) and moves RMU's steered block
-    up one layer after `patience` steps without a new low of forget accuracy."""
+    up one layer after `patience` steps without progress (a new low of forget accuracy;
+    without accuracy, a new high of the forget loss)."""
 
     objective: Objective
     model: nn.Module
@@ -49,7 +50,7 @@ class RmuClimb:
     seed: int = 0  # RMU's direction seed (the same direction at every layer)
     batch_size: int = 16
     notify: Callable[[Climb], None] | None = None
-    best: float = float("inf")  # the lowest forget accuracy seen
+    best: float = float("inf")  # the lowest score seen: forget accuracy, or -forget loss
     since: int = 0  # the step of that low, or of the last climb
     climbs: list[Climb] = field(default_factory=list)
 
