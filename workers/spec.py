@@ -96,10 +96,11 @@ class WorldOptions(Strict):
 # the steps.
 RETAIN_ROUTING_WEIGHT = 100.0
 RETAIN_ROUTING_WEIGHT_FALLBACK = 1000.0
-# seuf.fallback_rmu_patience: steps without a new low of forget accuracy before RMU's
-# projected fallback steers one layer higher (workers/rmu_climb.py). Well over the longest
-# plateau a logged run crossed on its way to the target (78 steps; the flat start: 60), so
-# it climbs only where forgetting has stopped (README "RMU climbs a layer").
+# seuf.fallback_rmu_patience: steps without progress (a new low of forget accuracy, else a
+# new high of the forget loss) before RMU's projected fallback steers one layer higher
+# (workers/rmu_climb.py). Well over the longest plateau a logged run crossed on its way to
+# the target (78 steps; the flat start: 60), so it climbs only where forgetting has
+# stopped (README "RMU climbs a layer").
 RMU_PATIENCE = 200
 
 
@@ -175,9 +176,10 @@ class SeufOptions(Strict):
     )
     fallback_rmu_patience: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
         RMU_PATIENCE,
-        description="RMU under fallback_projection all: after this many steps without a "
-        "new low of forget accuracy, steer the next layer up (workers/rmu_climb.py); "
-        "0: never. Only where the fallback chose the layer (no objective.rmu_layer).",
+        description="RMU under fallback_projection all: after this many steps without "
+        "progress (a new low of forget accuracy; where the check measures none, a new high "
+        "of the forget loss), steer the next layer up (workers/rmu_climb.py); 0: never. "
+        "Only where the fallback chose the layer (no objective.rmu_layer).",
     )
     selection: SelectionMode = Field(
         "top_m",
