@@ -254,7 +254,10 @@ def run_pipeline(
     if fallback_projection is not None:
         fallback_projection.hold()
     before_state = snapshot_regions(model, scope.regions, keep=main) if reads else {}
-    counts = (scope.trainable_params, scope.total_params, scope.ratio)  # before any sharding
+    # Before any sharding. The projected fallback's held tensors cannot change: they are
+    # not tunable, and the ratio says what can move (the readers it projects).
+    trainable = scope.trainable_params - (fallback_projection.held if fallback_projection else 0)
+    counts = (trainable, scope.total_params, trainable / scope.total_params)
     rr_weight = spec.retain_routing_weight(sel_plan.scope) if retain_train is not None else 0.0
     rmu_layer = fallback_rmu_layer(spec, fallback_mode, len(adapter.decoder_layers()))
     objective = objective_from_spec(

@@ -96,6 +96,13 @@ class WorldOptions(Strict):
 # the steps.
 RETAIN_ROUTING_WEIGHT = 100.0
 RETAIN_ROUTING_WEIGHT_FALLBACK = 1000.0
+# RMU, selected experts or its projected fallback: 1000. Its steering moves forget states far
+# on purpose; what that also moves of retain routing, the loss charges back. One expert (the
+# four localised sweep worlds where auto picks one): overlap 0.979-0.987 where weight 0 held
+# 0.946-0.979, unseen and uncovered-topic utility as kept or better. The fallback (six sweep
+# worlds): overlap up on four, the target met on all six as with 0 (README "RMU and the
+# retain routing loss").
+RMU_RETAIN_ROUTING_WEIGHT = 1000.0
 # seuf.fallback_rmu_patience: steps without progress (a new low of forget accuracy, else a
 # new high of the forget loss) before RMU's projected fallback steers one layer higher
 # (workers/rmu_climb.py). Well over the longest plateau a logged run crossed on its way to
@@ -214,9 +221,8 @@ class SeufOptions(Strict):
         "original model's, at every MoE layer from the lowest trained one up "
         "(workers/retain_routing.py); 0 = off. auto, with a retain corpus when the job asked "
         "for SEUF (scope seuf or router): 100, and 1000 when auto falls back to full "
-        "parameters; off for a job "
-        "that asked for scope full or experts (the baselines) and for RMU (it fought RMU's "
-        "steering).",
+        "parameters; for RMU 1000 on selected experts and under its fallback; off for a job "
+        "that asked for scope full or experts (the baselines).",
     )
     anchor_reduction: AnchorReduction = Field(
         "sum",
@@ -588,19 +594,18 @@ class JobSpec(Strict):
         """The retain routing loss's weight that runs (torch-free: the planner reads it):
         the spec's, or for `auto` when the job asked for SEUF (scope seuf or router)
         RETAIN_ROUTING_WEIGHT, and RETAIN_ROUTING_WEIGHT_FALLBACK when auto's plan ended on
-        full parameters (`scope_run` "full"); 0 without a retain corpus and, under auto,
-        for the full and experts baselines."""
+        full parameters (`scope_run` "full"), for RMU RMU_RETAIN_ROUTING_WEIGHT on either;
+        0 without a retain corpus and, under auto, for the
+        full and experts baselines."""
         w = self.seuf.retain_routing_weight
         if self.retain is None:
             return 0.0
         if w != "auto":
             return float(w)
-        if self.algorithm == "rmu":
-            # RMU moves forget hidden states far on purpose; the loss held them back (with
-            # it RMU's fallback missed the forget target on a sweep world it met without).
-            return 0.0
         if self.scope not in ("seuf", "router"):
             return 0.0
+        if self.algorithm == "rmu":
+            return RMU_RETAIN_ROUTING_WEIGHT
         return RETAIN_ROUTING_WEIGHT_FALLBACK if scope_run == "full" else RETAIN_ROUTING_WEIGHT
 
     def resolved(self) -> dict[str, Any]:

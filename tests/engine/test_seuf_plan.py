@@ -81,7 +81,11 @@ def test_a_full_fallback_trains_at_a_capped_lr_and_widens_only_a_targeted_budget
 
 
 def test_retain_routing_weight_auto_is_on_for_seuf_jobs_with_retain_data_only() -> None:
-    from workers.spec import RETAIN_ROUTING_WEIGHT, RETAIN_ROUTING_WEIGHT_FALLBACK
+    from workers.spec import (
+        RETAIN_ROUTING_WEIGHT,
+        RETAIN_ROUTING_WEIGHT_FALLBACK,
+        RMU_RETAIN_ROUTING_WEIGHT,
+    )
 
     assert spec().retain_routing_weight() == RETAIN_ROUTING_WEIGHT > 0
     assert spec().retain_routing_weight("seuf") == RETAIN_ROUTING_WEIGHT
@@ -98,7 +102,12 @@ def test_retain_routing_weight_auto_is_on_for_seuf_jobs_with_retain_data_only() 
     )
     assert no_retain.retain_routing_weight() == 0.0
     rmu = JobSpec.model_validate(spec().resolved() | {"algorithm": "rmu"})
-    assert rmu.retain_routing_weight() == 0.0  # auto: off for RMU (it fought the steering)
+    # auto for RMU: on for selected experts and under the fallback, off for the baselines
+    assert rmu.retain_routing_weight("seuf") == RMU_RETAIN_ROUTING_WEIGHT > 0
+    assert rmu.retain_routing_weight() == RMU_RETAIN_ROUTING_WEIGHT
+    assert rmu.retain_routing_weight("full") == RMU_RETAIN_ROUTING_WEIGHT
+    rmu_full = JobSpec.model_validate(rmu.resolved() | {"scope": "full"})
+    assert rmu_full.retain_routing_weight() == 0.0
     named = JobSpec.model_validate(rmu.resolved() | {"seuf": {"retain_routing_weight": 5}})
     assert named.retain_routing_weight() == 5.0
 
