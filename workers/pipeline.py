@@ -258,7 +258,11 @@ def run_pipeline(
     # not tunable, and the ratio says what can move (the readers it projects).
     trainable = scope.trainable_params - (fallback_projection.held if fallback_projection else 0)
     counts = (trainable, scope.total_params, trainable / scope.total_params)
-    rr_weight = spec.retain_routing_weight(sel_plan.scope) if retain_train is not None else 0.0
+    rr_weight = (
+        spec.retain_routing_weight(sel_plan.scope, fallback_mode)
+        if retain_train is not None
+        else 0.0
+    )
     rmu_layer = fallback_rmu_layer(spec, fallback_mode, len(adapter.decoder_layers()))
     objective = objective_from_spec(
         spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight,

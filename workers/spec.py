@@ -221,8 +221,9 @@ class SeufOptions(Strict):
         "original model's, at every MoE layer from the lowest trained one up "
         "(workers/retain_routing.py); 0 = off. auto, with a retain corpus when the job asked "
         "for SEUF (scope seuf or router): 100, and 1000 when auto falls back to full "
-        "parameters; for RMU 1000 on selected experts and under its fallback; off for a job "
-        "that asked for scope full or experts (the baselines).",
+        "parameters; for RMU 1000 on selected experts and under its projected fallback "
+        "(fallback_projection all), off under an unprojected one; off for a job that asked "
+        "for scope full or experts (the baselines).",
     )
     anchor_reduction: AnchorReduction = Field(
         "sum",
@@ -590,13 +591,16 @@ class JobSpec(Strict):
                 refs.append((f"evaluation.robustness[{i}].holdout", check.holdout))
         return refs
 
-    def retain_routing_weight(self, scope_run: str | None = None) -> float:
+    def retain_routing_weight(
+        self, scope_run: str | None = None, fallback_projection: str | None = None
+    ) -> float:
         """The retain routing loss's weight that runs (torch-free: the planner reads it):
         the spec's, or for `auto` when the job asked for SEUF (scope seuf or router)
         RETAIN_ROUTING_WEIGHT, and RETAIN_ROUTING_WEIGHT_FALLBACK when auto's plan ended on
-        full parameters (`scope_run` "full"), for RMU RMU_RETAIN_ROUTING_WEIGHT on either;
-        0 without a retain corpus and, under auto, for the
-        full and experts baselines."""
+        full parameters (`scope_run` "full"), for RMU RMU_RETAIN_ROUTING_WEIGHT on selected
+        experts and under its projected fallback (`fallback_projection` "all": without the
+        projection the loss held back the forget states RMU must move); 0 without a retain
+        corpus and, under auto, for the full and experts baselines."""
         w = self.seuf.retain_routing_weight
         if self.retain is None:
             return 0.0
@@ -605,7 +609,8 @@ class JobSpec(Strict):
         if self.scope not in ("seuf", "router"):
             return 0.0
         if self.algorithm == "rmu":
-            return RMU_RETAIN_ROUTING_WEIGHT
+            projected = scope_run != "full" or fallback_projection == "all"
+            return RMU_RETAIN_ROUTING_WEIGHT if projected else 0.0
         return RETAIN_ROUTING_WEIGHT_FALLBACK if scope_run == "full" else RETAIN_ROUTING_WEIGHT
 
     def resolved(self) -> dict[str, Any]:

@@ -102,10 +102,15 @@ def test_retain_routing_weight_auto_is_on_for_seuf_jobs_with_retain_data_only() 
     )
     assert no_retain.retain_routing_weight() == 0.0
     rmu = JobSpec.model_validate(spec().resolved() | {"algorithm": "rmu"})
-    # auto for RMU: on for selected experts and under the fallback, off for the baselines
+    # auto for RMU: on for selected experts and under the projected fallback; off under an
+    # unprojected fallback (it held back the steering there) and for the baselines
     assert rmu.retain_routing_weight("seuf") == RMU_RETAIN_ROUTING_WEIGHT > 0
     assert rmu.retain_routing_weight() == RMU_RETAIN_ROUTING_WEIGHT
-    assert rmu.retain_routing_weight("full") == RMU_RETAIN_ROUTING_WEIGHT
+    assert rmu.retain_routing_weight("full", "all") == RMU_RETAIN_ROUTING_WEIGHT
+    assert rmu.retain_routing_weight("full", "routers") == 0.0
+    assert rmu.retain_routing_weight("full") == 0.0
+    # the other algorithms' fallback weight does not depend on the projection
+    assert spec().retain_routing_weight("full", "routers") == RETAIN_ROUTING_WEIGHT_FALLBACK
     rmu_full = JobSpec.model_validate(rmu.resolved() | {"scope": "full"})
     assert rmu_full.retain_routing_weight() == 0.0
     named = JobSpec.model_validate(rmu.resolved() | {"seuf": {"retain_routing_weight": 5}})
