@@ -138,13 +138,13 @@ def fallback_projection_mode(
 ) -> str | None:
     """What auto's full fallback projects (None when no fallback to full runs): all =
     every matrix (workers/projected_fallback.py), routers = the routers only, none = nothing
-    (projection_mode says none). auto: all for RMU where it can run (retain data, one plain
-    worker), routers otherwise."""
+    (projection_mode says none). auto: all for RMU where it can run (retain data here, one
+    plain worker: `can_project`, and JobSpec.projected_fallback_refusal), routers otherwise."""
     if scope != "full" or spec.scope == "full":
         return None
     mode = spec.seuf.fallback_projection
     if mode == "auto":
-        can = has_retain and can_project and spec.seuf.router_projection != "none"
+        can = has_retain and can_project and spec.projected_fallback_refusal() is None
         mode = "all" if spec.algorithm == "rmu" and can else "routers"
     if mode == "routers" and projection_mode(spec, scope, can_project, has_retain) == "none":
         return "none"  # what the certificate shows: nothing was projected

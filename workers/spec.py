@@ -512,43 +512,40 @@ class JobSpec(Strict):
                 "num_experts auto and fallback full, fallback_projection auto or all, "
                 "router_projection not none, and one worker (not ZeRO-3)"
             )
-        if self.seuf.fallback_projection == "all":
-            s = self.seuf
-            if s.num_experts != "auto" or s.fallback != "full" or self.scope == "full":
-                raise ValueError(
-                    "seuf.fallback_projection 'all' acts on num_experts auto's full fallback "
-                    "only: it needs num_experts auto, fallback full and a SEUF scope"
-                )
-            if s.router_projection == "none":
-                raise ValueError(
-                    "seuf.fallback_projection 'all' projects the routers too: it cannot run "
-                    "with router_projection none"
-                )
-            if self.retain is None:
-                raise ValueError("seuf.fallback_projection 'all' needs a retain corpus")
-            if self.distributed.num_workers > 1 or (
-                self.distributed.backend == "deepspeed" and self.distributed.zero_stage == 3
-            ):
-                raise ValueError(
-                    "seuf.fallback_projection 'all' runs on one worker, not under ZeRO-3 "
-                    "(it projects whole weights): use fallback_projection auto or routers"
-                )
+        if self.seuf.fallback_projection == "all" and (why := self.projected_fallback_refusal()):
+            raise ValueError(f"seuf.fallback_projection 'all' {why}")
         return self
 
-    def _rmu_climb_runs(self) -> bool:
-        """Whether RMU's projected fallback (fallback_projection all, where the layer
-        climb acts) can run for this spec; where not, a patience would be ignored."""
+    def projected_fallback_refusal(self) -> str | None:
+        """Why num_experts auto's full fallback cannot project every matrix
+        (workers/projected_fallback.py) for this spec, None where it can: the one rule
+        behind the `fallback_projection: all` refusal, the RMU climb's patience check and
+        auto's run-time choice (seuf_plan.fallback_projection_mode)."""
         s, d = self.seuf, self.distributed
+        if s.num_experts != "auto" or s.fallback != "full" or self.scope == "full":
+            return (
+                "acts on num_experts auto's full fallback only: it needs num_experts auto, "
+                "fallback full and a SEUF scope"
+            )
+        if s.router_projection == "none":
+            return "projects the routers too: it cannot run with router_projection none"
+        if self.retain is None:
+            return "needs a retain corpus"
+        if d.num_workers > 1 or (d.backend == "deepspeed" and d.zero_stage == 3):
+            return (
+                "runs on one worker, not under ZeRO-3 (it projects whole weights): use "
+                "fallback_projection auto or routers"
+            )
+        return None
+
+    def _rmu_climb_runs(self) -> bool:
+        """Whether RMU's projected fallback (where the layer climb acts) can run for this
+        spec; where not, a patience would be ignored."""
         return (
             self.algorithm == "rmu"
             and self.objective.rmu_layer is None
-            and self.scope != "full"
-            and s.num_experts == "auto"
-            and s.fallback == "full"
-            and s.fallback_projection != "routers"
-            and s.router_projection != "none"
-            and d.num_workers == 1
-            and not (d.backend == "deepspeed" and d.zero_stage == 3)
+            and self.seuf.fallback_projection != "routers"
+            and self.projected_fallback_refusal() is None
         )
 
     def _guard_supported(self) -> None:
