@@ -85,6 +85,23 @@ def _ran(result: dict[str, Any]) -> dict[str, Any]:
             {"step": c.get("step"), "to_layer": c.get("to_layer")}
             for c in selection.get("fallback_rmu_climbs") or []
         ],
+        # The fallback missed its target and the top expert trained after it
+        # (workers/attempt.py); None: no second attempt ran.
+        "fallback_retry": _retry(selection.get("fallback_retry")),
+    }
+
+
+def _retry(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not record:
+        return None
+    expert = record.get("expert") or {}
+    return {
+        "layer": expert.get("layer"),
+        "expert": expert.get("expert"),
+        "after_fallback_step": record.get("after_fallback_step"),
+        "steps": record.get("steps"),
+        "target_met": record.get("target_met"),
+        "kept": record.get("kept"),
     }
 
 

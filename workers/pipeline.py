@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-from workers.activation_cache import build_for_training
+from workers.attempt import AttemptContext, run_attempt, with_fallback_retry
 from workers.attribution import attribute
-from workers.data import BatchStream
 from workers.devices import dtype_name
-from workers.events import RANK_STARTED, RANK_STOPPED, RESUMED
+from workers.events import RANK_STARTED, RANK_STOPPED
 from workers.job import (
     OVERLAP_SAMPLES,
     CorpusResolver,
@@ -44,31 +43,22 @@ from workers.job import (
     stop_check_for,
 )
 from workers.model_source import write_base_ref
-from workers.objectives import Objective, objective_from_spec
+from workers.objectives import Objective
 from workers.partitioned import model_sha256, take_part
 from workers.patch import items_sha256, state_sha256, write_region_patch
-from workers.projected_fallback import FallbackProjection, attach_fallback_projection
-from workers.reference import prepare_reference
 from workers.results import JobResult, overlap_from_target, target_layer
 from workers.retain_routing import held_out
-from workers.rmu_climb import RmuClimb, kept_climbs
+from workers.rmu_climb import kept_climbs
 from workers.robustness_stage import PARTITIONED_REASON, not_run_rows, robustness_stage
 from workers.routing import collect_topk, routing_overlap, routing_shift
 from workers.runners.base import Runner
-from workers.scope import apply_scope
 from workers.selection import SelectionCost
 from workers.seuf_plan import (
-    attach_projection,
-    close_all,
-    fallback_projection_mode,
-    fallback_rmu_layer,
     full_fallback_refusal,
     plan_selection,
-    projection_mode,
     training_for,
 )
 from workers.spec import JobSpec
-from workers.train import StepInfo, train
 
 STAGES = (
     "loading",
@@ -222,130 +212,17 @@ def run_pipeline(
         )  # fmt: skip
 
     prog.stage("unlearning")
-    projection = projection_mode(
-        spec, sel_plan.scope, runner.projects_routers, retain_train is not None
-    )
-    if projection == "nullspace" and not runner.projects_routers:
-        raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
-    fallback_mode = fallback_projection_mode(
-        spec, sel_plan.scope, runner.projects_routers, retain_train is not None
-    )
     probe_ids = [int(i) for b in probe_retain or [] for i in b["index"]]
-    holdout = held_out(len(retain_train), probe_ids) if retain_train is not None else set()
-    fallback_projection: FallbackProjection | None = None
-    if fallback_mode == "all":
-        if retain_train is None or not runner.projects_routers:
-            raise ValueError("seuf.fallback_projection 'all' needs retain data and one worker")
-        projection = "nullspace"  # the routers are projected with every other matrix
-        fallback_projection = attach_fallback_projection(
-            model, adapter, retain_train.in_order(tr.batch_size, skip=holdout),
-            energy=spec.seuf.router_projection_energy,
-        )  # fmt: skip
-        routers = fallback_projection.routers
-    else:
-        routers = attach_projection(
-            model, adapter, spec, pairs,
-            retain_train.in_order(tr.batch_size) if retain_train else None,
-            scope=sel_plan.scope, mode=projection,
-        )  # fmt: skip
-    # What to step after every optimizer step and close at the end.
-    steppers = [fallback_projection] if fallback_projection is not None else routers
-    scope = apply_scope(model, adapter, sel_plan.scope, pairs)
-    if fallback_projection is not None:
-        fallback_projection.hold()
-    before_state = snapshot_regions(model, scope.regions, keep=main) if reads else {}
-    # Before any sharding. The projected fallback's held tensors cannot change: they are
-    # not tunable, and the ratio says what can move (the readers it projects).
-    trainable = scope.trainable_params - (fallback_projection.held if fallback_projection else 0)
-    counts = (trainable, scope.total_params, trainable / scope.total_params)
-    rr_weight = (
-        spec.retain_routing_weight(sel_plan.scope, fallback_mode)
-        if retain_train is not None
-        else 0.0
-    )
-    rmu_layer = fallback_rmu_layer(spec, fallback_mode, len(adapter.decoder_layers()))
-    objective = objective_from_spec(
-        spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight,
-        rmu_layer=rmu_layer,
+    ctx = AttemptContext(
+        spec, job, runner, forget_train, retain_train, probe_forget, topk_forget,
+        held_out(len(retain_train), probe_ids) if retain_train is not None else set(),
+        stop_check_for(job, forget_train, retain_train), out_dir,
+        prog.event, prog.rank_event, should_stop,
     )  # fmt: skip
-    prepare_reference(
-        objective, model, forget_train, retain_train, seed=tr.seed, routing_holdout=holdout
-    )
-    climb: RmuClimb | None = None  # the fallback's layer moves up when forgetting stalls
-    if rmu_layer is not None and retain_train is not None and spec.seuf.fallback_rmu_patience:
-        climb = RmuClimb(
-            objective, model, adapter, retain_train, spec.seuf.fallback_rmu_patience,
-            rmu_layer, seed=tr.seed,
-            notify=lambda c: prog.event("rmu_layer_climbed", int(c["step"]), c),
-        )  # fmt: skip
-
-    cache, cache_info = None, None
-    if tr.activation_cache and runner.supports_activation_cache:
-        corpora = [c for c in (forget_train, retain_train) if c is not None]
-        cache, plan = build_for_training(
-            model,
-            scope.adapter or adapter,
-            objective,
-            corpora,
-            batch_size=tr.batch_size,
-            max_bytes=tr.activation_cache_max_mb * 2**20,
-            spill_dir=out_dir if runner.world == 1 else None,  # ranks: a temp folder each
-        )
-        if cache is not None:
-            cache_info = {
-                "layer": plan.layer,
-                "samples": plan.cached_samples,
-                "memory_bytes": plan.memory_bytes,
-                "disk_bytes": plan.disk_bytes,
-                "device": str(cache.device),  # where memory_bytes live
-            }
-
-    def on_step(info: StepInfo) -> bool:
-        prog.event("step", info.step, info.to_json())
-        return bool(should_stop and should_stop())
-
-    checkpoint_meta: dict[str, Any] = {"selected": [list(p) for p in pairs]}
-    if fallback_mode == "all":  # a checkpoint of another fallback never resumes into this one
-        checkpoint_meta |= {
-            "fallback_projection": fallback_mode,
-            "rmu_layer": rmu_layer,
-            "rmu_patience": spec.seuf.fallback_rmu_patience,
-        }
-    if tr.gradient_checkpointing:  # recompute activations in the backward (not reentrant:
-        # the frozen layers below give inputs that need no gradient)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        result = train(
-            model,
-            adapter,
-            scope,
-            objective,
-            BatchStream(forget_train, tr.batch_size, tr.seed),
-            BatchStream(retain_train, tr.batch_size, tr.seed + 1) if retain_train else None,
-            tr,
-            callback=on_step,
-            stop_check=stop_check_for(job, forget_train, retain_train),
-            routing_reference=topk_forget,
-            routing_batches=probe_forget,
-            overlap_every=tr.stop.eval_every,
-            activation_cache=cache,
-            runner=runner,
-            checkpoint_meta=checkpoint_meta,
-            on_resume=lambda step: prog.event(RESUMED, step, {"from_step": step}),
-            after_step=(lambda: [r.after_step() for r in steppers]) if steppers else None,
-            observer=climb,
-        )
-    finally:
-        close_all(steppers)
-        if cache is not None:
-            cache_info = {**(cache_info or {}), "hits": cache.stats.hits,
-                          "misses": cache.stats.misses}  # fmt: skip
-            cache.close()
-        if tr.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-    if result.stopped_by == "callback":
-        prog.rank_event(RANK_STOPPED, result.steps)
-        raise JobCancelled(result.steps)
+    # RMU's projected fallback that missed its target is followed by the top expert.
+    attempt, retry = with_fallback_retry(ctx, run_attempt(ctx, sel_plan, tr), emap)
+    sel_plan, tr, scope, result = attempt.plan, attempt.training, attempt.scope, attempt.result
+    selected, pairs, holdout = sel_plan.selected, sel_plan.pairs, ctx.holdout
 
     # ZeRO-3 with output.model patch: the trained model is never gathered on one rank; the
     # ranks evaluate and read the trained regions in lockstep, rank 0 keeps what it reads.
@@ -380,7 +257,9 @@ def run_pipeline(
     if partitioned:  # the checks train and perturb a whole copy: none exists here
         robustness = not_run_rows(spec, PARTITIONED_REASON)
     else:
-        robustness = robustness_stage(job, before_state, sel_plan.scope, pairs, corpus_resolver)
+        robustness = robustness_stage(
+            job, attempt.before_state, sel_plan.scope, pairs, corpus_resolver
+        )
 
     prog.stage("packaging")
     trained_dtype = next(model.parameters()).dtype
@@ -400,7 +279,7 @@ def run_pipeline(
         patched_sha = state_sha256(model.state_dict())
     patch = write_region_patch(
         out_dir / "expert_patch.safetensors",
-        before_state,
+        attempt.before_state,
         after_state,
         base_sha256=base_sha,
         patched_sha256=patched_sha,
@@ -412,7 +291,7 @@ def run_pipeline(
         write_base_ref(out_dir, job.model_ref, job.model_commit, base_sha, patched_sha)
     (out_dir / "expert_map.json").write_text(json.dumps(emap.to_json(), indent=1))
     (out_dir / "spec.json").write_text(json.dumps(spec.resolved(), indent=1))
-    trainable, total, ratio = counts
+    trainable, total, ratio = attempt.counts
     res = JobResult(
         model=job.model_ref,
         model_revision=job.model_commit,
@@ -435,25 +314,28 @@ def run_pipeline(
         ),
         selection={
             **sel_plan.to_json(),
-            "router_projection_mode": projection,
-            "router_projection": [r.projector.to_json() for r in routers],
-            "fallback_projection": fallback_mode,
-            "fallback_rmu_layer": rmu_layer,  # where RMU started steering
+            "router_projection_mode": attempt.projection,
+            "router_projection": [r.projector.to_json() for r in attempt.routers],
+            "fallback_projection": attempt.fallback_mode,
+            "fallback_rmu_layer": attempt.rmu_layer,  # where RMU started steering
             # [{step, from_layer, to_layer, forget_accuracy, best_forget_accuracy}]
-            "fallback_rmu_climbs": kept_climbs(climb, result.stopped_by, result.guard),
+            "fallback_rmu_climbs": kept_climbs(attempt.climb, result.stopped_by, result.guard),
             "fallback_projected": (
                 # probe_held_out: 0 where the retain corpus is under twice the overlap probe
                 # (workers/retain_routing.held_out): the probe's samples built the projector
-                {**fallback_projection.to_json(), "probe_held_out": len(holdout)}
-                if fallback_projection is not None
+                {**attempt.fallback_projection.to_json(), "probe_held_out": len(holdout)}
+                if attempt.fallback_projection is not None
                 else None
             ),
+            # RMU's fallback missed its target and the top expert trained after it
+            # (workers/attempt.py): which expert, its steps, which attempt the job kept
+            "fallback_retry": retry,
             "retain_routing": {
-                "weight": rr_weight,
-                "layers": [m.layer for m in objective.retain_routing_layers],
-                **_retain_routing_reference(objective),
+                "weight": attempt.retain_routing_weight,
+                "layers": [m.layer for m in attempt.objective.retain_routing_layers],
+                **_retain_routing_reference(attempt.objective),
                 # the overlap probe's samples, left out of the loss (workers/retain_routing)
-                "probe_held_out": len(holdout) if rr_weight > 0 else 0,
+                "probe_held_out": len(holdout) if attempt.retain_routing_weight > 0 else 0,
             },
         },
         trainable_parameters=trainable,
@@ -464,7 +346,7 @@ def run_pipeline(
         target_met=target_met(spec, result.stopped_by, result.guard, after),
         guard=result.guard,
         changed=patch.to_json()["regions"],
-        activation_cache=cache_info,
+        activation_cache=attempt.cache_info,
         timings_s=prog.close(),
         output_dir=str(out_dir.resolve()),
         distributed=runner.info(result.resumed_from),

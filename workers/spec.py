@@ -188,6 +188,14 @@ class SeufOptions(Strict):
         "of the forget loss), steer the next layer up (workers/rmu_climb.py); 0: never. "
         "Only where the fallback chose the layer (no objective.rmu_layer).",
     )
+    fallback_rmu_retry: Literal["top_expert", "none"] = Field(
+        "top_expert",
+        description="RMU under fallback_projection all, when the fallback ends without "
+        "meeting the forget target: top_expert = put the original weights back and train "
+        "the top expert of the expert map with its router (num_experts 1) on the spec's "
+        "own training; the job keeps the attempt that met the target, else the fallback's "
+        "(workers/attempt.py). none: end on the fallback. Not under DeepSpeed.",
+    )
     selection: SelectionMode = Field(
         "top_m",
         description="top_m: global top-M; in_layer: top-M within `layer`; per_layer: top-1 "
@@ -511,6 +519,12 @@ class JobSpec(Strict):
                 "it needs algorithm rmu, no objective.rmu_layer, a SEUF scope with "
                 "num_experts auto and fallback full, fallback_projection auto or all, "
                 "router_projection not none, and one worker (not ZeRO-3)"
+            )
+        if self.seuf.fallback_rmu_retry != "top_expert" and not self._rmu_climb_runs():
+            raise ValueError(
+                "seuf.fallback_rmu_retry acts after RMU's projected fallback: it needs the "
+                "conditions seuf.fallback_rmu_patience needs (algorithm rmu, no "
+                "objective.rmu_layer, num_experts auto with fallback full, one worker)"
             )
         if self.seuf.fallback_projection == "all" and (why := self.projected_fallback_refusal()):
             raise ValueError(f"seuf.fallback_projection 'all' {why}")

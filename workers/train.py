@@ -161,6 +161,7 @@ def train(
     on_resume: Callable[[int], None] | None = None,
     after_step: Callable[[], None] | None = None,
     observer: CheckObserver | None = None,
+    checkpoints: bool = True,
 ) -> TrainResult:
     """Train `scope.trainable_parameters()` on `objective_fn` until a stop rule fires.
 
@@ -181,7 +182,9 @@ def train(
     the same step; every `runner.checkpoint_every` steps a checkpoint (with
     `checkpoint_meta`) is saved, and a run that has one restores it (then `on_resume`).
     observer (one process only) sees every forget check that did not stop training,
-    before the last step; its state travels in the checkpoints.
+    before the last step; its state travels in the checkpoints. checkpoints=False: the run
+    neither restores nor writes one (the job's second attempt, workers/attempt.py: the
+    checkpoints stay its first attempt's, which a resumed job runs again).
     """
     run = runner or LocalRunner()
     stop = options.stop
@@ -213,7 +216,7 @@ def train(
     restored = resume
     if restored is not None:
         opt.load_state_dict(restored["optimizer"])
-    else:
+    elif checkpoints:
         restored = run.restore(engine)
         if restored is not None and restored.get("meta") != (checkpoint_meta or {}):
             raise RuntimeError(
@@ -312,7 +315,7 @@ def train(
         history.append(info)
         code, proposal = 0, [0, 0, 0, 0] if guarded is not None else []
         if run.is_main:  # rank 0 decides for everyone
-            reached = _target_reached(checked, targets) if checked else None
+            reached = target_reached(checked, targets) if checked else None
             code = STOP_CODES.index(reached) if reached else 0
             if guarded is not None:
                 worse, proposal = guarded.propose(step, checked)
@@ -327,7 +330,7 @@ def train(
             break
         if observer is not None and checked and step < options.max_steps:
             observer.observe(step, checked)  # not at the last step: nothing would follow
-        every = run.checkpoint_every
+        every = run.checkpoint_every if checkpoints else 0
         if every and step % every == 0 and step < options.max_steps:
             run.save(engine, {**state_at(step)(), "meta": checkpoint_meta or {}})
     if guarded is not None and stopped_by in RESTORING_STOPS:
@@ -372,7 +375,9 @@ def _guarded_steps(
     return GuardedSteps(options, params, master, stop_check(model))
 
 
-def _target_reached(metrics: dict[str, float], targets: dict[str, float | None]) -> str | None:
+def target_reached(metrics: dict[str, float], targets: dict[str, float | None]) -> str | None:
+    """The stop rule a forget check meets ("forget_accuracy" / "forget_loss"), else None;
+    `targets` maps each to its target (None: not set)."""
     acc_t, loss_t = targets["forget_accuracy"], targets["forget_loss"]
     if acc_t is not None:
         if "forget_accuracy" not in metrics:

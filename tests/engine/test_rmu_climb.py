@@ -188,3 +188,22 @@ def test_spec_refuses_a_patience_it_would_ignore() -> None:
         spec("rmu", "full", fallback_rmu_patience=50)
     # The default is accepted everywhere (a resolved spec carries it).
     assert spec("gdiff", fallback_rmu_patience=RMU_PATIENCE).seuf.fallback_rmu_patience == 200
+
+
+def test_spec_refuses_a_retry_setting_it_would_ignore() -> None:
+    """seuf.fallback_rmu_retry follows RMU's projected fallback (workers/attempt.py): none
+    is refused where no such fallback can run, as the patience is; the default is
+    accepted everywhere."""
+    assert spec().seuf.fallback_rmu_retry == "top_expert"
+    assert spec(fallback_rmu_retry="none").seuf.fallback_rmu_retry == "none"
+    for args, seuf in (
+        (("gdiff",), {}),
+        (("rmu", "full"), {}),
+        ((), {"fallback_projection": "routers"}),
+        ((), {"num_experts": 1}),
+    ):
+        with pytest.raises(ValueError, match="fallback_rmu_retry"):
+            spec(*args, fallback_rmu_retry="none", **seuf)
+    assert spec("gdiff").seuf.fallback_rmu_retry == "top_expert"
+    with pytest.raises(ValueError, match="fallback_rmu_retry"):
+        spec(fallback_rmu_retry="sometimes")

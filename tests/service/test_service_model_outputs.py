@@ -103,3 +103,36 @@ def test_certificate_names_the_layers_rmu_climbed_to() -> None:
     assert ran["fallback_rmu_climbs"] == [{"step": 240, "to_layer": 2}]
     page = certificate.render_html({"ran": ran})
     assert "RMU steered layer 1, then layer 2 from step 240" in page
+
+
+def test_certificate_says_which_attempt_the_model_is() -> None:
+    """RMU's fallback that missed its target and the top expert after it
+    (workers/attempt.py): the certificate's `ran` names the expert, both attempts' steps
+    and which one the written model is, and its page says it; no retry, no line."""
+    record = {
+        "expert": {"layer": 0, "expert": 3, "score": 0.8},
+        "after_fallback_step": 1000,
+        "fallback_forget": {"forget_accuracy": 0.38},
+        "training": {"lr": 0.01, "max_steps": 150},
+        "steps": 72,
+        "stopped_by": "forget_accuracy",
+        "target_met": True,
+        "forget": {"forget_accuracy": 0.30},
+        "kept": "retry",
+    }
+    ran = certificate._ran({"scope": "seuf", "selection": {"fallback_retry": record}})
+    assert ran["fallback_retry"] == {
+        "layer": 0, "expert": 3, "after_fallback_step": 1000, "steps": 72,
+        "target_met": True, "kept": "retry",
+    }  # fmt: skip
+    page = certificate.render_html({"ran": ran})
+    assert "missed the forget target after 1000 steps; expert 0:3" in page
+    assert "trained 72 steps and met it: the model is that attempt" in page
+    missed = {**record, "target_met": False, "kept": "fallback"}
+    page = certificate.render_html(
+        {"ran": certificate._ran({"scope": "full", "selection": {"fallback_retry": missed}})}
+    )
+    assert "missed it too: the model is the fallback" in page
+    assert certificate._ran({"selection": {}})["fallback_retry"] is None
+    page = certificate.render_html({"ran": certificate._ran({"scope": "full"})})
+    assert "Fallback projection" not in page and "Second attempt" not in page

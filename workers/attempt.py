@@ -1,0 +1,326 @@
+"""One unlearning attempt of a job, and the second one RMU's projected fallback may need.
+
+An attempt takes a selection plan (workers/seuf_plan.py) to a trained model: the plan's
+scope wired, its router projections (or the fallback's projection of every matrix), the
+objective and its references prepared, the activation cache, then workers/train.py. The
+pipeline (workers/pipeline.py) runs one, and packages what the attempt it keeps says.
+
+Why a second: where num_experts auto falls back to full parameters for RMU, the projected
+fallback (fallback_projection all) steers with every reader of the stream held on retain
+inputs; on some worlds forgetting stalls there (the RMU example's own world on one build:
+0.38 after 1000 steps) while the top expert alone forgets (0.30 in 72 steps, overlap 0.97;
+README "RMU's second try"). Nothing told those worlds apart beforehand (the top expert's
+share and ratio did not), so the fallback runs first, as measured on the sweep where it
+meets the target, and only a fallback that ends without meeting it is followed by the
+top expert: the original weights restored, the spec's own training. The job keeps the
+attempt that met the target; where neither did, the fallback's state (its forget
+accuracy was the lower on every world measured).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.activation_cache import build_for_training
+from workers.attribution import ExpertMap
+from workers.data import BatchStream, TokenizedCorpus
+from workers.events import RANK_STOPPED, RESUMED
+from workers.job import JobCancelled, LoadedJob, snapshot_regions
+from workers.objectives import Objective, objective_from_spec
+from workers.projected_fallback import FallbackProjection, attach_fallback_projection
+from workers.reference import prepare_reference
+from workers.rmu_climb import RmuClimb
+from workers.router_projection import ProjectedRouter
+from workers.routing import Batch, TopKSnapshot
+from workers.runners.base import Runner
+from workers.scope import TrainableScope, apply_scope
+from workers.selection import select_experts
+from workers.seuf_plan import (
+    SelectionPlan,
+    attach_projection,
+    close_all,
+    fallback_projection_mode,
+    fallback_rmu_layer,
+    projection_mode,
+)
+from workers.spec import JobSpec, TrainingOptions
+from workers.train import StepInfo, TrainResult, target_reached, train
+
+FALLBACK_RETRY = "fallback_retry"  # event: RMU's fallback missed, the top expert trains
+
+Event = Callable[[str, int, dict[str, Any]], None]
+RankEvent = Callable[[str, int], None]
+
+
+@dataclass
+class AttemptContext:
+    """What every attempt of one job shares (the pipeline's state before unlearning)."""
+
+    spec: JobSpec
+    job: LoadedJob
+    runner: Runner
+    forget_train: TokenizedCorpus
+    retain_train: TokenizedCorpus | None
+    probe_forget: list[Batch]  # the routing overlap probe and its reference
+    topk_forget: TopKSnapshot
+    holdout: set[int]  # retain samples the probe holds out of the loss and projector
+    stop_check: Callable[[nn.Module], dict[str, float]] | None
+    out_dir: Path
+    event: Event  # rank 0's progress events
+    rank_event: RankEvent  # every rank's
+    should_stop: Callable[[], bool] | None
+
+
+@dataclass
+class Attempt:
+    """One trained attempt and what the result records about it."""
+
+    plan: SelectionPlan
+    training: TrainingOptions
+    scope: TrainableScope
+    projection: str  # the router projection that ran (projection_mode)
+    routers: list[ProjectedRouter]
+    fallback_mode: str | None  # fallback_projection_mode (None: no fallback ran)
+    fallback_projection: FallbackProjection | None
+    rmu_layer: int | None  # where the fallback's RMU started steering
+    climb: RmuClimb | None
+    objective: Objective
+    retain_routing_weight: float
+    counts: tuple[int, int, float]  # trainable, total, ratio (before any sharding)
+    before_state: dict[tuple[str, int | None], torch.Tensor]
+    result: TrainResult
+    cache_info: dict[str, Any] | None
+
+
+def run_attempt(
+    ctx: AttemptContext, plan: SelectionPlan, tr: TrainingOptions, *, checkpoints: bool = True
+) -> Attempt:
+    """Wire `plan`, train it with `tr` and return what ran. Raises JobCancelled when the
+    stop request ended training. checkpoints=False: neither restores nor writes one (a
+    second attempt: a resumed job runs its first attempt again from that one's)."""
+    spec, runner, model, adapter = ctx.spec, ctx.runner, ctx.job.model, ctx.job.adapter
+    retain_train = ctx.retain_train
+    main, reads = runner.is_main, runner.is_main or runner.lockstep
+    projection = projection_mode(
+        spec, plan.scope, runner.projects_routers, retain_train is not None
+    )
+    if projection == "nullspace" and not runner.projects_routers:
+        raise ValueError("seuf.router_projection 'nullspace' runs on one worker for now")
+    fallback_mode = fallback_projection_mode(
+        spec, plan.scope, runner.projects_routers, retain_train is not None
+    )
+    pairs, holdout = plan.pairs, ctx.holdout
+    fallback_projection: FallbackProjection | None = None
+    if fallback_mode == "all":
+        if retain_train is None or not runner.projects_routers:
+            raise ValueError("seuf.fallback_projection 'all' needs retain data and one worker")
+        projection = "nullspace"  # the routers are projected with every other matrix
+        fallback_projection = attach_fallback_projection(
+            model, adapter, retain_train.in_order(tr.batch_size, skip=holdout),
+            energy=spec.seuf.router_projection_energy,
+        )  # fmt: skip
+        routers = fallback_projection.routers
+    else:
+        routers = attach_projection(
+            model, adapter, spec, pairs,
+            retain_train.in_order(tr.batch_size) if retain_train else None,
+            scope=plan.scope, mode=projection,
+        )  # fmt: skip
+    # What to step after every optimizer step and close at the end.
+    steppers: list[Any] = [fallback_projection] if fallback_projection is not None else routers
+    scope = apply_scope(model, adapter, plan.scope, pairs)
+    if fallback_projection is not None:
+        fallback_projection.hold()
+    before_state = snapshot_regions(model, scope.regions, keep=main) if reads else {}
+    # Before any sharding. The projected fallback's held tensors cannot change: they are
+    # not tunable, and the ratio says what can move (the readers it projects).
+    trainable = scope.trainable_params - (fallback_projection.held if fallback_projection else 0)
+    counts = (trainable, scope.total_params, trainable / scope.total_params)
+    rr_weight = (
+        spec.retain_routing_weight(plan.scope, fallback_mode) if retain_train is not None else 0.0
+    )
+    rmu_layer = fallback_rmu_layer(spec, fallback_mode, len(adapter.decoder_layers()))
+    objective = objective_from_spec(
+        spec, adapter, pairs, layers=adapter.moe_layers(), retain_routing_weight=rr_weight,
+        rmu_layer=rmu_layer,
+    )  # fmt: skip
+    prepare_reference(
+        objective, model, ctx.forget_train, retain_train, seed=tr.seed, routing_holdout=holdout
+    )
+    climb: RmuClimb | None = None  # the fallback's layer moves up when forgetting stalls
+    if rmu_layer is not None and retain_train is not None and spec.seuf.fallback_rmu_patience:
+        climb = RmuClimb(
+            objective, model, adapter, retain_train, spec.seuf.fallback_rmu_patience,
+            rmu_layer, seed=tr.seed,
+            notify=lambda c: ctx.event("rmu_layer_climbed", int(c["step"]), c),
+        )  # fmt: skip
+
+    cache, cache_info = None, None
+    if tr.activation_cache and runner.supports_activation_cache:
+        corpora = [c for c in (ctx.forget_train, retain_train) if c is not None]
+        cache, cache_plan = build_for_training(
+            model,
+            scope.adapter or adapter,
+            objective,
+            corpora,
+            batch_size=tr.batch_size,
+            max_bytes=tr.activation_cache_max_mb * 2**20,
+            spill_dir=ctx.out_dir if runner.world == 1 else None,  # ranks: a temp folder each
+        )
+        if cache is not None:
+            cache_info = {
+                "layer": cache_plan.layer,
+                "samples": cache_plan.cached_samples,
+                "memory_bytes": cache_plan.memory_bytes,
+                "disk_bytes": cache_plan.disk_bytes,
+                "device": str(cache.device),  # where memory_bytes live
+            }
+
+    def on_step(info: StepInfo) -> bool:
+        ctx.event("step", info.step, info.to_json())
+        return bool(ctx.should_stop and ctx.should_stop())
+
+    checkpoint_meta: dict[str, Any] = {"selected": [list(p) for p in pairs]}
+    if fallback_mode == "all":  # a checkpoint of another fallback never resumes into this one
+        checkpoint_meta |= {
+            "fallback_projection": fallback_mode,
+            "rmu_layer": rmu_layer,
+            "rmu_patience": spec.seuf.fallback_rmu_patience,
+        }
+    if tr.gradient_checkpointing:  # recompute activations in the backward (not reentrant:
+        # the frozen layers below give inputs that need no gradient)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        result = train(
+            model,
+            adapter,
+            scope,
+            objective,
+            BatchStream(ctx.forget_train, tr.batch_size, tr.seed),
+            BatchStream(retain_train, tr.batch_size, tr.seed + 1) if retain_train else None,
+            tr,
+            callback=on_step,
+            stop_check=ctx.stop_check,
+            routing_reference=ctx.topk_forget,
+            routing_batches=ctx.probe_forget,
+            overlap_every=tr.stop.eval_every,
+            activation_cache=cache,
+            runner=runner,
+            checkpoint_meta=checkpoint_meta,
+            on_resume=lambda step: ctx.event(RESUMED, step, {"from_step": step}),
+            after_step=(lambda: [r.after_step() for r in steppers]) if steppers else None,
+            observer=climb,
+            checkpoints=checkpoints,
+        )
+    finally:
+        close_all(steppers)
+        if cache is not None:
+            cache_info = {**(cache_info or {}), "hits": cache.stats.hits,
+                          "misses": cache.stats.misses}  # fmt: skip
+            cache.close()
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    if result.stopped_by == "callback":
+        ctx.rank_event(RANK_STOPPED, result.steps)
+        raise JobCancelled(result.steps)
+    return Attempt(
+        plan, tr, scope, projection, routers, fallback_mode, fallback_projection, rmu_layer,
+        climb, objective, rr_weight, counts, before_state, result, cache_info,
+    )  # fmt: skip
+
+
+def retry_applies(spec: JobSpec, first: Attempt) -> bool:
+    """Whether a missed forget target is followed by the top expert (seuf.fallback_rmu_retry):
+    RMU's projected fallback ran, with a forget target, not under DeepSpeed (its engine
+    keeps the weights' masters: a state cannot be put back under it)."""
+    stop = spec.training.stop
+    return (
+        first.fallback_mode == "all"
+        and first.rmu_layer is not None
+        and spec.seuf.fallback_rmu_retry == "top_expert"
+        and (stop.forget_accuracy_target is not None or stop.forget_loss_target is not None)
+        and spec.distributed.backend != "deepspeed"
+    )
+
+
+def final_forget(ctx: AttemptContext, attempt: Attempt) -> tuple[bool, dict[str, float]]:
+    """Whether the trained model meets the forget target, and the forget check it was
+    judged on: the check that stopped training on the target, the utility guard's restored
+    state's, else the forget check on the final state (the last step is not always a check
+    step)."""
+    result, stop = attempt.result, ctx.spec.training.stop
+    if result.stopped_by in ("forget_accuracy", "forget_loss"):
+        return True, dict(result.metrics)
+    if result.guard is not None:
+        return bool(result.guard["outcome"] == "target_met"), dict(result.metrics)
+    if ctx.stop_check is None:
+        return False, {}
+    m = dict(ctx.stop_check(ctx.job.model))
+    targets = {
+        "forget_accuracy": stop.forget_accuracy_target,
+        "forget_loss": stop.forget_loss_target,
+    }
+    return target_reached(m, targets) is not None, m
+
+
+def _write_regions(model: nn.Module, state: dict[tuple[str, int | None], torch.Tensor]) -> None:
+    """Put whole tensors (a full scope's regions) back into the model, in place."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for (name, expert), value in state.items():
+            target = params.get(name, buffers.get(name))
+            if target is None or expert is not None:
+                raise RuntimeError(f"cannot put back region {name}[{expert}]")
+            target.copy_(value.to(target.dtype))
+
+
+def with_fallback_retry(
+    ctx: AttemptContext, first: Attempt, emap: ExpertMap
+) -> tuple[Attempt, dict[str, Any] | None]:
+    """The attempt the job keeps, and the retry's record (None: none ran). Call right after
+    the first attempt trained, before its scope is baked."""
+    spec, model = ctx.spec, ctx.job.model
+    if not retry_applies(spec, first):
+        return first, None
+    met, fallback_metrics = final_forget(ctx, first)
+    top = select_experts(emap, spec.seuf.model_copy(update={"num_experts": 1}))
+    if met or not top:
+        return first, None
+    plan = SelectionPlan(list(top), spec.scope, first.plan.auto)
+    record: dict[str, Any] = {
+        "expert": top[0]._asdict(),
+        "after_fallback_step": first.result.steps,
+        "fallback_forget": fallback_metrics,
+        "training": {"lr": spec.training.lr, "max_steps": spec.training.max_steps},
+    }
+    ctx.event(FALLBACK_RETRY, first.result.steps, record)
+    # The fallback's trained state, kept to put back if the retry misses too; then the
+    # original weights (the fallback's scope trained every tensor in place).
+    first.scope.bake()  # plain again: requires_grad flags restored
+    # On the host, one tensor at a time: a second copy of the model on its device would not
+    # fit where the model barely does (the full scope's regions are its parameters).
+    trained = {(n, None): p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    _write_regions(model, first.before_state)
+    second = run_attempt(ctx, plan, spec.training, checkpoints=False)
+    met, metrics = final_forget(ctx, second)
+    record |= {
+        "steps": second.result.steps,
+        "stopped_by": second.result.stopped_by,
+        "target_met": met,
+        "forget": metrics,
+        "kept": "retry" if met else "fallback",
+    }
+    emap.selected = list(top) if met else list(first.plan.selected)
+    if met:
+        return second, record
+    second.scope.discard()  # the slices dropped, the router restored: the original model
+    _write_regions(model, trained)
+    first.scope = apply_scope(model, ctx.job.adapter, first.plan.scope, first.plan.pairs)
+    return first, record
