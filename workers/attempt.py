@@ -13,8 +13,8 @@ README "RMU's second try"). Nothing told those worlds apart beforehand (the top 
 share and ratio did not), so the fallback runs first, as measured on the sweep where it
 meets the target, and only a fallback that ends without meeting it is followed by the
 top expert: the original weights restored, the spec's own training. The job keeps the
-attempt that met the target; where neither did, the fallback's state (its forget
-accuracy was the lower on every world measured).
+attempt that met the target; where neither did, the fallback's state (where the top
+expert alone stalled on the sweep, at 0.53-0.70, the fallback ended at or under 0.38).
 """
 
 from __future__ import annotations
@@ -99,11 +99,18 @@ class Attempt:
 
 
 def run_attempt(
-    ctx: AttemptContext, plan: SelectionPlan, tr: TrainingOptions, *, checkpoints: bool = True
+    ctx: AttemptContext,
+    plan: SelectionPlan,
+    tr: TrainingOptions,
+    *,
+    checkpoints: bool = True,
+    first_step: int = 0,
 ) -> Attempt:
     """Wire `plan`, train it with `tr` and return what ran. Raises JobCancelled when the
     stop request ended training. checkpoints=False: neither restores nor writes one (a
-    second attempt: a resumed job runs its first attempt again from that one's)."""
+    second attempt). first_step: the steps before this attempt, added to its `step`
+    events' numbers (the service keeps one event per step and kind: a second attempt's
+    must not reuse the first's numbers)."""
     spec, runner, model, adapter = ctx.spec, ctx.runner, ctx.job.model, ctx.job.adapter
     retain_train = ctx.retain_train
     main, reads = runner.is_main, runner.is_main or runner.lockstep
@@ -183,7 +190,8 @@ def run_attempt(
             }
 
     def on_step(info: StepInfo) -> bool:
-        ctx.event("step", info.step, info.to_json())
+        step = first_step + info.step
+        ctx.event("step", step, {**info.to_json(), "step": step})
         return bool(ctx.should_stop and ctx.should_stop())
 
     checkpoint_meta: dict[str, Any] = {"selected": [list(p) for p in pairs]}
@@ -269,6 +277,18 @@ def final_forget(ctx: AttemptContext, attempt: Attempt) -> tuple[bool, dict[str,
     return target_reached(m, targets) is not None, m
 
 
+def _release_training_state(attempt: Attempt, model: nn.Module) -> None:
+    """Free what the finished attempt still holds of its training before another trains:
+    the optimizer's copy in its last state, the engine the step records reach, gradients
+    (nothing after training reads them), so the retry's peak stays under the fallback's."""
+    attempt.result.state = {}
+    attempt.result.history.clear()
+    for p in model.parameters():
+        p.grad = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _write_regions(model: nn.Module, state: dict[tuple[str, int | None], torch.Tensor]) -> None:
     """Put whole tensors (a full scope's regions) back into the model, in place."""
     params = dict(model.named_parameters())
@@ -290,8 +310,11 @@ def with_fallback_retry(
     if not retry_applies(spec, first):
         return first, None
     met, fallback_metrics = final_forget(ctx, first)
-    top = select_experts(emap, spec.seuf.model_copy(update={"num_experts": 1}))
-    if met or not top:
+    if met:
+        return first, None
+    top = select_experts(emap, spec.seuf.model_copy(update={"num_experts": 1}))  # sets selected
+    if not top:
+        emap.selected = list(first.plan.selected)
         return first, None
     plan = SelectionPlan(list(top), spec.scope, first.plan.auto)
     record: dict[str, Any] = {
@@ -300,15 +323,16 @@ def with_fallback_retry(
         "fallback_forget": fallback_metrics,
         "training": {"lr": spec.training.lr, "max_steps": spec.training.max_steps},
     }
-    ctx.event(FALLBACK_RETRY, first.result.steps, record)
+    ctx.event(FALLBACK_RETRY, first.result.steps, dict(record))
     # The fallback's trained state, kept to put back if the retry misses too; then the
     # original weights (the fallback's scope trained every tensor in place).
+    _release_training_state(first, model)
     first.scope.bake()  # plain again: requires_grad flags restored
     # On the host, one tensor at a time: a second copy of the model on its device would not
     # fit where the model barely does (the full scope's regions are its parameters).
     trained = {(n, None): p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
     _write_regions(model, first.before_state)
-    second = run_attempt(ctx, plan, spec.training, checkpoints=False)
+    second = run_attempt(ctx, plan, spec.training, checkpoints=False, first_step=first.result.steps)
     met, metrics = final_forget(ctx, second)
     record |= {
         "steps": second.result.steps,

@@ -175,7 +175,7 @@ class ProjectedTensor:
         self, param: torch.Tensor, projector: RouterProjector | None, dim: int = -1
     ) -> None:
         self.param, self.projector, self.dim = param, projector, dim
-        self.previous = param.detach().clone()
+        self.previous: torch.Tensor | None = param.detach().clone()
         self.handle: RemovableHandle | None = param.register_hook(
             self._project if projector else torch.zeros_like
         )
@@ -185,6 +185,8 @@ class ProjectedTensor:
         return self.projector.project(update, self.dim)
 
     def after_step(self) -> None:
+        if self.previous is None:
+            raise RuntimeError("this projection was closed")
         with torch.no_grad():
             p, old = self.param, self.previous
             p.copy_(old + self._project(p - old) if self.projector else old)
@@ -194,6 +196,7 @@ class ProjectedTensor:
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        self.previous = None  # a copy of the parameter: under the full fallback, the model
 
 
 class ProjectedRouter:

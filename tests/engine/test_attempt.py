@@ -93,6 +93,9 @@ def test_the_top_expert_follows_a_missed_fallback_and_only_its_regions_change(
     assert record["after_fallback_step"] == FALLBACK_STEPS
     assert record["fallback_forget"]["forget_accuracy"] > 0.6 >= record["forget"]["forget_accuracy"]
     assert [e[:2] for e in events if e[0] == FALLBACK_RETRY] == [(FALLBACK_RETRY, FALLBACK_STEPS)]
+    # the retry's step events go on from the fallback's numbers (one event per step)
+    steps = [step for kind, step, _ in events if kind == "step"]
+    assert steps == list(range(1, FALLBACK_STEPS + record["steps"] + 1))
     layer, expert = record["expert"]["layer"], record["expert"]["expert"]
     assert kept is not first and kept.plan.scope == "seuf" and kept.plan.pairs == [(layer, expert)]
     assert kept.result.stopped_by == "forget_accuracy" and kept.result.steps <= 150
@@ -141,4 +144,6 @@ def test_no_retry_where_it_does_not_apply(small_world, tmp_path: Path) -> None:
         ctx, emap, plan = _context(spec, tmp_path, [])
         first = run_attempt(ctx, plan, training_for(plan, spec).model_copy(
             update={"max_steps": FALLBACK_STEPS}))  # fmt: skip
+        selected = list(emap.selected)
         assert with_fallback_retry(ctx, first, emap) == (first, None)
+        assert emap.selected == selected == plan.selected  # no expert named that never trained
