@@ -85,23 +85,29 @@ def _ran(result: dict[str, Any]) -> dict[str, Any]:
             {"step": c.get("step"), "to_layer": c.get("to_layer")}
             for c in selection.get("fallback_rmu_climbs") or []
         ],
-        # The fallback missed its target and the top expert trained after it
-        # (workers/attempt.py); None: no second attempt ran.
-        "fallback_retry": _retry(selection.get("fallback_retry")),
+        # RMU's first attempt missed its target and the other kind of plan trained after
+        # it (workers/attempt.py); None: no second attempt ran.
+        "second_attempt": _second_attempt(selection.get("second_attempt")),
     }
 
 
-def _retry(record: dict[str, Any] | None) -> dict[str, Any] | None:
+def _second_attempt(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if not record:
         return None
-    expert = record.get("expert") or {}
+    first = record.get("first") or {}
+
+    def experts(selected: list[dict[str, Any]] | None) -> list[str]:
+        return [f"{e.get('layer')}:{e.get('expert')}" for e in selected or []]
+
     return {
-        "layer": expert.get("layer"),
-        "expert": expert.get("expert"),
-        "after_fallback_step": record.get("after_fallback_step"),
+        "kind": record.get("kind"),  # top_expert (after the fallback) or fallback
+        "first_scope": first.get("scope"),
+        "first_experts": experts(first.get("selected")),
+        "first_steps": first.get("steps"),
+        "experts": experts(record.get("selected")),
         "steps": record.get("steps"),
         "target_met": record.get("target_met"),
-        "kept": record.get("kept"),
+        "kept": record.get("kept"),  # first or second: which one the model is
     }
 
 

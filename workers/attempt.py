@@ -1,20 +1,19 @@
-"""One unlearning attempt of a job, and the second one RMU's projected fallback may need.
+"""One unlearning attempt of a job, and the second one RMU may need.
 
 An attempt takes a selection plan (workers/seuf_plan.py) to a trained model: the plan's
 scope wired, its router projections (or the fallback's projection of every matrix), the
 objective and its references prepared, the activation cache, then workers/train.py. The
 pipeline (workers/pipeline.py) runs one, and packages what the attempt it keeps says.
 
-Why a second: where num_experts auto falls back to full parameters for RMU, the projected
-fallback (fallback_projection all) steers with every reader of the stream held on retain
-inputs; on some worlds forgetting stalls there (the RMU example's own world on one build:
-0.38 after 1000 steps) while the top expert alone forgets (0.30 in 72 steps, overlap 0.97;
-README "RMU's second try"). Nothing told those worlds apart beforehand (the top expert's
-share and ratio did not), so the fallback runs first, as measured on the sweep where it
-meets the target, and only a fallback that ends without meeting it is followed by the
-top expert: the original weights restored, the spec's own training. The job keeps the
-attempt that met the target; where neither did, the fallback's state (where the top
-expert alone stalled on the sweep, at 0.53-0.70, the fallback ended at or under 0.38).
+Why a second (seuf.rmu_second_attempt): for RMU, neither kind of plan forgets on every
+world, and nothing tells the worlds apart beforehand (the top expert's share of the forget
+gate mass and its forget/retain ratio did not). The projected full fallback stalled where
+the top expert alone forgot (the RMU example's own world on one build: 0.38 after 1000
+steps against 0.30 in 72; a small world on this one: 0.35 after 1000, then the expert
+0.30 in 120), and a qualified expert stalled where full RMU forgot (small worlds: 0.35
+after 150). So the plan auto chose runs first, and only one that ends without meeting the
+target is followed by the other kind, from the original weights: the job keeps the one
+that met the target, else the one closer to it (README "RMU's second attempt").
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from workers.router_projection import ProjectedRouter
 from workers.routing import Batch, TopKSnapshot
 from workers.runners.base import Runner
 from workers.scope import TrainableScope, apply_scope
-from workers.selection import select_experts
+from workers.selection import ranked
 from workers.seuf_plan import (
     SelectionPlan,
     attach_projection,
@@ -48,11 +47,12 @@ from workers.seuf_plan import (
     fallback_projection_mode,
     fallback_rmu_layer,
     projection_mode,
+    training_for,
 )
-from workers.spec import JobSpec, TrainingOptions
+from workers.spec import JobSpec, StopRule, TrainingOptions
 from workers.train import StepInfo, TrainResult, target_reached, train
 
-FALLBACK_RETRY = "fallback_retry"  # event: RMU's fallback missed, the top expert trains
+SECOND_ATTEMPT = "second_attempt"  # event: RMU's first attempt missed its target
 
 Event = Callable[[str, int, dict[str, Any]], None]
 RankEvent = Callable[[str, int], None]
@@ -72,6 +72,7 @@ class AttemptContext:
     holdout: set[int]  # retain samples the probe holds out of the loss and projector
     stop_check: Callable[[nn.Module], dict[str, float]] | None
     out_dir: Path
+    full_refusal: Callable[[], str | None] | None  # why a full fallback would not fit
     event: Event  # rank 0's progress events
     rank_event: RankEvent  # every rank's
     should_stop: Callable[[], bool] | None
@@ -243,18 +244,44 @@ def run_attempt(
     )  # fmt: skip
 
 
-def retry_applies(spec: JobSpec, first: Attempt) -> bool:
-    """Whether a missed forget target is followed by the top expert (seuf.fallback_rmu_retry):
-    RMU's projected fallback ran, with a forget target, not under DeepSpeed (its engine
-    keeps the weights' masters: a state cannot be put back under it)."""
+def second_attempt_plan(
+    ctx: AttemptContext, first: Attempt, emap: ExpertMap
+) -> tuple[str, SelectionPlan, TrainingOptions] | None:
+    """What RMU's second attempt trains (seuf.rmu_second_attempt), None where none applies:
+    after the projected fallback, the top expert of the expert map as num_experts 1 would
+    (the spec's scope and training); after experts auto qualified, the projected fallback
+    (its step size and budget), where the spec allows a full fallback that fits and can
+    run. Needs a forget target; not under DeepSpeed (its engine keeps the weights' masters:
+    a state cannot be put back under it)."""
+    spec = ctx.spec
     stop = spec.training.stop
-    return (
-        first.fallback_mode == "all"
-        and first.rmu_layer is not None
-        and spec.seuf.fallback_rmu_retry == "top_expert"
+    if not (
+        spec.algorithm == "rmu"
+        and spec.seuf.rmu_second_attempt
+        and spec.seuf.num_experts == "auto"
         and (stop.forget_accuracy_target is not None or stop.forget_loss_target is not None)
         and spec.distributed.backend != "deepspeed"
-    )
+    ):
+        return None
+    if first.fallback_mode == "all" and first.rmu_layer is not None:
+        top = ranked(emap)[:1]
+        if not top:
+            return None
+        return "top_expert", SelectionPlan(top, spec.scope, first.plan.auto), spec.training
+    auto = first.plan.auto
+    if (
+        auto is None
+        or auto.outcome != "qualified"
+        or spec.seuf.fallback != "full"
+        or spec.objective.rmu_layer is not None
+        or not ctx.runner.projects_routers
+        or ctx.retain_train is None
+        or spec.projected_fallback_refusal() is not None
+        or (ctx.full_refusal is not None and ctx.full_refusal() is not None)
+    ):
+        return None
+    plan = SelectionPlan([], "full", auto)
+    return "fallback", plan, training_for(plan, spec)
 
 
 def final_forget(ctx: AttemptContext, attempt: Attempt) -> tuple[bool, dict[str, float]]:
@@ -290,61 +317,92 @@ def _release_training_state(attempt: Attempt, model: nn.Module) -> None:
 
 
 def _write_regions(model: nn.Module, state: dict[tuple[str, int | None], torch.Tensor]) -> None:
-    """Put whole tensors (a full scope's regions) back into the model, in place."""
+    """Put regions (whole tensors, or one expert's slice of a fused tensor) back into the
+    model, in place."""
     params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
     with torch.no_grad():
         for (name, expert), value in state.items():
-            target = params.get(name, buffers.get(name))
-            if target is None or expert is not None:
+            target = params.get(name)
+            if target is None:
                 raise RuntimeError(f"cannot put back region {name}[{expert}]")
-            target.copy_(value.to(target.dtype))
+            (target if expert is None else target[expert]).copy_(value.to(target.dtype))
 
 
-def with_fallback_retry(
+def _closer(a: dict[str, float], b: dict[str, float], stop: StopRule) -> bool:
+    """Whether forget check `a` is closer to the target than `b` (lower forget accuracy
+    where that is the target, else a higher forget loss; ties: False)."""
+    acc = "forget_accuracy"
+    if stop.forget_accuracy_target is not None and acc in a and acc in b:
+        return a[acc] < b[acc]
+    if "forget_loss" in a and "forget_loss" in b:
+        return a["forget_loss"] > b["forget_loss"]
+    return False
+
+
+def _host_copy(attempt: Attempt, model: nn.Module) -> dict[tuple[str, int | None], torch.Tensor]:
+    """The attempt's trained regions on the host, one tensor at a time (a second copy of
+    the model on its device would not fit where the model barely does)."""
+    if attempt.plan.scope == "full":  # trained in place; its regions are the parameters
+        return {(n, None): p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+    trained = snapshot_regions(model, attempt.scope.regions, read=attempt.scope.baked_tensors)
+    return {k: v.to("cpu") for k, v in trained.items()}
+
+
+def _restore_original(attempt: Attempt, model: nn.Module) -> None:
+    """Put the model back as it was before `attempt` (its scope unwired)."""
+    if attempt.plan.scope == "full":
+        attempt.scope.bake()  # plain again: requires_grad flags restored
+        _write_regions(model, attempt.before_state)
+    else:
+        attempt.scope.discard()  # the slices dropped, the routers restored: bit for bit
+
+
+def with_second_attempt(
     ctx: AttemptContext, first: Attempt, emap: ExpertMap
 ) -> tuple[Attempt, dict[str, Any] | None]:
-    """The attempt the job keeps, and the retry's record (None: none ran). Call right after
-    the first attempt trained, before its scope is baked."""
+    """The attempt the job keeps, and the second attempt's record (None: none ran). Call
+    right after the first attempt trained, before its scope is baked. The second starts
+    from the original weights; the job keeps the one that met the target, where neither
+    did the one closer to it (ties: the first)."""
     spec, model = ctx.spec, ctx.job.model
-    if not retry_applies(spec, first):
+    second_plan = second_attempt_plan(ctx, first, emap)
+    if second_plan is None:
         return first, None
-    met, fallback_metrics = final_forget(ctx, first)
+    met, first_forget = final_forget(ctx, first)
     if met:
         return first, None
-    top = select_experts(emap, spec.seuf.model_copy(update={"num_experts": 1}))  # sets selected
-    if not top:
-        emap.selected = list(first.plan.selected)
-        return first, None
-    plan = SelectionPlan(list(top), spec.scope, first.plan.auto)
+    kind, plan, tr = second_plan
     record: dict[str, Any] = {
-        "expert": top[0]._asdict(),
-        "after_fallback_step": first.result.steps,
-        "fallback_forget": fallback_metrics,
-        "training": {"lr": spec.training.lr, "max_steps": spec.training.max_steps},
+        "kind": kind,  # what the second attempt trained: top_expert or fallback
+        "first": {
+            "scope": first.plan.scope,
+            "selected": [s._asdict() for s in first.plan.selected],
+            "steps": first.result.steps,
+            "forget": first_forget,
+        },
+        "selected": [s._asdict() for s in plan.selected],
+        "training": {"lr": tr.lr, "max_steps": tr.max_steps},
     }
-    ctx.event(FALLBACK_RETRY, first.result.steps, dict(record))
-    # The fallback's trained state, kept to put back if the retry misses too; then the
-    # original weights (the fallback's scope trained every tensor in place).
+    ctx.event(SECOND_ATTEMPT, first.result.steps, dict(record))
     _release_training_state(first, model)
-    first.scope.bake()  # plain again: requires_grad flags restored
-    # On the host, one tensor at a time: a second copy of the model on its device would not
-    # fit where the model barely does (the full scope's regions are its parameters).
-    trained = {(n, None): p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
-    _write_regions(model, first.before_state)
-    second = run_attempt(ctx, plan, spec.training, checkpoints=False, first_step=first.result.steps)
-    met, metrics = final_forget(ctx, second)
+    trained = _host_copy(first, model)  # put back if the first is the one kept
+    _restore_original(first, model)
+    second = run_attempt(ctx, plan, tr, checkpoints=False, first_step=first.result.steps)
+    met, forget = final_forget(ctx, second)
+    keep_second = met or _closer(forget, first_forget, spec.training.stop)
     record |= {
         "steps": second.result.steps,
         "stopped_by": second.result.stopped_by,
         "target_met": met,
-        "forget": metrics,
-        "kept": "retry" if met else "fallback",
+        "forget": forget,
+        "kept": "second" if keep_second else "first",
     }
-    emap.selected = list(top) if met else list(first.plan.selected)
-    if met:
+    if keep_second:
+        emap.selected = list(plan.selected)
         return second, record
-    second.scope.discard()  # the slices dropped, the router restored: the original model
+    _release_training_state(second, model)
+    _restore_original(second, model)
     _write_regions(model, trained)
+    emap.selected = list(first.plan.selected)
     first.scope = apply_scope(model, ctx.job.adapter, first.plan.scope, first.plan.pairs)
     return first, record

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from workers.attempt import AttemptContext, run_attempt, with_fallback_retry
+from workers.attempt import AttemptContext, run_attempt, with_second_attempt
 from workers.attribution import attribute
 from workers.devices import dtype_name
 from workers.events import RANK_STARTED, RANK_STOPPED
@@ -195,12 +195,11 @@ def run_pipeline(
             lockstep=lock,  # the same number of forwards on every rank
         )
     cost = SelectionCost.of(model, adapter) if spec.seuf.num_experts == "auto" else None
-    sel_plan = plan_selection(  # issue 13: auto, fallback, warning
-        emap, spec, cost,
-        lambda: full_fallback_refusal(
-            spec, model.config.to_dict(), job.device.type, runner.world
-        ),
-    )  # fmt: skip
+
+    def full_refusal() -> str | None:
+        return full_fallback_refusal(spec, model.config.to_dict(), job.device.type, runner.world)
+
+    sel_plan = plan_selection(emap, spec, cost, full_refusal)  # issue 13: auto, fallback
     selected, pairs, tr = sel_plan.selected, sel_plan.pairs, training_for(sel_plan, spec)
     prog.event(
         "experts_selected", 0, {"method": emap.method, "selected": [s._asdict() for s in selected]}
@@ -216,11 +215,11 @@ def run_pipeline(
     ctx = AttemptContext(
         spec, job, runner, forget_train, retain_train, probe_forget, topk_forget,
         held_out(len(retain_train), probe_ids) if retain_train is not None else set(),
-        stop_check_for(job, forget_train, retain_train), out_dir,
+        stop_check_for(job, forget_train, retain_train), out_dir, full_refusal,
         prog.event, prog.rank_event, should_stop,
     )  # fmt: skip
-    # RMU's projected fallback that missed its target is followed by the top expert.
-    attempt, retry = with_fallback_retry(ctx, run_attempt(ctx, sel_plan, tr), emap)
+    # RMU whose first attempt missed its target tries the other kind of plan.
+    attempt, second = with_second_attempt(ctx, run_attempt(ctx, sel_plan, tr), emap)
     sel_plan, tr, scope, result = attempt.plan, attempt.training, attempt.scope, attempt.result
     selected, pairs, holdout = sel_plan.selected, sel_plan.pairs, ctx.holdout
 
@@ -327,9 +326,9 @@ def run_pipeline(
                 if attempt.fallback_projection is not None
                 else None
             ),
-            # RMU's fallback missed its target and the top expert trained after it
-            # (workers/attempt.py): which expert, its steps, which attempt the job kept
-            "fallback_retry": retry,
+            # RMU's first attempt missed its target and the other kind of plan trained
+            # after it (workers/attempt.py): what each trained, which one the job kept
+            "second_attempt": second,
             "retain_routing": {
                 "weight": attempt.retain_routing_weight,
                 "layers": [m.layer for m in attempt.objective.retain_routing_layers],

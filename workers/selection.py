@@ -39,14 +39,7 @@ def select_experts(expert_map: ExpertMap, options: SeufOptions) -> list[ScoredEx
         return list(auto.selected)
     m = options.num_experts
     e = expert_map.num_experts
-    ranking = expert_map.ranking or sorted(
-        (
-            ScoredExpert(layer, i, expert_map.scores[r][i])
-            for r, layer in enumerate(expert_map.layers)
-            for i in range(e)
-        ),
-        key=lambda p: (-p.score, p.layer, p.expert),
-    )
+    ranking = ranked(expert_map)
     mode = options.selection
     if mode == "top_m":
         _check_count(m, len(ranking), "in the model")
@@ -226,7 +219,7 @@ def select_auto(
     def fraction(pairs: list[ScoredExpert]) -> float | None:
         return cost.of_pairs(pairs) / cost.total if cost is not None and pairs else None
 
-    ranking = emap.ranking or rank_pairs(emap)
+    ranking = ranked(emap)
     chosen: list[ScoredExpert] = []
     reason = ""
     if emap.retain_mass is None:
@@ -296,9 +289,9 @@ def select_auto(
     )
 
 
-def rank_pairs(emap: ExpertMap) -> list[ScoredExpert]:
-    """Every pair by score, best first (the map's own ranking when it has one)."""
-    return sorted(
+def ranked(emap: ExpertMap) -> list[ScoredExpert]:
+    """Every pair best first: the map's own ranking when it has one, else by score."""
+    return emap.ranking or sorted(
         (
             ScoredExpert(layer, i, emap.scores[r][i])
             for r, layer in enumerate(emap.layers)

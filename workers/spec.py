@@ -188,13 +188,14 @@ class SeufOptions(Strict):
         "of the forget loss), steer the next layer up (workers/rmu_climb.py); 0: never. "
         "Only where the fallback chose the layer (no objective.rmu_layer).",
     )
-    fallback_rmu_retry: Literal["top_expert", "none"] = Field(
-        "top_expert",
-        description="RMU under fallback_projection all, when the fallback ends without "
-        "meeting the forget target: top_expert = put the original weights back and train "
-        "the top expert of the expert map with its router (num_experts 1) on the spec's "
-        "own training; the job keeps the attempt that met the target, else the fallback's "
-        "(workers/attempt.py). none: end on the fallback. Not under DeepSpeed.",
+    rmu_second_attempt: bool = Field(
+        True,
+        description="RMU with num_experts auto, when its first attempt ends without "
+        "meeting the forget target: put the original weights back and try the other kind "
+        "of plan (after the projected fallback, the top expert as num_experts 1 on the "
+        "spec's training; after qualified experts, the projected fallback where fallback "
+        "full allows it); the job keeps the attempt that met the target, else the one "
+        "closer to it (workers/attempt.py). Not under DeepSpeed.",
     )
     selection: SelectionMode = Field(
         "top_m",
@@ -520,10 +521,10 @@ class JobSpec(Strict):
                 "num_experts auto and fallback full, fallback_projection auto or all, "
                 "router_projection not none, and one worker (not ZeRO-3)"
             )
-        if self.seuf.fallback_rmu_retry != "top_expert" and not self._rmu_climb_runs():
+        if not self.seuf.rmu_second_attempt and not self._rmu_climb_runs():
             raise ValueError(
-                "seuf.fallback_rmu_retry acts after RMU's projected fallback: it needs the "
-                "conditions seuf.fallback_rmu_patience needs (algorithm rmu, no "
+                "seuf.rmu_second_attempt false changes nothing here: a second attempt needs "
+                "the conditions seuf.fallback_rmu_patience needs (algorithm rmu, no "
                 "objective.rmu_layer, num_experts auto with fallback full, one worker)"
             )
         if self.seuf.fallback_projection == "all" and (why := self.projected_fallback_refusal()):

@@ -1,20 +1,30 @@
-"""RMU's second attempt (workers/attempt.py): where its projected fallback ends without
-meeting the forget target, the original weights come back and the top expert trains; the
-job keeps the attempt that met the target, else the fallback's state, bit for bit.
+"""RMU's second attempt (workers/attempt.py): where the first ends without meeting the
+forget target, the original weights come back and the other kind of plan trains (after
+the projected fallback the top expert; after qualified experts the projected fallback);
+the job keeps the attempt that met the target, else the one closer to it, bit for bit.
 
-The fallback is cut to a few steps here (its 1000-step budget is the pipeline's; what an
+The first attempt is cut to a few steps here (its budget is the pipeline's; what an
 attempt trains with is its argument), so it misses on every build of the small world."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from tests.small_world import example_on_small_world
-from workers.attempt import FALLBACK_RETRY, AttemptContext, run_attempt, with_fallback_retry
+from workers.attempt import (
+    SECOND_ATTEMPT,
+    AttemptContext,
+    _host_copy,
+    _restore_original,
+    _write_regions,
+    run_attempt,
+    with_second_attempt,
+)
 from workers.attribution import ExpertMap, attribute
 from workers.job import OVERLAP_SAMPLES, attribution_batches, load_job, stop_check_for
 from workers.routing import collect_topk
@@ -27,14 +37,18 @@ pytestmark = pytest.mark.slow
 FALLBACK_STEPS = 3  # far under the flat start of forgetting (tens of steps on every build)
 
 
-def _spec(target: float, max_steps: int, retry: str = "top_expert") -> JobSpec:
-    """The RMU example on the small world, made to fall back (no expert reaches a 10^6
-    forget/retain ratio), with its own target and budget (the retry's)."""
+def _spec(target: float, max_steps: int, second: bool = True, fall_back: bool = True) -> JobSpec:
+    """The RMU example on the small world with its own target and budget (the top expert's
+    attempt's), made to fall back (no expert reaches a 10^6 forget/retain ratio) or to
+    qualify the top expert (any share at any ratio)."""
     data = example_on_small_world("demo-rmu-seuf.yaml")
-    data["seuf"]["auto_min_ratio"] = 1e6
+    if fall_back:
+        data["seuf"]["auto_min_ratio"] = 1e6
+    else:
+        data["seuf"] |= {"auto_min_ratio": 1.0, "auto_min_share": 0.01}
     data["training"]["max_steps"] = max_steps
     data["training"]["stop"]["forget_accuracy_target"] = target
-    data["seuf"]["fallback_rmu_retry"] = retry
+    data["seuf"]["rmu_second_attempt"] = second
     return JobSpec.model_validate(data)
 
 
@@ -57,7 +71,7 @@ def _context(
     ctx = AttemptContext(
         spec, job, LocalRunner(), forget, retain, probe,
         collect_topk(job.model, job.adapter, probe), set(),
-        stop_check_for(job, forget, retain), out,
+        stop_check_for(job, forget, retain), out, None,
         lambda kind, step, payload: events.append((kind, step, payload)),
         lambda kind, step: None, None,
     )  # fmt: skip
@@ -87,16 +101,17 @@ def test_the_top_expert_follows_a_missed_fallback_and_only_its_regions_change(
     assert first.fallback_mode == "all" and first.result.steps == FALLBACK_STEPS
     assert first.result.stopped_by == "max_steps"
 
-    kept, record = with_fallback_retry(ctx, first, emap)
+    kept, record = with_second_attempt(ctx, first, emap)
 
-    assert record is not None and record["kept"] == "retry" and record["target_met"]
-    assert record["after_fallback_step"] == FALLBACK_STEPS
-    assert record["fallback_forget"]["forget_accuracy"] > 0.6 >= record["forget"]["forget_accuracy"]
-    assert [e[:2] for e in events if e[0] == FALLBACK_RETRY] == [(FALLBACK_RETRY, FALLBACK_STEPS)]
-    # the retry's step events go on from the fallback's numbers (one event per step)
+    assert record is not None and record["kind"] == "top_expert" and record["target_met"]
+    assert record["kept"] == "second" and record["first"]["steps"] == FALLBACK_STEPS
+    assert record["first"]["scope"] == "full" and record["first"]["selected"] == []
+    assert record["first"]["forget"]["forget_accuracy"] > 0.6 >= record["forget"]["forget_accuracy"]
+    assert [e[:2] for e in events if e[0] == SECOND_ATTEMPT] == [(SECOND_ATTEMPT, FALLBACK_STEPS)]
+    # the second attempt's step events go on from the first's numbers (one event per step)
     steps = [step for kind, step, _ in events if kind == "step"]
     assert steps == list(range(1, FALLBACK_STEPS + record["steps"] + 1))
-    layer, expert = record["expert"]["layer"], record["expert"]["expert"]
+    layer, expert = record["selected"][0]["layer"], record["selected"][0]["expert"]
     assert kept is not first and kept.plan.scope == "seuf" and kept.plan.pairs == [(layer, expert)]
     assert kept.result.stopped_by == "forget_accuracy" and kept.result.steps <= 150
     assert kept.fallback_mode is None and kept.retain_routing_weight == 1000.0
@@ -111,39 +126,103 @@ def test_the_top_expert_follows_a_missed_fallback_and_only_its_regions_change(
         assert rows == [expert], (name, rows)
 
 
-def test_where_the_retry_misses_too_the_fallbacks_state_is_kept(
-    small_world, tmp_path: Path
-) -> None:
-    """An unreachable target and a 4-step retry: both miss, and the model is the
-    fallback's trained state bit for bit, its scope active again for the pipeline."""
+def test_where_both_miss_the_closer_one_is_kept(small_world, tmp_path: Path) -> None:
+    """An unreachable target; the top expert's attempt at a step size too small to move
+    anything (1e-8), so it ends where the original model is, and the 3-step fallback (at
+    its own 1e-3) at least as close: both miss, ties go to the first, and the model is
+    the fallback's trained state bit for bit, its scope active again for the pipeline."""
     events: list[tuple[str, int, dict[str, Any]]] = []
-    spec = _spec(target=0.0, max_steps=4)
+    data = _spec(target=0.0, max_steps=4).model_dump(exclude_unset=True)
+    data["training"]["lr"] = 1e-8
+    spec = JobSpec.model_validate(data)
     ctx, emap, plan = _context(spec, tmp_path, events)
     model = ctx.job.model
     original = _params(model)
     first = run_attempt(ctx, plan, training_for(plan, spec).model_copy(
-        update={"max_steps": FALLBACK_STEPS}))  # fmt: skip
+        update={"max_steps": FALLBACK_STEPS, "lr": 1e-3}))  # fmt: skip
     trained = _params(model)
     assert any(not torch.equal(trained[n], original[n]) for n in trained)
 
-    kept, record = with_fallback_retry(ctx, first, emap)
+    kept, record = with_second_attempt(ctx, first, emap)
 
-    assert record is not None and record["kept"] == "fallback" and not record["target_met"]
+    assert record is not None and record["kept"] == "first" and not record["target_met"]
     assert record["steps"] == 4 and record["stopped_by"] == "max_steps"
+    first_acc = record["first"]["forget"]["forget_accuracy"]
+    assert first_acc <= record["forget"]["forget_accuracy"]
     assert kept is first and emap.selected == first.plan.selected
     kept.scope.bake()  # active again: the pipeline bakes what it keeps
     now = _params(model)
     assert all(torch.equal(now[n], trained[n]) for n in trained)
 
 
-def test_no_retry_where_it_does_not_apply(small_world, tmp_path: Path) -> None:
-    """fallback_rmu_retry none ends on the fallback, as does a fallback that met its
+def test_no_second_attempt_where_it_does_not_apply(small_world, tmp_path: Path) -> None:
+    """rmu_second_attempt false ends on the fallback, as does a fallback that met its
     target (a target the original model already meets)."""
-    for target, retry in ((0.0, "none"), (1.0, "top_expert")):
-        spec = _spec(target=target, max_steps=4, retry=retry)
+    for target, second in ((0.0, False), (1.0, True)):
+        spec = _spec(target=target, max_steps=4, second=second)
         ctx, emap, plan = _context(spec, tmp_path, [])
         first = run_attempt(ctx, plan, training_for(plan, spec).model_copy(
             update={"max_steps": FALLBACK_STEPS}))  # fmt: skip
         selected = list(emap.selected)
-        assert with_fallback_retry(ctx, first, emap) == (first, None)
+        assert with_second_attempt(ctx, first, emap) == (first, None)
         assert emap.selected == selected == plan.selected  # no expert named that never trained
+
+
+def test_qualified_experts_that_miss_are_followed_by_the_projected_fallback(
+    small_world, tmp_path: Path
+) -> None:
+    """auto qualifies the top expert (thresholds lowered), its attempt is cut to 3 steps:
+    the projected fallback trains from the original weights at its own step size and
+    budget, meets a target it reaches in tens of steps, and is kept."""
+    events: list[tuple[str, int, dict[str, Any]]] = []
+    spec = _spec(target=0.8, max_steps=150, fall_back=False)
+    ctx, emap, plan = _context(spec, tmp_path, events)
+    assert plan.scope == "seuf" and plan.auto is not None and plan.auto.outcome == "qualified"
+    first = run_attempt(ctx, plan, spec.training.model_copy(update={"max_steps": FALLBACK_STEPS}))
+    assert first.result.steps == FALLBACK_STEPS and first.fallback_mode is None
+
+    kept, record = with_second_attempt(ctx, first, emap)
+
+    assert record is not None and record["kind"] == "fallback" and record["target_met"]
+    assert record["first"]["selected"] == [s._asdict() for s in plan.selected]
+    assert record["training"]["max_steps"] >= 1000 and record["training"]["lr"] <= 1e-3
+    assert kept.plan.scope == "full" and kept.fallback_mode == "all" and kept.rmu_layer == 0
+    assert kept.result.stopped_by == "forget_accuracy" and emap.selected == []
+    assert record["kept"] == "second"
+
+
+def test_regions_go_back_bit_for_bit() -> None:
+    """The helpers the second attempt restores with, on a tiny model: a selected expert's
+    trained slices and router copied to the host, the original put back by discarding the
+    scope, the trained regions written again and wired anew: baking gives the trained
+    model; a full scope's trained parameters likewise."""
+    from workers.moe import get_adapter
+    from workers.moe.tiny import tiny_model
+    from workers.scope import apply_scope
+
+    model = tiny_model("qwen2_moe", seed=0)
+    adapter = get_adapter(model)
+    original = _params(model)
+    layer = adapter.moe_layers()[0].layer
+    for scope_name, pairs in (("seuf", [(layer, 1)]), ("full", [])):
+        scope = apply_scope(model, adapter, scope_name, pairs)
+        with torch.no_grad():
+            for p in scope.trainable_parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        before = {(n, None): t for n, t in original.items()}
+        attempt = SimpleNamespace(
+            plan=SimpleNamespace(scope=scope_name), scope=scope, before_state=before
+        )
+        trained = _host_copy(attempt, model)
+        assert all(t.device.type == "cpu" for t in trained.values())
+        _restore_original(attempt, model)
+        assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
+        _write_regions(model, trained)
+        again = apply_scope(model, adapter, scope_name, pairs)
+        again.bake()
+        now = _params(model)
+        changed = {n for n in now if not torch.equal(now[n], original[n])}
+        assert changed and all(
+            torch.equal(now[n] if e is None else now[n][e], t) for (n, e), t in trained.items()
+        )
+        _write_regions(model, {(n, None): t for n, t in original.items()})

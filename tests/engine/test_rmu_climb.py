@@ -190,20 +190,19 @@ def test_spec_refuses_a_patience_it_would_ignore() -> None:
     assert spec("gdiff", fallback_rmu_patience=RMU_PATIENCE).seuf.fallback_rmu_patience == 200
 
 
-def test_spec_refuses_a_retry_setting_it_would_ignore() -> None:
-    """seuf.fallback_rmu_retry follows RMU's projected fallback (workers/attempt.py): none
-    is refused where no such fallback can run, as the patience is; the default is
-    accepted everywhere."""
-    assert spec().seuf.fallback_rmu_retry == "top_expert"
-    assert spec(fallback_rmu_retry="none").seuf.fallback_rmu_retry == "none"
+def test_spec_refuses_turning_off_a_second_attempt_it_would_not_make() -> None:
+    """seuf.rmu_second_attempt (workers/attempt.py): false is refused where no second
+    attempt could run (the conditions of the patience); true, the default, everywhere."""
+    assert spec().seuf.rmu_second_attempt is True
+    assert spec(rmu_second_attempt=False).seuf.rmu_second_attempt is False
     for args, seuf in (
         (("gdiff",), {}),
         (("rmu", "full"), {}),
         ((), {"fallback_projection": "routers"}),
         ((), {"num_experts": 1}),
     ):
-        with pytest.raises(ValueError, match="fallback_rmu_retry"):
-            spec(*args, fallback_rmu_retry="none", **seuf)
-    assert spec("gdiff").seuf.fallback_rmu_retry == "top_expert"
-    with pytest.raises(ValueError, match="fallback_rmu_retry"):
-        spec(fallback_rmu_retry="sometimes")
+        with pytest.raises(ValueError, match="rmu_second_attempt"):
+            spec(*args, rmu_second_attempt=False, **seuf)
+    assert spec("gdiff").seuf.rmu_second_attempt is True
+    with pytest.raises(ValueError, match="rmu_second_attempt"):
+        spec(rmu_second_attempt="sometimes")

@@ -106,33 +106,40 @@ def test_certificate_names_the_layers_rmu_climbed_to() -> None:
 
 
 def test_certificate_says_which_attempt_the_model_is() -> None:
-    """RMU's fallback that missed its target and the top expert after it
-    (workers/attempt.py): the certificate's `ran` names the expert, both attempts' steps
-    and which one the written model is, and its page says it; no retry, no line."""
+    """RMU's first attempt that missed its target and the other kind of plan after it
+    (workers/attempt.py): the certificate's `ran` names what each trained, their steps and
+    which one the written model is, and its page says it; no second attempt, no line."""
     record = {
-        "expert": {"layer": 0, "expert": 3, "score": 0.8},
-        "after_fallback_step": 1000,
-        "fallback_forget": {"forget_accuracy": 0.38},
+        "kind": "top_expert",
+        "first": {"scope": "full", "selected": [], "steps": 1000,
+                  "forget": {"forget_accuracy": 0.38}},
+        "selected": [{"layer": 0, "expert": 3, "score": 0.8}],
         "training": {"lr": 0.01, "max_steps": 150},
         "steps": 72,
         "stopped_by": "forget_accuracy",
         "target_met": True,
         "forget": {"forget_accuracy": 0.30},
-        "kept": "retry",
-    }
-    ran = certificate._ran({"scope": "seuf", "selection": {"fallback_retry": record}})
-    assert ran["fallback_retry"] == {
-        "layer": 0, "expert": 3, "after_fallback_step": 1000, "steps": 72,
-        "target_met": True, "kept": "retry",
+        "kept": "second",
+    }  # fmt: skip
+    ran = certificate._ran({"scope": "seuf", "selection": {"second_attempt": record}})
+    assert ran["second_attempt"] == {
+        "kind": "top_expert", "first_scope": "full", "first_experts": [], "first_steps": 1000,
+        "experts": ["0:3"], "steps": 72, "target_met": True, "kept": "second",
     }  # fmt: skip
     page = certificate.render_html({"ran": ran})
-    assert "missed the forget target after 1000 steps; expert 0:3" in page
-    assert "trained 72 steps and met it: the model is that attempt" in page
-    missed = {**record, "target_met": False, "kept": "fallback"}
+    assert "the projected full fallback) missed the forget target after 1000 steps" in page
+    assert "expert 0:3 with the spec" in page
+    assert "trained 72 steps and met it: the model is the second attempt" in page
+    escalated = {
+        **record, "kind": "fallback", "selected": [], "target_met": False, "kept": "first",
+        "first": {"scope": "seuf", "selected": [{"layer": 1, "expert": 2}], "steps": 150},
+    }  # fmt: skip
     page = certificate.render_html(
-        {"ran": certificate._ran({"scope": "full", "selection": {"fallback_retry": missed}})}
+        {"ran": certificate._ran({"scope": "seuf", "selection": {"second_attempt": escalated}})}
     )
-    assert "missed it too: the model is the fallback" in page
-    assert certificate._ran({"selection": {}})["fallback_retry"] is None
+    assert "the first attempt (expert 1:2) missed the forget target after 150 steps" in page
+    assert "the projected full fallback then trained 72 steps and missed it too" in page
+    assert "the model is the first attempt" in page
+    assert certificate._ran({"selection": {}})["second_attempt"] is None
     page = certificate.render_html({"ran": certificate._ran({"scope": "full"})})
     assert "Fallback projection" not in page and "Second attempt" not in page
