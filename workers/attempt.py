@@ -166,7 +166,8 @@ def run_attempt(
         climb = RmuClimb(
             objective, model, adapter, retain_train, spec.seuf.fallback_rmu_patience,
             rmu_layer, seed=tr.seed,
-            notify=lambda c: ctx.event("rmu_layer_climbed", int(c["step"]), c),
+            # the event's number goes on from a first attempt's; the record keeps its own
+            notify=lambda c: ctx.event("rmu_layer_climbed", first_step + int(c["step"]), c),
         )  # fmt: skip
 
     cache, cache_info = None, None
@@ -274,9 +275,11 @@ def second_attempt_plan(
         or auto.outcome != "qualified"
         or spec.seuf.fallback != "full"
         or spec.objective.rmu_layer is not None
-        or not ctx.runner.projects_routers
-        or ctx.retain_train is None
-        or spec.projected_fallback_refusal() is not None
+        # the projected fallback only (a routers fallback holds routing far less)
+        or fallback_projection_mode(
+            spec, "full", ctx.runner.projects_routers, ctx.retain_train is not None
+        )
+        != "all"
         or (ctx.full_refusal is not None and ctx.full_refusal() is not None)
     ):
         return None
@@ -329,13 +332,17 @@ def _write_regions(model: nn.Module, state: dict[tuple[str, int | None], torch.T
 
 
 def _closer(a: dict[str, float], b: dict[str, float], stop: StopRule) -> bool:
-    """Whether forget check `a` is closer to the target than `b` (lower forget accuracy
-    where that is the target, else a higher forget loss; ties: False)."""
-    acc = "forget_accuracy"
-    if stop.forget_accuracy_target is not None and acc in a and acc in b:
+    """Whether forget check `a` is closer to the target than `b`: lower forget accuracy
+    where that is the target (it moves in coarse steps: ties go on to the loss), else a
+    higher forget loss; a check against none (an attempt that never checked) is closer;
+    ties: False."""
+    acc, loss = "forget_accuracy", "forget_loss"
+    if a and not b:
+        return True
+    if stop.forget_accuracy_target is not None and acc in a and acc in b and a[acc] != b[acc]:
         return a[acc] < b[acc]
-    if "forget_loss" in a and "forget_loss" in b:
-        return a["forget_loss"] > b["forget_loss"]
+    if loss in a and loss in b:
+        return a[loss] > b[loss]
     return False
 
 

@@ -129,8 +129,9 @@ def test_the_top_expert_follows_a_missed_fallback_and_only_its_regions_change(
 def test_where_both_miss_the_closer_one_is_kept(small_world, tmp_path: Path) -> None:
     """An unreachable target; the top expert's attempt at a step size too small to move
     anything (1e-8), so it ends where the original model is, and the 3-step fallback (at
-    its own 1e-3) at least as close: both miss, ties go to the first, and the model is
-    the fallback's trained state bit for bit, its scope active again for the pipeline."""
+    1e-2, ten times its own step: RMU's steering raises the forget loss at once) closer:
+    both miss, and the model is the fallback's trained state bit for bit, its scope active
+    again for the pipeline."""
     events: list[tuple[str, int, dict[str, Any]]] = []
     data = _spec(target=0.0, max_steps=4).model_dump(exclude_unset=True)
     data["training"]["lr"] = 1e-8
@@ -139,7 +140,7 @@ def test_where_both_miss_the_closer_one_is_kept(small_world, tmp_path: Path) -> 
     model = ctx.job.model
     original = _params(model)
     first = run_attempt(ctx, plan, training_for(plan, spec).model_copy(
-        update={"max_steps": FALLBACK_STEPS, "lr": 1e-3}))  # fmt: skip
+        update={"max_steps": FALLBACK_STEPS, "lr": 1e-2}))  # fmt: skip
     trained = _params(model)
     assert any(not torch.equal(trained[n], original[n]) for n in trained)
 
@@ -147,8 +148,11 @@ def test_where_both_miss_the_closer_one_is_kept(small_world, tmp_path: Path) -> 
 
     assert record is not None and record["kept"] == "first" and not record["target_met"]
     assert record["steps"] == 4 and record["stopped_by"] == "max_steps"
-    first_acc = record["first"]["forget"]["forget_accuracy"]
-    assert first_acc <= record["forget"]["forget_accuracy"]
+    # the rule's inputs: the first's accuracy no higher, on a tie its forget loss higher
+    ours, theirs = record["first"]["forget"], record["forget"]
+    assert ours["forget_accuracy"] <= theirs["forget_accuracy"], (ours, theirs)
+    if ours["forget_accuracy"] == theirs["forget_accuracy"]:
+        assert ours["forget_loss"] > theirs["forget_loss"], (ours, theirs)
     assert kept is first and emap.selected == first.plan.selected
     kept.scope.bake()  # active again: the pipeline bakes what it keeps
     now = _params(model)
@@ -226,3 +230,15 @@ def test_regions_go_back_bit_for_bit() -> None:
             torch.equal(now[n] if e is None else now[n][e], t) for (n, e), t in trained.items()
         )
         _write_regions(model, {(n, None): t for n, t in original.items()})
+
+
+def test_no_unprojected_fallback_after_qualified_experts(small_world, tmp_path: Path) -> None:
+    """With fallback_projection routers, qualified experts that missed are not followed by
+    a fallback that would hold retain routing far less than the projected one."""
+    data = _spec(target=0.6, max_steps=150, fall_back=False).model_dump(exclude_unset=True)
+    data["seuf"]["fallback_projection"] = "routers"
+    spec = JobSpec.model_validate(data)
+    ctx, emap, plan = _context(spec, tmp_path, [])
+    assert plan.auto is not None and plan.auto.outcome == "qualified"
+    first = run_attempt(ctx, plan, spec.training.model_copy(update={"max_steps": FALLBACK_STEPS}))
+    assert with_second_attempt(ctx, first, emap) == (first, None)
