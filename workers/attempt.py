@@ -310,7 +310,7 @@ def final_forget(ctx: AttemptContext, attempt: Attempt) -> tuple[bool, dict[str,
 def _release_training_state(attempt: Attempt, model: nn.Module) -> None:
     """Free what the finished attempt still holds of its training before another trains:
     the optimizer's copy in its last state, the engine the step records reach, gradients
-    (nothing after training reads them), so the retry's peak stays under the fallback's."""
+    (nothing after training reads them), so the next attempt's peak is its own."""
     attempt.result.state = {}
     attempt.result.history.clear()
     for p in model.parameters():
