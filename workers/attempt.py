@@ -257,9 +257,8 @@ def second_attempt_plan(
     spec = ctx.spec
     stop = spec.training.stop
     if not (
-        spec.algorithm == "rmu"
-        and spec.seuf.rmu_second_attempt
-        and spec.seuf.num_experts == "auto"
+        spec.seuf.rmu_second_attempt
+        and spec.rmu_projected_fallback_runs()  # the spec's rule: rmu, auto, fallback full...
         and (stop.forget_accuracy_target is not None or stop.forget_loss_target is not None)
         and spec.distributed.backend != "deepspeed"
     ):
@@ -273,9 +272,7 @@ def second_attempt_plan(
     if (
         auto is None
         or auto.outcome != "qualified"
-        or spec.seuf.fallback != "full"
-        or spec.objective.rmu_layer is not None
-        # the projected fallback only (a routers fallback holds routing far less)
+        # the projected fallback only, where it runs here (one plain worker, retain data)
         or fallback_projection_mode(
             spec, "full", ctx.runner.projects_routers, ctx.retain_train is not None
         )

@@ -514,14 +514,15 @@ class JobSpec(Strict):
                     "seuf.router_projection 'nullspace' does not run under ZeRO-3 (the router "
                     "is partitioned): use router_projection none or zero_stage 1 or 2"
                 )
-        if self.seuf.fallback_rmu_patience != RMU_PATIENCE and not self._rmu_climb_runs():
+        rmu_fallback = self.rmu_projected_fallback_runs()
+        if self.seuf.fallback_rmu_patience != RMU_PATIENCE and not rmu_fallback:
             raise ValueError(
                 "seuf.fallback_rmu_patience moves the layer RMU's projected fallback chose: "
                 "it needs algorithm rmu, no objective.rmu_layer, a SEUF scope with "
                 "num_experts auto and fallback full, fallback_projection auto or all, "
                 "router_projection not none, and one worker (not ZeRO-3)"
             )
-        if not self.seuf.rmu_second_attempt and not self._rmu_climb_runs():
+        if not self.seuf.rmu_second_attempt and not rmu_fallback:
             raise ValueError(
                 "seuf.rmu_second_attempt false changes nothing here: a second attempt needs "
                 "the conditions seuf.fallback_rmu_patience needs (algorithm rmu, no "
@@ -553,9 +554,10 @@ class JobSpec(Strict):
             )
         return None
 
-    def _rmu_climb_runs(self) -> bool:
-        """Whether RMU's projected fallback (where the layer climb acts) can run for this
-        spec; where not, a patience would be ignored."""
+    def rmu_projected_fallback_runs(self) -> bool:
+        """Whether RMU's projected fallback can run for this spec: where the layer climb
+        acts and RMU's second attempt (workers/attempt.py) can follow either kind of plan;
+        where not, a patience or a second-attempt setting would be ignored."""
         return (
             self.algorithm == "rmu"
             and self.objective.rmu_layer is None
