@@ -10,10 +10,11 @@ world, and nothing tells the worlds apart beforehand (the top expert's share of 
 gate mass and its forget/retain ratio did not). The projected full fallback stalled where
 the top expert alone forgot (the RMU example's own world on one build: 0.38 after 1000
 steps against 0.30 in 72; a small world on this one: 0.35 after 1000, then the expert
-0.30 in 120), and a qualified expert stalled where full RMU forgot (small worlds: 0.35
-after 150). So the plan auto chose runs first, and only one that ends without meeting the
-target is followed by the other kind, from the original weights: the job keeps the one
-that met the target, else the one closer to it (README "RMU's second attempt").
+0.30 in 120), and a qualified expert stalled where the projected fallback forgot (another
+small world: 0.35 after 150, then 0.30 in 408). So the plan auto chose runs first, and
+only one that ends without meeting the target is followed by the other kind, from the
+original weights: the job keeps the one that met the target, else the one closer to it
+(README "RMU's second attempt").
 """
 
 from __future__ import annotations
