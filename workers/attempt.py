@@ -20,7 +20,7 @@ original weights: the job keeps the one that met the target, else the one closer
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -402,12 +402,47 @@ def with_second_attempt(
         "forget": forget,
         "kept": "second" if keep_second else "first",
     }
+    note = attempt_note(record, first.plan, plan)
     if keep_second:
         emap.selected = list(plan.selected)
+        second.plan = replace(second.plan, attempt_note=note)
         return second, record
     _release_training_state(second, model)
     _restore_original(second, model)
     _write_regions(model, trained)
     emap.selected = list(first.plan.selected)
     first.scope = apply_scope(model, ctx.job.adapter, first.plan.scope, first.plan.pairs)
+    first.plan = replace(first.plan, attempt_note=note)
     return first, record
+
+
+def _trained(plan: SelectionPlan) -> str:
+    if plan.scope == "full":
+        return "all parameters (the projected fallback)"
+    experts = ", ".join(f"L{s.layer}E{s.expert}" for s in plan.selected)
+    return f"expert {experts}" if len(plan.selected) == 1 else f"experts {experts}"
+
+
+def _check(forget: dict[str, float], steps: int) -> str:
+    if "forget_accuracy" in forget:
+        return f"forget accuracy {forget['forget_accuracy']:.3f} after {steps} steps"
+    if "forget_loss" in forget:
+        return f"forget loss {forget['forget_loss']:.3f} after {steps} steps"
+    return f"no forget check after {steps} steps"
+
+
+def attempt_note(record: dict[str, Any], first: SelectionPlan, second: SelectionPlan) -> str:
+    """The sentence a second attempt adds to the job's selection warning: what each attempt
+    trained, how close it came, and which one the model is."""
+    head = (
+        f"Second attempt: {_trained(first)} missed the forget target "
+        f"({_check(record['first']['forget'], record['first']['steps'])}), "
+        f"then {_trained(second)}"
+    )
+    outcome = (
+        "met it"
+        if record["target_met"]
+        else f"missed it too ({_check(record['forget'], record['steps'])})"
+    )
+    kept = second if record["kept"] == "second" else first
+    return f"{head} {outcome}; the model is the {record['kept']} attempt, {_trained(kept)}."

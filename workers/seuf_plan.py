@@ -58,6 +58,9 @@ class SelectionPlan:
     selected: list[ScoredExpert]
     scope: str  # the scope the job trains (spec.scope, or "full" after an auto fallback)
     auto: AutoSelection | None = None
+    # What a second attempt changed (workers/attempt.py): the warning says which attempt the
+    # model is, since auto's own warning describes the plan it chose, not the one kept.
+    attempt_note: str | None = None
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -65,7 +68,8 @@ class SelectionPlan:
 
     @property
     def warning(self) -> str | None:
-        return self.auto.warning if self.auto is not None else None
+        said = [self.auto.warning if self.auto is not None else None, self.attempt_note]
+        return " ".join(w for w in said if w) or None
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -116,6 +116,12 @@ def test_the_top_expert_follows_a_missed_fallback_and_only_its_regions_change(
     assert kept.result.stopped_by == "forget_accuracy" and kept.result.steps <= 150
     assert kept.fallback_mode is None and kept.retain_routing_weight == 1000.0
     assert emap.selected == kept.plan.selected  # the expert map says what trained
+    # the warning keeps auto's fallback and says which attempt the model is
+    warning = kept.plan.warning or ""
+    assert plan.warning and warning.startswith(plan.warning), warning
+    assert "(the projected fallback) missed the forget target" in warning, warning
+    assert f"then expert L{layer}E{expert} met it" in warning, warning
+    assert warning.endswith(f"the model is the second attempt, expert L{layer}E{expert}.")
     kept.scope.bake()
     moe = ctx.job.adapter.moe_layer(layer)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, original[n])}
@@ -154,6 +160,10 @@ def test_where_both_miss_the_closer_one_is_kept(small_world, tmp_path: Path) -> 
     if ours["forget_accuracy"] == theirs["forget_accuracy"]:
         assert ours["forget_loss"] > theirs["forget_loss"], (ours, theirs)
     assert kept is first and emap.selected == first.plan.selected
+    assert "missed it too (forget accuracy" in (kept.plan.warning or ""), kept.plan.warning
+    assert (kept.plan.warning or "").endswith(
+        "the model is the first attempt, all parameters (the projected fallback)."
+    )
     kept.scope.bake()  # active again: the pipeline bakes what it keeps
     now = _params(model)
     assert all(torch.equal(now[n], trained[n]) for n in trained)
@@ -170,6 +180,7 @@ def test_no_second_attempt_where_it_does_not_apply(small_world, tmp_path: Path) 
         selected = list(emap.selected)
         assert with_second_attempt(ctx, first, emap) == (first, None)
         assert emap.selected == selected == plan.selected  # no expert named that never trained
+        assert first.plan.attempt_note is None and first.plan.warning == plan.warning
 
 
 def test_qualified_experts_that_miss_are_followed_by_the_projected_fallback(
@@ -193,6 +204,13 @@ def test_qualified_experts_that_miss_are_followed_by_the_projected_fallback(
     assert kept.plan.scope == "full" and kept.fallback_mode == "all" and kept.rmu_layer == 0
     assert kept.result.stopped_by == "forget_accuracy" and emap.selected == []
     assert record["kept"] == "second"
+    # auto qualified (no warning of its own): the warning is the second attempt's alone
+    assert plan.warning is None and (kept.plan.warning or "").startswith(
+        f"Second attempt: {'expert' if len(plan.selected) == 1 else 'experts'} "
+    ), kept.plan.warning
+    assert (kept.plan.warning or "").endswith(
+        "the model is the second attempt, all parameters (the projected fallback)."
+    )
 
 
 def test_regions_go_back_bit_for_bit() -> None:
