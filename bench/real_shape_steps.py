@@ -48,8 +48,8 @@ def step_times(
     from workers.train import StepInfo, train
 
     model, adapter, tr = job.model, job.adapter, spec.training
-    forget = job.tokenized(job.forget_records, spec.objective.loss_tokens)
-    retain = job.tokenized(job.retain_records, spec.objective.loss_tokens)
+    forget, retain = job.training_corpora()
+    assert retain is not None, "the real-shape bench's spec has retain data"
     batches = [forget.in_order(tr.batch_size)[0]], [retain.in_order(tr.batch_size)[0]]
     scope = apply_scope(model, adapter, scope_name, pairs)
     trainable = scope.trainable_params

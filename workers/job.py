@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from workers.data import TokenizedCorpus, read_corpus, tokenize
+from workers.data import Batch, TokenizedCorpus, read_corpus, tokenize
 from workers.mapped import pages_released_while_loading
 from workers.model_source import (
     PATCH_FILE,
@@ -84,6 +84,22 @@ class LoadedJob:
         corpus = tokenize(records, self.tokenizer, self.spec.training.max_length, loss_tokens)
         corpus.device = str(self.device)  # batches, probes and references on the worker's device
         return corpus
+
+    def training_corpora(self) -> tuple[TokenizedCorpus, TokenizedCorpus | None]:
+        """The forget and retain corpora (None: no retain data) as the objective trains on
+        them (its loss tokens)."""
+        tokens = self.spec.objective.loss_tokens
+        forget = self.tokenized(self.forget_records, tokens)
+        retain = (
+            self.tokenized(self.retain_records, tokens) if self.retain_records is not None else None
+        )
+        return forget, retain
+
+
+def overlap_probe(corpus: TokenizedCorpus, batch_size: int) -> list[Batch]:
+    """The corpus's first OVERLAP_SAMPLES, in order: the batches routing overlap and the
+    evaluation's per-token NLL are measured on, the same before and after unlearning."""
+    return corpus.in_order(batch_size)[: max(1, OVERLAP_SAMPLES // batch_size)]
 
 
 def corpus_path(ref: CorpusRef, world: Any, resolver: CorpusResolver | None) -> Path:
@@ -335,12 +351,11 @@ def evaluate(
     forget and retain corpora."""
     ev = job.spec.evaluation
     bs = job.spec.training.batch_size
-    n_batches = max(1, OVERLAP_SAMPLES // bs)
     out: dict[str, Any] = {
-        "forget_nll": forget_loss_check(forget.in_order(bs)[:n_batches])(job.model)["forget_loss"]
+        "forget_nll": forget_loss_check(overlap_probe(forget, bs))(job.model)["forget_loss"]
     }
     if retain is not None:
-        check = forget_loss_check(retain.in_order(bs)[:n_batches])
+        check = forget_loss_check(overlap_probe(retain, bs))
         out["retain_nll"] = check(job.model)["forget_loss"]
     if job.world is not None:
         from workers.evaluate import evaluate_world

@@ -29,7 +29,6 @@ from workers.attribution import attribute
 from workers.devices import dtype_name
 from workers.events import RANK_STARTED, RANK_STOPPED
 from workers.job import (
-    OVERLAP_SAMPLES,
     CorpusResolver,
     JobCancelled,
     LoadedJob,
@@ -38,6 +37,7 @@ from workers.job import (
     attribution_batches,
     evaluate,
     load_job,
+    overlap_probe,
     scalars,
     snapshot_regions,
     stop_check_for,
@@ -158,12 +158,7 @@ def run_pipeline(
             job = load_job(spec, corpus_resolver)
         runner.loaded(job.model)
     model, adapter = job.model, job.adapter
-    forget_train = job.tokenized(job.forget_records, spec.objective.loss_tokens)
-    retain_train = (
-        job.tokenized(job.retain_records, spec.objective.loss_tokens)
-        if job.retain_records is not None
-        else None
-    )
+    forget_train, retain_train = job.training_corpora()
     # The base model's identity in its own dtype (the dtype the outputs are written in).
     base_sha = model_sha256(model, job.base_dtype, here=main) if reads else ""
 
@@ -172,9 +167,8 @@ def run_pipeline(
     if reads:
         before = evaluate(job, forget_train, retain_train)
         prog.event("evaluation", 0, {"phase": "before", **scalars(before)})
-    n_probe = max(1, OVERLAP_SAMPLES // tr.batch_size)
-    probe_forget = forget_train.in_order(tr.batch_size)[:n_probe]
-    probe_retain = retain_train.in_order(tr.batch_size)[:n_probe] if retain_train else None
+    probe_forget = overlap_probe(forget_train, tr.batch_size)
+    probe_retain = overlap_probe(retain_train, tr.batch_size) if retain_train else None
     topk_forget = collect_topk(model, adapter, probe_forget)  # every rank measures overlap
     topk_retain = collect_topk(model, adapter, probe_retain) if reads and probe_retain else None
     runner.barrier()

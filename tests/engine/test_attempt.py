@@ -26,7 +26,7 @@ from workers.attempt import (
     with_second_attempt,
 )
 from workers.attribution import ExpertMap, attribute
-from workers.job import OVERLAP_SAMPLES, attribution_batches, load_job, stop_check_for
+from workers.job import attribution_batches, load_job, overlap_probe, stop_check_for
 from workers.routing import collect_topk
 from workers.runners.base import LocalRunner
 from workers.selection import SelectionCost
@@ -57,10 +57,8 @@ def _context(
 ) -> tuple[AttemptContext, ExpertMap, SelectionPlan]:
     """What the pipeline has when unlearning starts (workers/pipeline.py), on one process."""
     job = load_job(spec)
-    tr = spec.training
-    forget = job.tokenized(job.forget_records, spec.objective.loss_tokens)
-    retain = job.tokenized(job.retain_records, spec.objective.loss_tokens)
-    probe = forget.in_order(tr.batch_size)[: max(1, OVERLAP_SAMPLES // tr.batch_size)]
+    forget, retain = job.training_corpora()
+    probe = overlap_probe(forget, spec.training.batch_size)
     f_batches, r_batches = attribution_batches(job)
     with torch.no_grad():
         emap = attribute(
