@@ -198,7 +198,10 @@ def train(
         raise ValueError(f"algorithm '{objective_fn.name}' needs retain batches")
     if (routing_reference is None) != (routing_batches is None):
         raise ValueError("routing_reference and routing_batches go together")
-    named = scope.named_trainable()
+    # A tensor the scope wired but someone froze since (the projected fallback's held ones:
+    # embeddings, LM head, o_proj, down projections) cannot change: no optimizer state and
+    # no float32 master for it (under bfloat16 that master was 4 bytes a held parameter).
+    named = [(n, p) for n, p in scope.named_trainable() if p.requires_grad]
     params = [p for _, p in named]
     if not params:
         raise ValueError("the scope has no trainable parameter")

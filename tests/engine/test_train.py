@@ -168,3 +168,28 @@ def test_reported_grad_norm_and_plain_batch_lists():
     res = train(model, adapter, sc, obj, batches, None, _opts(max_steps=3, grad_clip=1e-3))
     assert res.history[0].grad_norm == pytest.approx(want, rel=1e-5)
     assert want > 1e-3  # so clipping was active
+
+
+def test_a_tensor_frozen_after_wiring_gets_no_master_and_no_optimizer_state():
+    """The projected fallback freezes the tensors it holds after the scope is wired: in
+    bfloat16 they get no float32 master (4 bytes a held parameter) and no AdamW moments,
+    and stay bit for bit; the rest train through their masters."""
+    model, adapter = model_and_adapter(seed=0)
+    model.to(torch.bfloat16)
+    sc = apply_scope(model, adapter, "full", [])
+    held = {"model.embed_tokens.weight", "lm_head.weight"}
+    params = dict(model.named_parameters())
+    for name in held:
+        params[name].requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    obj = make_objective("gdiff", ObjectiveOptions(), adapter, [], anchor_weight=0.0)
+    seen = []
+    f, r = BatchStream(corpus(8, seed=1), 4, seed=3), BatchStream(corpus(8, seed=2), 4, seed=4)
+    train(model, adapter, sc, obj, f, r, _opts(max_steps=2), callback=seen.append)
+    state = seen[-1].state()
+    trained = [n for n, p in params.items() if p.requires_grad]
+    assert len(state["master"]) == len(trained) == len(params) - len(held)
+    moments = state["optimizer"]["state"]
+    assert len(moments) == len(trained), len(moments)
+    assert all(torch.equal(params[n], before[n]) for n in held)
+    assert any(not torch.equal(params[n], before[n]) for n in trained)
