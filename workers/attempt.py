@@ -402,7 +402,7 @@ def with_second_attempt(
         "forget": forget,
         "kept": "second" if keep_second else "first",
     }
-    note = attempt_note(record, first.plan, plan)
+    note = attempt_note(record, first, second)
     if keep_second:
         emap.selected = list(plan.selected)
         second.plan = replace(second.plan, attempt_note=note)
@@ -423,26 +423,33 @@ def _trained(plan: SelectionPlan) -> str:
     return f"expert {experts}" if len(plan.selected) == 1 else f"experts {experts}"
 
 
-def _check(forget: dict[str, float], steps: int) -> str:
+def _check(forget: dict[str, float], attempt: Attempt) -> str:
+    """The forget check `final_forget` judged the attempt on, and when: the utility guard's
+    put-back state is from an earlier step than the last one run."""
+    steps = attempt.result.steps
+    guard = attempt.result.guard or {}
+    restored = guard.get("restored_step")
+    when = (
+        f"at step {restored} of {steps}, the state the utility guard put back"
+        if restored is not None
+        else f"after {steps} steps"
+    )
     if "forget_accuracy" in forget:
-        return f"forget accuracy {forget['forget_accuracy']:.3f} after {steps} steps"
+        return f"forget accuracy {forget['forget_accuracy']:.3f} {when}"
     if "forget_loss" in forget:
-        return f"forget loss {forget['forget_loss']:.3f} after {steps} steps"
-    return f"no forget check after {steps} steps"
+        return f"forget loss {forget['forget_loss']:.3f} {when}"
+    return f"no forget check {when}"
 
 
-def attempt_note(record: dict[str, Any], first: SelectionPlan, second: SelectionPlan) -> str:
+def attempt_note(record: dict[str, Any], first: Attempt, second: Attempt) -> str:
     """The sentence a second attempt adds to the job's selection warning: what each attempt
     trained, how close it came, and which one the model is."""
     head = (
-        f"Second attempt: {_trained(first)} missed the forget target "
-        f"({_check(record['first']['forget'], record['first']['steps'])}), "
-        f"then {_trained(second)}"
+        f"Second attempt: {_trained(first.plan)} missed the forget target "
+        f"({_check(record['first']['forget'], first)}), then {_trained(second.plan)}"
     )
     outcome = (
-        "met it"
-        if record["target_met"]
-        else f"missed it too ({_check(record['forget'], record['steps'])})"
+        "met it" if record["target_met"] else f"missed it too ({_check(record['forget'], second)})"
     )
     kept = second if record["kept"] == "second" else first
-    return f"{head} {outcome}; the model is the {record['kept']} attempt, {_trained(kept)}."
+    return f"{head} {outcome}; the model is the {record['kept']} attempt, {_trained(kept.plan)}."

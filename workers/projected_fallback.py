@@ -215,7 +215,8 @@ def attach_fallback_projection(
                 covered.add(id(p))
                 if p.dim() == 2:
                     out.projected += p.numel()
-                else:
+                else:  # a bias moves every token alike: frozen by hold() with the rest
+                    out.held_tensors.append(p)
                     out.held += p.numel()
         for m in moe.values():
             proj = by_module[id(m.router)]

@@ -22,6 +22,7 @@ from workers.attempt import (
     _host_copy,
     _restore_original,
     _write_regions,
+    attempt_note,
     run_attempt,
     with_second_attempt,
 )
@@ -258,3 +259,32 @@ def test_no_unprojected_fallback_after_qualified_experts(small_world, tmp_path: 
     assert plan.auto is not None and plan.auto.outcome == "qualified"
     first = run_attempt(ctx, plan, spec.training.model_copy(update={"max_steps": FALLBACK_STEPS}))
     assert with_second_attempt(ctx, first, emap) == (first, None)
+
+
+def test_the_note_says_which_state_each_attempt_was_judged_on() -> None:
+    """The warning's sentence: a forget loss where no accuracy was checked, the step the
+    utility guard put back rather than the last one run, and no check at all."""
+    from workers.attribution import ScoredExpert
+
+    expert = ScoredExpert(layer=1, expert=3, score=0.5)
+
+    def attempt(scope: str, steps: int, restored: int | None = None) -> SimpleNamespace:
+        guard = None if restored is None else {"restored_step": restored}
+        return SimpleNamespace(
+            plan=SelectionPlan([] if scope == "full" else [expert], scope),
+            result=SimpleNamespace(steps=steps, guard=guard),
+        )
+
+    record = {
+        "first": {"forget": {"forget_loss": 4.25}},
+        "forget": {},
+        "target_met": False,
+        "kept": "first",
+    }
+    note = attempt_note(record, attempt("full", 1000, restored=600), attempt("seuf", 150))
+    assert note == (
+        "Second attempt: all parameters (the projected fallback) missed the forget target "
+        "(forget loss 4.250 at step 600 of 1000, the state the utility guard put back), then "
+        "expert L1E3 missed it too (no forget check after 150 steps); the model is the first "
+        "attempt, all parameters (the projected fallback)."
+    )

@@ -95,6 +95,8 @@ def test_gradients_are_projected_before_the_optimizer_sees_them() -> None:
     model(**forget).logits.square().mean().backward()
     embed = model.get_input_embeddings().weight
     assert not embed.requires_grad and embed.grad is None  # held: no gradient, no state
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    assert biases and not any(p.requires_grad or p.grad is not None for p in biases)
     q = adapter.decoder_layers()[0].self_attn.q_proj.weight
     basis = next(h.projector.basis for h in fp.handles if any(p is q for _, p in h.params))
     assert q.grad.abs().max() > 0 and (q.grad @ basis).abs().max() < 1e-5

@@ -172,8 +172,8 @@ def test_reported_grad_norm_and_plain_batch_lists():
 
 def test_a_tensor_frozen_after_wiring_gets_no_master_and_no_optimizer_state():
     """The projected fallback freezes the tensors it holds after the scope is wired: in
-    bfloat16 they get no float32 master (4 bytes a held parameter) and no AdamW moments,
-    and stay bit for bit; the rest train through their masters."""
+    bfloat16 they get no float32 master (4 bytes a held parameter; they had one before)
+    nor AdamW moments, and stay bit for bit; the rest train through their masters."""
     model, adapter = model_and_adapter(seed=0)
     model.to(torch.bfloat16)
     sc = apply_scope(model, adapter, "full", [])
