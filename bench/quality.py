@@ -91,6 +91,9 @@ RMU_LAYER_VARIANTS = ("flr1e4_rr1000_l1", "flr3e4_rr1000_l1", "flr1e3_l2")
 # One expert pinned (num_experts 1, the rest of the example untouched) with the retain
 # routing loss at weight w: the weight for jobs that train selected experts.
 ONE_VARIANTS = ("one_rr100", "one_rr1000")
+# The top two experts pinned (num_experts 2), weight 1000, for the projected fallback's
+# 1000 steps: what RMU could try after the top expert and the fallback both stalled.
+TWO_VARIANTS = ("two_rr1000",)
 # The step-size policy and the utility guard on the defaults ([flr1e3_]decay|guard): at the
 # shipped step size and at 10x it (GDiff's fallback lr 1e-3), whether decay or the guard
 # keeps utility where a constant step does not. GUARD_TOLERANCE is the guard's drop.
@@ -115,6 +118,7 @@ ALL_VARIANTS = tuple(
         + RR_VARIANTS
         + FLR_VARIANTS
         + ONE_VARIANTS
+        + TWO_VARIANTS
         + POLICY_VARIANTS
         + PER_SAMPLE_VARIANTS
         + RMU_LAYER_VARIANTS
@@ -203,9 +207,13 @@ def variant_spec(
         seuf["num_experts"] = "auto"
         seuf["router_projection"] = "nullspace"
         seuf["retain_routing_weight"] = 0.0  # the previous defaults (before the loss)
-    elif variant in ONE_VARIANTS:
-        seuf["num_experts"] = 1
+    elif variant in ONE_VARIANTS or variant in TWO_VARIANTS:
+        seuf["num_experts"] = 1 if variant in ONE_VARIANTS else 2
         _set_rr(seuf, variant)
+        if variant in TWO_VARIANTS:
+            from workers.seuf_plan import FULL_FALLBACK_STEPS
+
+            d.setdefault("training", {})["max_steps"] = FULL_FALLBACK_STEPS
     elif variant in RR_VARIANTS:  # the example with the retain routing loss at weight w
         w, _, rest = variant.removeprefix("rr").partition("_")
         seuf["retain_routing_weight"] = float(w)
