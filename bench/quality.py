@@ -71,7 +71,9 @@ SWEEP_VARIANTS = (
 )
 # The retain routing loss's weights tried on the sweep (rr<w>; _noproj: without the router
 # projection); "defaults" is the shipped example untouched.
-RR_VARIANTS = ("rr0", "rr1", "rr3", "rr10", "rr30", "rr100", "rr300", "rr1000", "rr10_noproj")
+RR_VARIANTS = (
+    "rr0", "rr1", "rr3", "rr10", "rr30", "rr100", "rr300", "rr1000", "rr3000", "rr10_noproj"
+)
 # auto with the full fallback's step size named (flr<m>e<x> = m*10^-x, [_rr<w>]): RMU.
 FLR_VARIANTS = (
     "flr1e3",
