@@ -348,7 +348,13 @@ def _host_copy(attempt: Attempt, model: nn.Module) -> dict[tuple[str, int | None
     """The attempt's trained regions on the host, one tensor at a time (a second copy of
     the model on its device would not fit where the model barely does)."""
     if attempt.plan.scope == "full":  # trained in place; its regions are the parameters
-        return {(n, None): p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+        # less the ones the projected fallback held (frozen, never changed): putting the
+        # original back restores them already
+        return {
+            (n, None): p.detach().to("cpu", copy=True)
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
     trained = snapshot_regions(model, attempt.scope.regions, read=attempt.scope.baked_tensors)
     return {k: v.to("cpu") for k, v in trained.items()}
 
