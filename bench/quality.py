@@ -72,7 +72,16 @@ SWEEP_VARIANTS = (
 # The retain routing loss's weights tried on the sweep (rr<w>; _noproj: without the router
 # projection); "defaults" is the shipped example untouched.
 RR_VARIANTS = (
-    "rr0", "rr1", "rr3", "rr10", "rr30", "rr100", "rr300", "rr1000", "rr3000", "rr10_noproj"
+    "rr0",
+    "rr1",
+    "rr3",
+    "rr10",
+    "rr30",
+    "rr100",
+    "rr300",
+    "rr1000",
+    "rr3000",
+    "rr10_noproj",
 )
 # auto with the full fallback's step size named (flr<m>e<x> = m*10^-x, [_rr<w>]): RMU.
 FLR_VARIANTS = (
@@ -209,13 +218,15 @@ def variant_spec(
         seuf["num_experts"] = "auto"
         seuf["router_projection"] = "nullspace"
         seuf["retain_routing_weight"] = 0.0  # the previous defaults (before the loss)
-    elif variant in ONE_VARIANTS or variant in TWO_VARIANTS:
-        seuf["num_experts"] = 1 if variant in ONE_VARIANTS else 2
+    elif variant in ONE_VARIANTS:
+        seuf["num_experts"] = 1
         _set_rr(seuf, variant)
-        if variant in TWO_VARIANTS:
-            from workers.seuf_plan import FULL_FALLBACK_STEPS
+    elif variant in TWO_VARIANTS:
+        from workers.seuf_plan import FULL_FALLBACK_STEPS
 
-            d.setdefault("training", {})["max_steps"] = FULL_FALLBACK_STEPS
+        seuf["num_experts"] = 2
+        _set_rr(seuf, variant)
+        d.setdefault("training", {})["max_steps"] = FULL_FALLBACK_STEPS
     elif variant in RR_VARIANTS:  # the example with the retain routing loss at weight w
         w, _, rest = variant.removeprefix("rr").partition("_")
         seuf["retain_routing_weight"] = float(w)
